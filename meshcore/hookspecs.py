@@ -112,3 +112,4 @@ def meshcore_console_routes(node: Node) -> list[Any]:
     :param node: the running node.
     :return: a list of ``starlette.routing.BaseRoute``.
     """
+    return []

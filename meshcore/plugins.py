@@ -45,7 +45,8 @@ def get_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManage
     return pm
 
 
-def describe_plugins(pm: pluggy.PluginManager, *, include_all: bool = False) -> list[dict[str, Any]]:
+def describe_plugins(pm: pluggy.PluginManager, *,
+                     include_all: bool = False) -> list[dict[str, Any]]:
     """What ``mesh-llm plugins`` prints: name, version and hooks of each loaded plugin."""
     versions = {id(plugin): dist.version for plugin, dist in pm.list_plugin_distinfo()}
     out = []

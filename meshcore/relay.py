@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -18,10 +19,9 @@ async def _pump(src: ByteStream, dst: ByteStream) -> None:
             await dst.send(chunk)
     except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
         pass
-    try:
+    closed = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, NotImplementedError)
+    with contextlib.suppress(*closed):
         await dst.send_eof()
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, NotImplementedError):
-        pass
 
 
 async def relay(a: ByteStream, b: ByteStream) -> None:

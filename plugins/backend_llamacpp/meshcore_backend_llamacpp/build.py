@@ -160,10 +160,9 @@ def _run_logged(cmd: list[str], log: Path, what: str, cwd: Path | None = None) -
         for raw in proc.stdout:
             fh.write(raw)
             pct = _progress(raw.decode(errors="replace").strip())
-            if pct is not None:
-                if pct != last:
-                    last = pct
-                    print(f"\r[llama.cpp] {what}: {pct:>3}%", end="", file=sys.stderr, flush=True)
+            if pct is not None and pct != last:
+                last = pct
+                print(f"\r[llama.cpp] {what}: {pct:>3}%", end="", file=sys.stderr, flush=True)
         rc = proc.wait()
     if last:
         print(file=sys.stderr)

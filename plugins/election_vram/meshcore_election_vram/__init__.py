@@ -32,7 +32,8 @@ def elect(view: MeshView, request: ElectionRequest) -> Plan:
     """Highest VRAM hosts (tie: larger id); solo when the model fits, else split or wait."""
     candidates = [p for p in view.peers if not p.is_client]
     if not candidates:
-        return Plan(PlanState.WAITING, reason="no node that can host has joined (clients never host)")
+        return Plan(PlanState.WAITING,
+                    reason="no node that can host has joined (clients never host)")
     host = max(candidates, key=lambda p: (p.vram, p.id))
     if not host.model:
         return Plan(PlanState.WAITING, host_id=host.id,
