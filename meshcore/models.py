@@ -110,3 +110,19 @@ def resolve(spec: str, *, download: bool = True) -> ResolvedModel:
         return ResolvedModel(name=DEFAULT_MODEL, path=path, shards=(path,))
     raise ModelError(f"unknown model {spec!r}: give a .gguf path or a catalog name "
                      f"(e.g. {DEFAULT_MODEL})")
+
+
+def resolve_draft(model: ResolvedModel, *, override: str | None = None,
+                  disabled: bool = False) -> ResolvedModel | None:
+    """The draft model for speculative decoding, if one is available locally.
+
+    ``--draft PATH`` overrides, ``--no-draft`` disables. For the default SmolLM2 the draft is
+    SmolLM2 itself (so the speculative path is exercised with the tiny model).
+    """
+    if disabled:
+        return None
+    if override:
+        return resolve(override, download=False)
+    if model.name == DEFAULT_MODEL:
+        return model
+    return None
