@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
 from meshcore.config import (
@@ -99,6 +98,7 @@ def run(
     except ConfigError as exc:
         _fail(str(exc))
         return
+    _check_components(ctx, config)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -109,13 +109,43 @@ def run(
 
 @app.command()
 def plugins(
+    ctx: typer.Context,
     all_: Annotated[bool, typer.Option("--all", help="Include the core's built-in plugins.")
                     ] = False,
 ) -> None:
     """List the loaded plugins as JSON (name, version, hooks)."""
-    from meshcore.plugins import describe_plugins, get_plugin_manager
+    from meshcore.plugins import describe_plugins
 
-    print(json.dumps(describe_plugins(get_plugin_manager(), include_all=all_), indent=2))
+    print(json.dumps(describe_plugins(_plugin_manager(ctx), include_all=all_), indent=2))
+
+
+# Models and deployment (issue 5): their modules import anything heavy inside the commands.
+from meshcore import bundle as _bundle  # noqa: E402
+from meshcore import model_commands as _model_commands  # noqa: E402
+
+app.command("download")(_model_commands.download)
+app.command("models")(_model_commands.models)
+app.command("bundle")(_bundle.bundle)
+
+
+def _plugin_manager(ctx: typer.Context) -> Any:
+    """The plugin manager ``main`` loaded (a fresh one when the app is invoked directly)."""
+    obj = ctx.find_root().obj
+    if isinstance(obj, dict) and "pm" in obj:
+        return obj["pm"]
+    from meshcore.plugins import get_plugin_manager
+
+    return get_plugin_manager()
+
+
+def _check_components(ctx: typer.Context, config: NodeConfig) -> None:
+    """Fail with one line, before anything starts, when a component name is unknown."""
+    from meshcore.registry import RegistryError, check_config, collect
+
+    try:
+        check_config(collect(_plugin_manager(ctx)), config)
+    except RegistryError as exc:
+        _fail(str(exc))
 
 
 def _normalise_console(args: list[str]) -> list[str]:
@@ -130,34 +160,46 @@ def _normalise_console(args: list[str]) -> list[str]:
     return out
 
 
-def build_app() -> typer.Typer:
-    """The app with every plugin's sub-commands added."""
-    from meshcore.plugins import get_plugin_manager
+def build_app(pm: Any = None) -> typer.Typer:
+    """A fresh app: the core's options and commands plus every plugin's sub-commands."""
+    if pm is None:
+        from meshcore.plugins import get_plugin_manager
 
-    pm = get_plugin_manager()
-    pm.hook.meshcore_register_commands(app=app)
-    return app
+        pm = get_plugin_manager()
+    root = typer.Typer(help=HELP, add_completion=False, no_args_is_help=False,
+                       pretty_exceptions_enable=False, rich_markup_mode=None)
+    root.registered_callback = app.registered_callback
+    root.registered_commands = list(app.registered_commands)
+    root.registered_groups = list(app.registered_groups)
+    pm.hook.meshcore_register_commands(app=root)
+    return root
 
 
-def main(argv: list[str] | None = None) -> Any:
+def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors, exit code 2 for usage errors, no tracebacks."""
+    from meshcore.plugins import PluginLoadError, get_plugin_manager
+
     args = _normalise_console(list(sys.argv[1:] if argv is None else argv))
-    command = typer.main.get_command(build_app())
     try:
-        return command.main(args, prog_name="mesh-llm", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except click.ClickException as exc:
-        print(f"error: {exc.format_message()}", file=sys.stderr)
-        if isinstance(exc, click.UsageError):
-            print("Try 'mesh-llm --help' for help.", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        pm = get_plugin_manager()
+        command = typer.main.get_command(build_app(pm))
+        result = command.main(args, prog_name="mesh-llm", standalone_mode=False,
+                              obj={"pm": pm})
+    except PluginLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        return int(exc.exit_code)
+    except typer.Abort:
+        return 130
+    except typer.TyperException as exc:  # click-style usage errors (exit code 2)
+        code = int(getattr(exc, "exit_code", 2))
+        hint = " (see mesh-llm --help)" if code == 2 else ""
+        print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
+        return code
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    main()
+    sys.exit(main())

@@ -38,7 +38,7 @@ class ElectionRequest:
 class Plan:
     state: PlanState
     host_id: str | None = None
-    participants: tuple[Participant, ...] = ()  # llama-server device order: host first
+    participants: tuple[Participant, ...] = ()  # device order: --rpc entries, then the host
     model: str | None = None
     model_bytes: int = 0
     draft: str | None = None
@@ -76,13 +76,20 @@ WAITING_FOR_PEERS = Plan(PlanState.WAITING, reason="election in progress: no nod
 
 
 def shares(vrams: list[int]) -> list[float]:
-    """VRAM shares rounded to two decimals, adjusted so they sum to exactly 1.00."""
-    total = sum(vrams)
+    """VRAM shares in hundredths that sum to exactly 1.00, none negative.
+
+    Largest remainder: each share is rounded down, then the hundredths left over go to the
+    largest remainders (ties: earlier device). Plain rounding plus a fix-up on the biggest
+    share can go negative with many devices. All-zero VRAM splits evenly.
+    """
+    if not vrams:
+        return []
+    weights = [max(v, 0) for v in vrams]
+    total = sum(weights)
     if total <= 0:
-        return [round(1 / len(vrams), 2) for _ in vrams] if vrams else []
-    out = [round(v / total, 2) for v in vrams]
-    drift = round(1.0 - sum(out), 2)
-    if out and drift:
-        biggest = max(range(len(out)), key=lambda i: out[i])
-        out[biggest] = round(out[biggest] + drift, 2)
-    return out
+        weights, total = [1] * len(vrams), len(vrams)
+    units = [w * 100 // total for w in weights]
+    order = sorted(range(len(weights)), key=lambda i: (-(weights[i] * 100 % total), i))
+    for i in order[: 100 - sum(units)]:
+        units[i] += 1
+    return [u / 100 for u in units]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 import pluggy
@@ -14,6 +14,10 @@ from meshcore import PROJECT, hookspecs
 DISABLE_ENV = "MESHCORE_DISABLE_PLUGINS"
 TRACE_ENV = "MESHCORE_TRACE_HOOKS"
 BUILTIN = "meshcore.testing"  # the fake backend and memory transport, always available
+
+
+class PluginLoadError(RuntimeError):
+    """An installed plugin could not be loaded; the message names it and how to block it."""
 
 
 def disabled_plugins() -> set[str]:
@@ -37,18 +41,61 @@ def get_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManage
 
         pm.register(testing, name=BUILTIN)
     if load_entry_points:
-        pm.load_setuptools_entrypoints(PROJECT)
-    pm.check_pending()
+        load_entry_point_plugins(pm)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginLoadError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}; "
+                              f"fix the plugin or block it with {DISABLE_ENV}") from None
     if os.environ.get(TRACE_ENV):
         pm.trace.root.setwriter(lambda msg: sys.stderr.write(f"[hooks] {msg}"))
         pm.enable_tracing()
     return pm
 
 
+def load_entry_point_plugins(pm: pluggy.PluginManager) -> None:
+    """Register every ``meshcore`` entry point that is not blocked.
+
+    Unlike pluggy's loader, a plugin that fails to import, or two distributions claiming one
+    plugin name, is an error that names the plugin (pluggy silently keeps the first).
+    """
+    seen: dict[str, EntryPoint] = {}
+    for ep in entry_points(group=PROJECT):
+        if pm.is_blocked(ep.name):
+            continue
+        if (first := seen.get(ep.name)) is not None:
+            if first.value != ep.value:
+                raise PluginLoadError(
+                    f"two installed plugins are named {ep.name!r} ({first.value} and "
+                    f"{ep.value}); uninstall one or block both with {DISABLE_ENV}={ep.name}")
+            continue
+        seen[ep.name] = ep
+        try:
+            plugin = ep.load()
+            pm.register(plugin, name=ep.name)
+        except Exception as exc:
+            raise PluginLoadError(
+                f"plugin {ep.name!r} ({ep.value}) failed to load: {type(exc).__name__}: "
+                f"{exc}; fix or uninstall it, or block it with {DISABLE_ENV}={ep.name}"
+            ) from exc
+
+
+def plugin_versions() -> dict[str, str]:
+    """Entry-point name -> version of the distribution that provides it."""
+    out: dict[str, str] = {}
+    for ep in entry_points(group=PROJECT):
+        dist = ep.dist
+        out.setdefault(ep.name, dist.version if dist is not None else "unknown")
+    return out
+
+
 def describe_plugins(pm: pluggy.PluginManager, *,
                      include_all: bool = False) -> list[dict[str, Any]]:
-    """What ``mesh-llm plugins`` prints: name, version and hooks of each loaded plugin."""
-    versions = {id(plugin): dist.version for plugin, dist in pm.list_plugin_distinfo()}
+    """What ``mesh-llm plugins`` prints: name, version and hooks of each loaded plugin.
+
+    The core's built-in plugin (the fake backend and memory transport) shows with ``--all``.
+    """
+    versions = plugin_versions()
     out = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
         if plugin is None:
@@ -56,9 +103,8 @@ def describe_plugins(pm: pluggy.PluginManager, *,
         if name.startswith("meshcore.") and not include_all:
             continue
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
-        entry: dict[str, Any] = {"name": name, "hooks": hooks}
-        entry["version"] = versions.get(id(plugin), _core_version())
-        out.append(entry)
+        out.append({"name": name, "version": versions.get(name, _core_version()),
+                    "hooks": hooks})
     return out
 
 
@@ -70,4 +116,4 @@ def _core_version() -> str:
 
 def entry_point_names() -> list[str]:
     """Names of every installed ``meshcore`` entry point, blocked ones included."""
-    return sorted(ep.name for ep in entry_points(group=PROJECT))
+    return sorted({ep.name for ep in entry_points(group=PROJECT)})

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:
+    from meshcore.config import NodeConfig
 
 
 class RegistryError(LookupError):
@@ -22,6 +25,9 @@ class Registry:
     def register(self, name: str, factory: Callable[..., Any]) -> None:
         if not isinstance(name, str) or not name:
             raise RegistryError(f"{self.kind} names must be non-empty strings, got {name!r}")
+        if not callable(factory):
+            raise RegistryError(f"{self.kind} {name!r}: the factory must be callable, "
+                                f"got {factory!r}")
         if name in self._items:
             raise RegistryError(
                 f"two plugins register a {self.kind} named {name!r}; "
@@ -29,15 +35,23 @@ class Registry:
             )
         self._items[name] = factory
 
-    def get(self, name: str) -> Callable[..., Any]:
+    def get(self, name: str, option: str | None = None) -> Callable[..., Any]:
+        """The factory registered as ``name``; ``option`` names the CLI flag for the error."""
         try:
             return self._items[name]
         except KeyError:
             known = ", ".join(sorted(self._items)) or "none installed"
-            raise RegistryError(f"unknown {self.kind} {name!r}; known: {known}") from None
+            given = f" (from {option})" if option else ""
+            raise RegistryError(
+                f"unknown {self.kind} {name!r}{given}; known: {known}. "
+                f"Pick a known one or install the plugin that provides it"
+            ) from None
 
     def names(self) -> list[str]:
         return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
 
 
 KINDS = ("transport", "election", "backend", "ui")
@@ -51,3 +65,13 @@ def collect(pm: pluggy.PluginManager) -> dict[str, Registry]:
     pm.hook.meshcore_register_backends(register=regs["backend"].register)
     pm.hook.meshcore_register_uis(register=regs["ui"].register)
     return regs
+
+
+def check_config(regs: dict[str, Registry], config: NodeConfig) -> None:
+    """Raise :class:`RegistryError` unless every component ``config`` names is registered."""
+    regs["election"].get(config.election, "--election")
+    regs["transport"].get(config.transport, "--transport")
+    if not config.client:
+        regs["backend"].get(config.backend, "--backend")
+    if config.console_port is not None:
+        regs["ui"].get("console", "--console")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import sys
 
 import anyio
 
-from meshcore.config import NodeConfig
+from meshcore.config import ConfigError, NodeConfig
 from meshcore.registry import RegistryError
 
 log = logging.getLogger("meshcore")
@@ -51,24 +52,45 @@ async def _main(config: NodeConfig) -> None:
         tg.cancel_scope.cancel()
 
 
+def leaf_exceptions(exc: BaseException) -> list[BaseException]:
+    """The real errors inside (nested) exception groups, in order."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaf_exceptions(inner)]
+    return [exc]
+
+
 def run_node(config: NodeConfig) -> int:
-    """Run until SIGINT/SIGTERM; returns the process exit code."""
+    """Run until SIGINT/SIGTERM; returns the process exit code (0 after a signal).
+
+    Errors raised inside the node's task group arrive wrapped in exception groups; the user
+    sees one line for the first real error (the traceback only with ``--verbose``).
+    """
     try:
         anyio.run(_main, config)
-    except RegistryError as exc:
+    except BaseException as exc:
+        leaves = [e for e in leaf_exceptions(exc)
+                  if not isinstance(e, KeyboardInterrupt | asyncio.CancelledError)]
+        if not leaves:  # Ctrl-C before the signal watcher was installed
+            return 0
+        for leaf in leaves:
+            if isinstance(leaf, SystemExit | GeneratorExit):
+                raise
+        if log.isEnabledFor(logging.DEBUG):
+            log.error("node failed", exc_info=exc)
+        return report_error(leaves[0])
+    return 0
+
+
+def report_error(exc: BaseException) -> int:
+    """Print one ``error:`` line for ``exc``; returns the exit code (2: bad usage)."""
+    if isinstance(exc, ConfigError | RegistryError):
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 0
-    except OSError as exc:
+    if isinstance(exc, OSError) and exc.strerror and not exc.filename:
+        print(f"error: {exc.strerror}", file=sys.stderr)  # no "[Errno N]" noise
+    elif isinstance(exc, OSError | ValueError | LookupError | RuntimeError):
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # one line for users; the traceback only with --verbose
-        if log.isEnabledFor(logging.DEBUG):
-            log.exception("node failed")
-        msg = str(exc)
-        if hasattr(exc, "exceptions"):  # an ExceptionGroup from the task group
-            msg = "; ".join(str(e) for e in exc.exceptions)
-        print(f"error: {type(exc).__name__}: {msg}", file=sys.stderr)
-        return 1
-    return 0
+    else:
+        print(f"error: {type(exc).__name__}: {exc} (run with --verbose for the traceback)",
+              file=sys.stderr)
+    return 1

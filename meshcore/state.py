@@ -67,15 +67,37 @@ class Peer:
         try:
             kwargs["role"] = Role(kwargs.get("role", Role.WORKER))
             kwargs["serving"] = Serving(kwargs.get("serving", Serving.IDLE))
-            kwargs["addresses"] = tuple(str(a) for a in kwargs.get("addresses", ()))
-            kwargs["extra"] = dict(kwargs.get("extra") or {})
+            addresses, extra = kwargs.get("addresses", ()), kwargs.get("extra") or {}
+            if not isinstance(addresses, list | tuple) or not all(
+                    isinstance(a, str) for a in addresses):
+                raise ValueError(f"addresses must be a list of strings, got {addresses!r}")
+            if not isinstance(extra, Mapping):
+                raise ValueError(f"extra must be an object, got {extra!r}")
+            kwargs["addresses"] = tuple(addresses)
+            kwargs["extra"] = dict(extra)
             for name in ("vram", "model_bytes", "seq"):
                 value = kwargs.get(name, 0)
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                     raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+            _check_types(kwargs)
         except (TypeError, KeyError) as exc:
             raise ValueError(f"bad peer record: {exc}") from exc
         return cls(**kwargs)
+
+
+def _check_types(kwargs: Mapping[str, Any]) -> None:
+    """Reject gossip fields of the wrong type (ValueError), so a bad record never gets in."""
+    for name in ("model", "draft"):
+        if kwargs.get(name) is not None and not isinstance(kwargs[name], str):
+            raise ValueError(f"{name} must be a string or null, got {kwargs[name]!r}")
+    if not isinstance(kwargs.get("version", ""), str):
+        raise ValueError(f"version must be a string, got {kwargs['version']!r}")
+    if not isinstance(kwargs.get("split", False), bool):
+        raise ValueError(f"split must be a boolean, got {kwargs['split']!r}")
+    rtt = kwargs.get("rtt_ms")
+    if rtt is not None and (isinstance(rtt, bool) or not isinstance(rtt, int | float)
+                            or not rtt >= 0):
+        raise ValueError(f"rtt_ms must be a non-negative number or null, got {rtt!r}")
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,21 @@
 """Default election: the node with the most VRAM hosts; workers join when the model needs them.
 
-A pure function of the view (see DESIGN.md section 4), so every node computes the same plan.
-RTT comes from the host's own announcement (``extra["rtt_ms"]``), never from the local
-observer, so that nodes that measure different RTTs still agree.
+A pure function of the view (see DESIGN.md section 4 and docs/election.md), so every node
+computes the same plan. RTT comes from the host's own announcement (``extra["rtt_ms"]``, a
+table peer id -> milliseconds), never from the local observer, so that nodes that measure
+different RTTs still agree.
+
+Participants are listed in llama-server's device order for b11434: every ``--rpc`` device
+first, in ``--rpc`` order, then the host's own device (``src/llama.cpp``,
+``llama_prepare_model_devices``: "add RPC servers at the front of the list").
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from meshcore import hookimpl
@@ -16,65 +23,111 @@ from meshcore.config import GB
 from meshcore.plan import ElectionRequest, Participant, Plan, PlanState, shares
 from meshcore.state import MeshView, Peer
 
+log = logging.getLogger("meshcore.election.vram")
 
-def _gb(n: float) -> str:
-    return f"{n / GB:.1f}"
+SOLO_HINT = "model fits on host; use --split to force"
+RTT_BAND_MS = 10.0  # RTTs within one band count as equal, so noise does not reorder workers
+
+
+def format_gb(n: float, *, up: bool = False) -> str:
+    """Bytes as GB for messages: one decimal, two below 1 GB; ``up`` rounds up (missing VRAM
+    must never read as 0.0)."""
+    digits = 1 if n >= GB else 2
+    value = n / GB
+    if up:
+        value = math.ceil(value * 10**digits) / 10**digits
+    return f"{value:.{digits}f}"
+
+
+def waiting_message(need: int, have: int) -> str:
+    """``waiting for N GB more VRAM (have X of Y GB)``."""
+    return (f"waiting for {format_gb(need - have, up=True)} GB more VRAM "
+            f"(have {format_gb(have)} of {format_gb(need)} GB)")
 
 
 def host_rtt(host: Peer, peer: Peer) -> float | None:
     """The RTT from ``host`` to ``peer`` as the host announced it, if it did."""
     table = host.extra.get("rtt_ms")
     value = table.get(peer.id) if isinstance(table, dict) else None
-    return float(value) if isinstance(value, int | float) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        return None
+    return float(value)
+
+
+def pick_host(nodes: Sequence[Peer]) -> Peer | None:
+    """Highest VRAM among the nodes that have a model to serve; tie -> larger node id."""
+    serving = [p for p in nodes if p.model]
+    return max(serving, key=lambda p: (p.vram, p.id)) if serving else None
+
+
+def usable_workers(host: Peer, nodes: Sequence[Peer], max_rtt_ms: float) -> list[Peer]:
+    """Non-host nodes with VRAM and an RTT from the host within the limit, best first:
+    lower RTT band first (unknown RTT after every known one), then more VRAM, then id."""
+    def key(peer: Peer) -> tuple[float, int, str]:
+        rtt = host_rtt(host, peer)
+        band = math.inf if rtt is None else rtt // RTT_BAND_MS
+        return (band, -peer.vram, peer.id)
+
+    out = []
+    for peer in nodes:
+        rtt = host_rtt(host, peer)
+        if peer is host or peer.vram <= 0 or (rtt is not None and rtt > max_rtt_ms):
+            continue
+        out.append(peer)
+    return sorted(out, key=key)
 
 
 def elect(view: MeshView, request: ElectionRequest) -> Plan:
     """Highest VRAM hosts (tie: larger id); solo when the model fits, else split or wait."""
-    candidates = [p for p in view.peers if not p.is_client]
-    if not candidates:
+    nodes = [p for p in view.peers if not p.is_client]
+    if not nodes:
         return Plan(PlanState.WAITING,
                     reason="no node that can host has joined (clients never host)")
-    host = max(candidates, key=lambda p: (p.vram, p.id))
-    if not host.model:
-        return Plan(PlanState.WAITING, host_id=host.id,
-                    reason=f"host {host.id} has no model; start it with --model")
+    host = pick_host(nodes)
+    if host is None:
+        return Plan(PlanState.WAITING,
+                    reason="no node has a model to serve; start one node with --model")
     need = math.ceil(host.model_bytes * request.overhead)
-    draft = host.draft if request.draft_allowed else None
-    forced = any(p.split for p in candidates)
     common: dict[str, Any] = {"host_id": host.id, "model": host.model,
-                              "model_bytes": host.model_bytes, "draft": draft}
+                              "model_bytes": host.model_bytes,
+                              "draft": host.draft if request.draft_allowed else None}
+    solo = (Participant(host.id, host.vram, 1.0, False),)
+    forced = any(p.split for p in nodes)
     if host.vram >= need and not forced:
-        return Plan(PlanState.SOLO, participants=(Participant(host.id, host.vram, 1.0, False),),
-                    reason="model fits on host; use --split to force", **common)
-    others = sorted((p for p in candidates if p is not host and p.vram > 0),
-                    key=lambda p: (-p.vram, p.id))
-    if forced:
-        chosen = others
-    else:
-        chosen, have = [], host.vram
-        for peer in others:
-            rtt = host_rtt(host, peer)
-            if rtt is not None and rtt > request.max_rtt_ms:
-                continue
-            if have >= need:
-                break
-            chosen.append(peer)
-            have += peer.vram
-        if have < need:
-            return Plan(PlanState.WAITING,
-                        reason=f"waiting for {_gb(need - have)} GB more VRAM "
-                               f"(have {_gb(have)} of {_gb(need)} GB)", **common)
+        return Plan(PlanState.SOLO, participants=solo, reason=SOLO_HINT, **common)
+    candidates = usable_workers(host, nodes, request.max_rtt_ms)
+    chosen, have = [], host.vram
+    for peer in candidates:
+        if have >= need and not forced:
+            break
+        chosen.append(peer)
+        have += peer.vram
+    if have < need:
+        return Plan(PlanState.WAITING, reason=waiting_message(need, have), **common)
     if not chosen:
-        return Plan(PlanState.SOLO, participants=(Participant(host.id, host.vram, 1.0, False),),
-                    reason="--split asked, but no other node has VRAM", **common)
-    members = [host, *chosen]
+        return Plan(PlanState.SOLO, participants=solo,
+                    reason="--split asked, but no other node offers VRAM", **common)
+    members = [*chosen, host]  # llama-server device order: --rpc devices, then the host's
     split = shares([p.vram for p in members])
-    parts = tuple(Participant(p.id, p.vram, s, p is not host) for p, s in zip(members, split,
-                                                                            strict=True))
+    parts = tuple(Participant(p.id, p.vram, s, p is not host)
+                  for p, s in zip(members, split, strict=True))
     return Plan(PlanState.SPLIT, participants=parts,
                 reason=f"split over {len(parts)} nodes", **common)
+
+
+_hinted: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 @hookimpl
 def meshcore_register_elections(register: Callable[..., None]) -> None:
     register("vram", elect)
+
+
+@hookimpl
+def meshcore_plan_changed(node: Any, plan: Plan) -> None:
+    """Tell an idle worker, once, why it holds no layers and how to change that."""
+    if (plan.state is PlanState.SOLO and plan.reason == SOLO_HINT
+            and plan.host_id != node.id and not node.state.me.is_client
+            and node not in _hinted):
+        _hinted.add(node)
+        log.info(SOLO_HINT, extra={"node_id": node.id})

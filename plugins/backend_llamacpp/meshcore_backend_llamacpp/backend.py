@@ -1,0 +1,311 @@
+"""The ``llamacpp`` Backend: turns plans into running llama-server / ggml-rpc-server processes.
+
+``apply`` only records what this node should run and wakes ``run``, the supervisor loop. The
+host runs llama-server on its own device (no ``--rpc`` when solo; one ``--rpc`` entry per
+remote worker, reached through ``node.forward_port``, when split); a worker in the plan runs
+ggml-rpc-server. A child that dies is restarted with backoff; an unchanged plan restarts
+nothing. Every child is stopped on every exit path (see process.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+
+from meshcore.components import ModelInfo
+from meshcore.models import resolve, resolve_draft
+from meshcore.plan import Plan, PlanState
+from meshcore.state import MeshView, Serving
+from meshcore_backend_llamacpp import binaries, commands, gguf_info, vram
+from meshcore_backend_llamacpp.binaries import BackendError
+from meshcore_backend_llamacpp.process import (
+    Child,
+    ChildFailed,
+    free_port,
+    supervised,
+    wait_healthy,
+    wait_listening,
+)
+
+log = logging.getLogger("meshcore.llamacpp")
+T = TypeVar("T")
+
+MAX_BACKOFF_S = 30.0
+STABLE_S = 60.0  # a child that ran this long resets the backoff
+
+
+class LlamaCppBackend:
+    """Options (``NodeConfig.options``): ``threads`` (or env MESH_LLM_THREADS),
+    ``load_timeout_s`` (default 900), ``llama_args`` (extra llama-server arguments)."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        self.plan: Plan | None = None
+        self.wanted: tuple[Any, ...] = ("idle",)
+        self._wake = anyio.Event()
+        self.capacity = vram.Capacity(0, "cpu", 0)
+        self.bins: binaries.Binaries | None = None
+        self.n_layer = 0
+        self.threads = commands.default_threads(node.config.options)
+        self.server: Child | None = None
+        self.rpc: Child | None = None
+        self.port: int | None = None
+        self.ready = False
+        self.lay: commands.Layout | None = None
+        self.rpc_endpoints: list[str] = []
+        self.restarts = 0
+        self.error: str | None = None
+        self.seeded_bytes: int | None = None
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.node.config.state_dir) / "logs"
+
+    # ------------------------------------------------------------------ Backend protocol
+
+    def detect_vram(self) -> int:
+        self.capacity = vram.detect()
+        return self.capacity.bytes
+
+    async def prepare(self) -> ModelInfo | None:
+        cfg = self.node.config
+        self.bins = binaries.locate(cfg.bin_dir)
+        await anyio.to_thread.run_sync(binaries.check_rpc, self.bins)
+        if cfg.model is None:
+            return None
+        model = await anyio.to_thread.run_sync(functools.partial(resolve, cfg.model))
+        gguf_info.check_gguf(model.path)
+        draft = resolve_draft(model, override=cfg.draft, disabled=cfg.no_draft)
+        if draft is not None:
+            gguf_info.check_gguf(draft.path)
+        self.n_layer = await anyio.to_thread.run_sync(gguf_info.block_count, model.path)
+        return ModelInfo(name=model.name, path=model.path, size=model.size,
+                         draft_name=draft.name if draft else None,
+                         draft_path=draft.path if draft else None)
+
+    async def apply(self, plan: Plan, view: MeshView) -> None:
+        wanted = self._wanted(plan)
+        self.plan = plan
+        if wanted != self.wanted:
+            self.wanted = wanted
+            self._wake.set()
+
+    def api_base(self) -> str | None:
+        if self.ready and self.server is not None and self.server.alive:
+            return f"http://127.0.0.1:{self.port}"
+        return None
+
+    def status(self) -> dict[str, Any]:
+        def child(c: Child | None, port: int | None = None) -> dict[str, Any] | None:
+            return None if c is None else {"pid": c.pid, "argv": c.argv, "port": port,
+                                           "log": str(c.log_path), "alive": c.alive}
+
+        lay = self.lay
+        return {
+            "name": "llamacpp",
+            "device": self.capacity.kind,
+            "binaries": self.bins.to_dict() if self.bins else None,
+            "threads": self.threads,
+            "llama_server": child(self.server, self.port),
+            "rpc_server": child(self.rpc, self.node.services.get("rpc", (None, None))[1]),
+            "rpc": list(self.rpc_endpoints),
+            "layout": lay.to_dict() if lay else None,
+            "tensor_split": list(lay.tensor_split) if lay else [],
+            "effective_shares": list(commands.effective_shares(lay, self.n_layer)) if lay
+            else [],
+            "n_layer": self.n_layer,
+            "restarts": self.restarts,
+            "error": self.error,
+            "seeded_bytes": self.seeded_bytes,
+            "log_dir": str(self.log_dir),
+        }
+
+    # ------------------------------------------------------------------ supervision
+
+    def _wanted(self, plan: Plan) -> tuple[Any, ...]:
+        """What this node must run for ``plan``; equal tuples mean nothing restarts."""
+        me = self.node.id
+        if plan.state is PlanState.WAITING or not plan.includes(me):
+            return ("idle",)
+        if plan.host_id == me:
+            return ("host", plan.model, plan.draft, plan.participants)
+        return ("worker", plan.model)
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        task_status.started()
+        backoff = 1.0
+        try:
+            while True:
+                self._wake = anyio.Event()
+                wanted, plan, began = self.wanted, self.plan, time.monotonic()
+                try:
+                    if plan is None or wanted[0] == "idle":
+                        self.node.set_serving(Serving.IDLE)
+                        await self._wake.wait()
+                    elif wanted[0] == "host":
+                        await self._serve_host(plan)
+                    else:
+                        await self._serve_worker(plan)
+                except (ChildFailed, BackendError, OSError) as exc:
+                    self.restarts += 1
+                    self.error = str(exc)
+                    backoff = 1.0 if time.monotonic() - began > STABLE_S else backoff
+                    log.error("%s; restarting in %.0f s", exc, backoff)
+                    self.node.set_serving(Serving.ERROR, error=str(exc).splitlines()[0][:300])
+                    with anyio.move_on_after(backoff):
+                        await self._wake.wait()
+                    backoff = min(backoff * 2, MAX_BACKOFF_S)
+        finally:
+            self.node.services.pop("llama", None)
+            self.node.services.pop("rpc", None)
+
+    async def _race(self, children: Sequence[Child],
+                    work: Callable[[], Awaitable[T]] | None = None) -> tuple[bool, T | None]:
+        """Run ``work`` (or wait forever) while watching ``children`` and the plan.
+
+        Returns (True, result) when work finished, (False, None) when the plan changed;
+        raises ChildFailed when a child exits, and re-raises work's own error.
+        """
+        wake = self._wake
+        outcome: dict[str, Any] = {}
+
+        async with anyio.create_task_group() as tg:
+
+            async def do_work() -> None:
+                assert work is not None
+                try:
+                    outcome["result"] = await work()
+                except (ChildFailed, BackendError, OSError) as exc:
+                    outcome["error"] = exc
+                tg.cancel_scope.cancel()
+
+            async def watch(c: Child) -> None:
+                code = await c.wait()
+                outcome.setdefault("error", c.failure(f"exited with code {code}"))
+                tg.cancel_scope.cancel()
+
+            async def on_wake() -> None:
+                await wake.wait()
+                tg.cancel_scope.cancel()
+
+            for c in children:
+                tg.start_soon(watch, c)
+            tg.start_soon(on_wake)
+            if work is not None:
+                tg.start_soon(do_work)
+        if "error" in outcome:
+            raise outcome["error"]
+        if "result" in outcome:
+            return True, outcome["result"]
+        return False, None
+
+    # ------------------------------------------------------------------ host
+
+    async def _serve_host(self, plan: Plan) -> None:
+        node, info, bins = self.node, self.node.model, self.bins
+        if info is None or info.path is None or bins is None:
+            raise BackendError(f"this node is the host for {plan.model} but has no model file; "
+                               f"start it with --model")
+        node.set_serving(Serving.LOADING, error=None)
+        lay = commands.layout(plan, host_has_gpu=self.capacity.has_gpu, n_layer=self.n_layer)
+        self.lay = lay
+        endpoints: list[str] = []
+        if lay.rpc_peers:
+            done, got = await self._race((), functools.partial(self._worker_endpoints,
+                                                               lay.rpc_peers))
+            if not done or got is None:
+                return
+            endpoints = got
+        self.rpc_endpoints = endpoints
+        use_draft = plan.draft is not None and info.draft_path is not None
+        port = free_port()
+        argv = commands.llama_server_argv(
+            bins.llama_server, info.path, port=port, threads=self.threads, lay=lay,
+            rpc_endpoints=endpoints, draft=info.draft_path if use_draft else None,
+            draft_max=node.config.draft_max, no_mmap=self.capacity.has_gpu,
+            draft_devices=commands.local_devices(self.capacity.kind, self.capacity.devices)
+            if endpoints else None,
+            alias=plan.model, extra=list(node.config.options.get("llama_args", ())))
+        timeout = float(node.config.options.get("load_timeout_s", 900))
+        async with supervised("llama-server", argv, self.log_dir) as child:
+            self.server, self.port = child, port
+            try:
+                done, _ = await self._race(
+                    [child], functools.partial(wait_healthy, child, port, timeout))
+                if not done:
+                    return
+                self.ready, self.error = True, None
+                node.services["llama"] = ("127.0.0.1", port)
+                node.set_serving(Serving.READY, error=None)
+                await self._race([child])
+            finally:
+                self.ready = False
+                node.services.pop("llama", None)
+                if self.node.state.me.serving is Serving.READY:
+                    node.set_serving(Serving.LOADING)
+
+    async def _worker_endpoints(self, peers: Sequence[str]) -> list[str]:
+        """``127.0.0.1:port`` tunnels to each worker's rpc-server, once every one is up."""
+        state = self.node.state
+        gen, last_note = -1, 0.0
+        while True:
+            view = state.view()
+            missing = [p for p in peers if (peer := view.get(p)) is None
+                       or peer.serving is not Serving.RPC]
+            if not missing:
+                break
+            if time.monotonic() - last_note > 10:
+                last_note = time.monotonic()
+                log.info("waiting for the rpc-server of %s", ", ".join(missing))
+            with anyio.move_on_after(1):
+                gen = await state.changed(gen)
+        return [f"127.0.0.1:{await self.node.forward_port(p, 'rpc')}" for p in peers]
+
+    # ------------------------------------------------------------------ worker
+
+    async def _serve_worker(self, plan: Plan) -> None:
+        node, bins = self.node, self.bins
+        assert bins is not None
+        node.set_serving(Serving.LOADING, error=None)
+        cache_base = Path(node.config.state_dir) / "rpc-cache"
+        await self._seed(plan, cache_base / "rpc")
+        port = free_port()
+        argv = commands.rpc_server_argv(bins.rpc_server, port=port, threads=self.threads)
+        env = {**os.environ, "LLAMA_CACHE": str(cache_base)}
+        async with supervised("rpc-server", argv, self.log_dir, env) as child:
+            self.rpc = child
+            try:
+                done, _ = await self._race([child], functools.partial(
+                    wait_listening, child, port, 60.0))
+                if not done:
+                    return
+                self.error = None
+                node.services["rpc"] = ("127.0.0.1", port)
+                node.set_serving(Serving.RPC, error=None)
+                await self._race([child])
+            finally:
+                node.services.pop("rpc", None)
+
+    async def _seed(self, plan: Plan, cache_dir: Path) -> None:
+        """Pre-fill rpc-server's hash cache from our own copy of the plan's model, if any."""
+        info = self.node.model
+        if info is None or info.path is None or info.name != plan.model:
+            return
+        try:
+            from meshcore_backend_llamacpp import hashcache
+        except ImportError:
+            return
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        self.seeded_bytes = await anyio.to_thread.run_sync(hashcache.seed_cache, info.path,
+                                                           cache_dir)
+        log.info("seeded the rpc cache with %s bytes of %s in %.1f s", self.seeded_bytes,
+                 info.path.name, time.monotonic() - started)

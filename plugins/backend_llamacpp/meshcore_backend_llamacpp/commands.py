@@ -1,0 +1,127 @@
+"""Pure decisions: llama-server / ggml-rpc-server command lines and the device layout of a plan.
+
+llama.cpp b11434 orders devices as: every ``--rpc`` entry first (in the order given), then
+local GPUs (src/llama.cpp, "add RPC servers at the front of the list"); ``--tensor-split``
+follows that order. The CPU is never a split device: layers that are not offloaded (the first
+``n_layer + 1 - ngl`` of them) stay on the CPU. So:
+
+- GPU host (``cuda``/``metal``): ``-ngl 99``, ``--rpc w1,w2``, ``--tensor-split s_w1,s_w2,s_host``.
+- CPU host: the host's share stays on its CPU by offloading only the workers' share of layers
+  (``-ngl round(workers_share * (n_layer + 1))``) and splitting those among the workers.
+  Measured against giving the host's share to a local rpc-server: see docs/backend.md.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from meshcore.plan import Plan
+
+ALL_LAYERS = 99
+
+
+def default_threads(options: Mapping[str, Any] | None = None) -> int:
+    """Threads per llama.cpp process: MESH_LLM_THREADS, else ``options["threads"]``, else the
+    number of physical cores (tests pass MESH_LLM_THREADS=1)."""
+    value = os.environ.get("MESH_LLM_THREADS") or (options or {}).get("threads")
+    if value:
+        return max(1, int(value))
+    return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a plan maps onto llama-server's devices."""
+
+    rpc_peers: tuple[str, ...]  # peer ids, in --rpc (= device) order
+    tensor_split: tuple[float, ...]  # in device order; () when solo
+    ngl: int
+    host_layers_on_cpu: int  # CPU host: layers the host keeps; 0 on GPU hosts
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rpc_peers": list(self.rpc_peers), "tensor_split": list(self.tensor_split),
+                "ngl": self.ngl, "host_layers_on_cpu": self.host_layers_on_cpu}
+
+
+def layout(plan: Plan, *, host_has_gpu: bool, n_layer: int) -> Layout:
+    """The device layout that makes llama-server run exactly the plan's shares."""
+    workers = plan.workers
+    if not workers:
+        return Layout((), (), ALL_LAYERS, 0)
+    ids = tuple(w.peer_id for w in workers)
+    host = next((p for p in plan.participants if not p.rpc), None)
+    host_share = host.share if host is not None else 0.0
+    if host_has_gpu:
+        split = (*(w.share for w in workers), host_share)
+        return Layout(ids, split, ALL_LAYERS, 0)
+    blocks = n_layer + 1  # llama.cpp counts the output layer as one more offloadable layer
+    ngl = min(blocks, max(1, round((1.0 - host_share) * blocks)))
+    return Layout(ids, tuple(w.share for w in workers), ngl, blocks - ngl)
+
+
+def effective_shares(lay: Layout, n_layer: int) -> tuple[float, ...]:
+    """Layer fractions per participant as llama-server will place them, host first."""
+    blocks = n_layer + 1
+    if not lay.rpc_peers:
+        return (1.0,)
+    if lay.host_layers_on_cpu or lay.ngl < blocks:
+        gpu_part = lay.ngl / blocks
+        total = sum(lay.tensor_split) or 1.0
+        return (round(lay.host_layers_on_cpu / blocks, 2),
+                *(round(gpu_part * s / total, 2) for s in lay.tensor_split))
+    *workers, host = lay.tensor_split
+    return (host, *workers)
+
+
+def local_devices(kind: str, count: int) -> str:
+    """The host's own device names for ``-devd`` (``none`` keeps the draft on the CPU)."""
+    if kind == "cuda":
+        return ",".join(f"CUDA{i}" for i in range(max(1, count)))
+    if kind == "metal":
+        return "MTL0"
+    return "none"
+
+
+def fmt_split(values: Sequence[float]) -> str:
+    return ",".join(f"{v:.2f}" for v in values)
+
+
+def llama_server_argv(
+    binary: Path, model: Path, *, port: int, threads: int, lay: Layout,
+    rpc_endpoints: Sequence[str] = (), draft: Path | None = None, draft_max: int = 8,
+    draft_devices: str | None = None, no_mmap: bool = False, alias: str | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """llama-server's command line. Solo plans get no ``--rpc`` at all.
+
+    ``draft_devices`` (``-devd``) keeps the draft on the host in a split: ``none`` (CPU) or
+    the host's own GPUs; by default the draft would follow the main model onto RPC devices.
+    """
+    if len(rpc_endpoints) != len(lay.rpc_peers):
+        raise ValueError(f"{len(rpc_endpoints)} rpc endpoints for {len(lay.rpc_peers)} workers")
+    argv = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+            "-ngl", str(lay.ngl), "-t", str(threads)]
+    if alias:
+        argv += ["--alias", alias]
+    if no_mmap:
+        argv.append("--no-mmap")
+    if rpc_endpoints:
+        argv += ["--rpc", ",".join(rpc_endpoints), "--tensor-split", fmt_split(lay.tensor_split)]
+    if draft is not None:
+        argv += ["-md", str(draft), "--spec-type", "draft-simple",
+                 "--spec-draft-n-max", str(draft_max)]
+        if draft_devices:
+            argv += ["-devd", draft_devices]
+    return [*argv, *extra]
+
+
+def rpc_server_argv(binary: Path, *, port: int, threads: int, cache: bool = True) -> list[str]:
+    """ggml-rpc-server's command line; ``-c`` caches tensors under $LLAMA_CACHE/rpc."""
+    argv = [str(binary), "-H", "127.0.0.1", "-p", str(port), "-t", str(threads)]
+    return [*argv, "-c"] if cache else argv

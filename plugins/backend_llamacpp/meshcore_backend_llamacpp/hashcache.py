@@ -1,0 +1,137 @@
+"""Pre-seed ggml-rpc-server's tensor hash cache from a local GGUF, so weights never cross.
+
+llama.cpp b11434 (``ggml/src/ggml-rpc/ggml-rpc.cpp``): when the client uploads a weight tensor
+whose size is strictly over ``HASH_THRESHOLD = 10 * 1024 * 1024`` bytes, it first sends the
+64-bit FNV-1a hash of the tensor's bytes (``RPC_CMD_SET_TENSOR_HASH``). An rpc-server started
+with ``-c`` (a flag: the directory is ``$LLAMA_CACHE/rpc``, tools/rpc/rpc-server.cpp) answers
+from the file ``<dir>/<hash as %016x>`` (``get_cached_file``) when it exists, and the tensor's
+bytes are not sent. llama-server uploads each weight tensor in one
+call with exactly the bytes stored in the GGUF, so a worker that has the same model file can
+write those cache entries itself before the host loads: only the small tensors cross the wire.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+log = logging.getLogger("meshcore.backend.hashcache")
+
+HASH_THRESHOLD = 10 * 1024 * 1024  # bytes; llama.cpp hashes tensors strictly larger than this
+FNV_OFFSET = 0xCBF29CE484222325
+FNV_PRIME = 0x100000001B3
+MANIFEST_PREFIX = ".seeded-"  # rpc-server only opens 16-hex-digit names, so this is ignored
+
+
+@dataclass(frozen=True)
+class TensorSpan:
+    """Where one tensor's bytes live in a GGUF file."""
+
+    name: str
+    path: Path
+    offset: int
+    size: int
+
+
+def fnv1a_64(data: bytes) -> int:
+    """FNV-1a 64 as ggml-rpc computes it, through the C extension ``fnv-c`` (~740 MB/s)."""
+    from fnv_c import fnv1a_64 as fast
+
+    return int(fast(bytes(data)))
+
+
+def fnv1a_64_reference(data: bytes) -> int:
+    """Pure-Python FNV-1a 64, a line-for-line copy of ggml-rpc's ``fnv_hash`` (tests only)."""
+    h = FNV_OFFSET
+    for byte in data:
+        h ^= byte
+        h = (h * FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def cache_name(digest: int) -> str:
+    """The cache file name rpc-server looks for: the hash as 16 lowercase hex digits."""
+    return f"{digest:016x}"
+
+
+def large_tensors(model_path: Path, threshold: int = HASH_THRESHOLD) -> Iterator[TensorSpan]:
+    """Tensors over ``threshold`` bytes in every shard of ``model_path``, in file order."""
+    from gguf import GGUFReader
+
+    from meshcore.models import shards_of
+
+    for shard in shards_of(Path(model_path)):
+        reader = GGUFReader(shard, "r")
+        for tensor in reader.tensors:
+            size = int(tensor.n_bytes)
+            if size > threshold:
+                yield TensorSpan(tensor.name, shard, int(tensor.data_offset), size)
+
+
+def _manifest(model_path: Path, cache_dir: Path) -> tuple[Path, str]:
+    """The manifest file for this model and the key that says the model is unchanged."""
+    stat = Path(model_path).stat()
+    key = f"{Path(model_path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return cache_dir / f"{MANIFEST_PREFIX}{Path(model_path).name}.json", key
+
+
+def _known_hashes(manifest: Path, key: str) -> list[str] | None:
+    """Hashes recorded by an earlier seeding of the same, unchanged file (None: unknown)."""
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("key") != key:
+        return None
+    hashes = data.get("hashes")
+    return hashes if isinstance(hashes, list) and all(isinstance(h, str) for h in hashes) else None
+
+
+def _write_entry(path: Path, data: bytes) -> None:
+    """Write atomically: a running rpc-server must never read a half-written entry."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def seed_cache(model_path: Path, cache_dir: Path, threshold: int = HASH_THRESHOLD) -> int:
+    """Write ``cache_dir/<fnv1a64 %016x>`` for every tensor over ``threshold`` bytes of the
+    GGUF at ``model_path`` (all shards of a split model). Entries already present are kept.
+    Blocking (hashes at ~740 MB/s): call it in a worker thread.
+
+    :return: bytes written now (0 when the cache was already complete).
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    manifest, key = _manifest(model_path, cache_dir)
+    known = _known_hashes(manifest, key)
+    if known is not None and all((cache_dir / h).is_file() for h in known):
+        return 0
+    written, hashes = 0, []
+    with contextlib.ExitStack() as stack:
+        files: dict[Path, BinaryIO] = {}
+        for span in large_tensors(model_path, threshold):
+            if span.path not in files:
+                files[span.path] = stack.enter_context(open(span.path, "rb"))
+            f = files[span.path]
+            f.seek(span.offset)
+            data = f.read(span.size)
+            if len(data) != span.size:
+                raise ValueError(f"model file {span.path}: tensor {span.name} is truncated "
+                                 f"({len(data)} of {span.size} bytes); download it again")
+            name = cache_name(fnv1a_64(data))
+            hashes.append(name)
+            entry = cache_dir / name
+            if not entry.is_file() or entry.stat().st_size != span.size:
+                _write_entry(entry, data)
+                written += span.size
+    manifest.write_text(json.dumps({"key": key, "hashes": hashes}))
+    log.info("hash cache %s: %d tensors over %d bytes, %d bytes written", cache_dir,
+             len(hashes), threshold, written)
+    return written

@@ -1,0 +1,201 @@
+"""Child processes tied to mesh-llm's life: own process group, PR_SET_PDEATHSIG, logs, health.
+
+Every child runs in a new session (its own process group) so one ``killpg`` stops it and
+anything it spawned. On Linux the child also asks the kernel for SIGKILL when its parent dies
+(``prctl(PR_SET_PDEATHSIG)``), so even ``kill -9`` of mesh-llm leaves no orphans. The parent
+is the thread that forked: asyncio forks from the event loop's thread, which lives as long as
+the node. Output goes to ``<log_dir>/<name>.log``; its tail is quoted when the child fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+log = logging.getLogger("meshcore.llamacpp")
+
+PR_SET_PDEATHSIG = 1
+STOP_GRACE_S = 3.0
+
+
+class ChildFailed(RuntimeError):
+    """A child exited or never became healthy; the message quotes its log's tail."""
+
+
+def _pdeathsig_hook() -> Any:
+    """A preexec_fn that makes the kernel SIGKILL the child when mesh-llm dies (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: the child only calls it
+    parent = os.getpid()
+
+    def hook() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died between fork and prctl
+            os._exit(1)
+
+    return hook
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1 (the child binds it moments later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(max(0, path.stat().st_size - 16384))
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class Child:
+    """One supervised process. Use :func:`supervised` so it is stopped on every exit path."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_dir: Path,
+                 env: Mapping[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = [str(a) for a in argv]
+        self.log_path = log_dir / f"{name}.log"
+        self.env = dict(env) if env is not None else None
+        self.proc: asyncio.subprocess.Process | None = None
+        self.started_at = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.returncode
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as logf:
+            logf.write(f"\n==== {time.strftime('%H:%M:%S')} {' '.join(self.argv)}\n".encode())
+            logf.flush()
+            try:
+                self.proc = await asyncio.create_subprocess_exec(
+                    *self.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                    env=self.env, start_new_session=True, preexec_fn=_pdeathsig_hook())
+            except OSError as exc:
+                raise ChildFailed(f"{self.name} could not start: {self.argv[0]}: {exc}") from None
+        self.started_at = time.monotonic()
+        log.info("started %s (pid %s), log %s", self.name, self.pid, self.log_path)
+
+    async def wait(self) -> int:
+        assert self.proc is not None
+        return await self.proc.wait()
+
+    def failure(self, what: str) -> ChildFailed:
+        return ChildFailed(f"{self.name} (pid {self.pid}) {what}; last lines of "
+                           f"{self.log_path}:\n{tail(self.log_path)}")
+
+    async def stop(self, grace: float = STOP_GRACE_S) -> None:
+        """SIGTERM the process group, SIGKILL it after ``grace`` seconds. Shield the caller."""
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with anyio.move_on_after(grace):
+            await proc.wait()
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        log.info("stopped %s (pid %s, exit %s)", self.name, proc.pid, proc.returncode)
+
+
+@contextlib.asynccontextmanager
+async def supervised(name: str, argv: Sequence[str], log_dir: Path,
+                     env: Mapping[str, str] | None = None) -> AsyncIterator[Child]:
+    """Start a child and stop its process group when the block exits, however it exits."""
+    child = Child(name, argv, log_dir, env)
+    await child.start()
+    try:
+        yield child
+    finally:
+        with anyio.CancelScope(shield=True):
+            await child.stop()
+
+
+async def http_status(port: int, path: str, timeout: float = 2.0) -> int | None:
+    """Status code of ``GET path`` on 127.0.0.1:``port``, or None when it does not answer.
+
+    A bare HTTP/1.0 request: polling through httpx would log every probe at INFO."""
+    with anyio.move_on_after(timeout):
+        try:
+            stream = await anyio.connect_tcp("127.0.0.1", port)
+        except OSError:
+            return None
+        async with stream:
+            try:
+                await stream.send(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+                head = await stream.receive(1024)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                return None
+        parts = head.split(b" ", 2)
+        if len(parts) >= 2 and parts[1].isdigit():
+            return int(parts[1])
+    return None
+
+
+async def wait_healthy(child: Child, port: int, timeout: float, every: float = 5.0) -> None:
+    """Poll llama-server's /health until 200; log progress; fail on exit or timeout."""
+    started = time.monotonic()
+    last_note = started
+    while True:
+        if not child.alive:
+            raise child.failure(f"exited with code {child.returncode} while loading")
+        if await http_status(port, "/health") == 200:
+            log.info("%s is healthy after %.1f s", child.name, time.monotonic() - started)
+            return
+        now = time.monotonic()
+        if now - started > timeout:
+            raise child.failure(f"not healthy after {timeout:.0f} s")
+        if now - last_note >= every:
+            last_note = now
+            log.info("waiting for %s to load: %.0f s (log %s)", child.name, now - started,
+                     child.log_path)
+        await anyio.sleep(0.2)
+
+
+async def wait_listening(child: Child, port: int, timeout: float) -> None:
+    """Wait until ``child`` accepts TCP connections on 127.0.0.1:``port``."""
+    started = time.monotonic()
+    while True:
+        if not child.alive:
+            raise child.failure(f"exited with code {child.returncode} while starting")
+        try:
+            stream = await anyio.connect_tcp("127.0.0.1", port)
+        except OSError:
+            if time.monotonic() - started > timeout:
+                raise child.failure(f"not listening on port {port} after {timeout:.0f} s"
+                                    ) from None
+            await anyio.sleep(0.1)
+        else:
+            await stream.aclose()
+            return

@@ -1,0 +1,246 @@
+"""The rpc-server hash cache seeding: names, contents, threshold and idempotence."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from meshcore_backend_llamacpp import hashcache
+from meshcore_backend_llamacpp.hashcache import (
+    HASH_THRESHOLD,
+    cache_name,
+    fnv1a_64,
+    fnv1a_64_reference,
+    large_tensors,
+    seed_cache,
+)
+
+MIB = 1024 * 1024
+
+
+def write_gguf(path: Path, sizes: dict[str, int], seed: int = 0) -> dict[str, bytes]:
+    """A GGUF of float32 tensors with the given byte sizes (multiples of 4), random values.
+
+    Returns each tensor's bytes as stored in the file."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(path, "llama")
+    contents = {}
+    for name, size in sizes.items():
+        array = rng.standard_normal(size // 4).astype(np.float32)
+        writer.add_tensor(name, array)
+        contents[name] = array.tobytes()
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return contents
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    path = tmp_path / "tiny.gguf"
+    contents = write_gguf(path, {
+        "big.weight": HASH_THRESHOLD + 64,  # over the threshold: hashed by llama.cpp
+        "exact.weight": HASH_THRESHOLD,  # equal: llama.cpp sends it (size > threshold only)
+        "small.weight": 4096,
+        "bigger.weight": 12 * MIB,
+    })
+    return path, contents
+
+
+def test_reference_vectors() -> None:
+    # Published FNV-1a 64 test vectors (Landon Curt Noll's fnv test suite).
+    assert fnv1a_64_reference(b"") == 0xCBF29CE484222325
+    assert fnv1a_64_reference(b"a") == 0xAF63DC4C8601EC8C
+    assert fnv1a_64_reference(b"foobar") == 0x85944171F73967E8
+
+
+@given(st.binary(max_size=512))
+@settings(max_examples=200)
+def test_fnv_c_matches_reference(data: bytes) -> None:
+    assert fnv1a_64(data) == fnv1a_64_reference(data)
+
+
+def test_cache_name_is_16_lowercase_hex_digits() -> None:
+    assert cache_name(0xAB) == "00000000000000ab"
+    assert cache_name(0xAF63DC4C8601EC8C) == "af63dc4c8601ec8c"
+
+
+def test_only_tensors_strictly_over_threshold(model: tuple[Path, dict[str, bytes]]) -> None:
+    path, _ = model
+    assert sorted(t.name for t in large_tensors(path)) == ["big.weight", "bigger.weight"]
+
+
+def test_seed_writes_exact_tensor_bytes(model: tuple[Path, dict[str, bytes]],
+                                        tmp_path: Path) -> None:
+    path, contents = model
+    cache = tmp_path / "cache"
+    written = seed_cache(path, cache)
+    assert written == len(contents["big.weight"]) + len(contents["bigger.weight"])
+    entries = sorted(p.name for p in cache.iterdir() if not p.name.startswith("."))
+    expected = sorted(cache_name(fnv1a_64(contents[n])) for n in ("big.weight", "bigger.weight"))
+    assert entries == expected
+    for name in ("big.weight", "bigger.weight"):
+        entry = cache / cache_name(fnv1a_64(contents[name]))
+        assert entry.read_bytes() == contents[name]
+    assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_seed_is_idempotent_and_skips_existing(model: tuple[Path, dict[str, bytes]],
+                                               tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    path, contents = model
+    cache = tmp_path / "cache"
+    seed_cache(path, cache)
+    assert seed_cache(path, cache) == 0  # manifest says complete: nothing hashed or written
+
+    # Without the manifest it re-hashes but keeps entries that are already there.
+    for manifest in cache.glob(".seeded-*"):
+        manifest.unlink()
+    big = cache / cache_name(fnv1a_64(contents["big.weight"]))
+    before = big.stat().st_mtime_ns
+    writes: list[Path] = []
+    real_write = hashcache._write_entry
+    monkeypatch.setattr(hashcache, "_write_entry",
+                        lambda p, d: (writes.append(p), real_write(p, d)))
+    assert seed_cache(path, cache) == 0
+    assert writes == [] and big.stat().st_mtime_ns == before
+
+    # A missing entry is rewritten, and only that one.
+    big.unlink()
+    assert seed_cache(path, cache) == len(contents["big.weight"])
+    assert writes == [big] and big.read_bytes() == contents["big.weight"]
+
+
+def test_changed_model_file_is_rehashed(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    cache = tmp_path / "cache"
+    first = write_gguf(path, {"w": HASH_THRESHOLD + 4}, seed=1)
+    seed_cache(path, cache)
+    second = write_gguf(path, {"w": HASH_THRESHOLD + 4}, seed=2)
+    os.utime(path, ns=(1, 1))  # a different mtime even on coarse clocks
+    assert seed_cache(path, cache) == HASH_THRESHOLD + 4
+    for data in (first["w"], second["w"]):
+        assert (cache / cache_name(fnv1a_64(data))).read_bytes() == data
+
+
+def test_split_gguf_seeds_every_shard(tmp_path: Path) -> None:
+    first = write_gguf(tmp_path / "m-00001-of-00002.gguf", {"a": HASH_THRESHOLD + 4}, seed=3)
+    second = write_gguf(tmp_path / "m-00002-of-00002.gguf", {"b": HASH_THRESHOLD + 8}, seed=4)
+    cache = tmp_path / "cache"
+    assert seed_cache(tmp_path / "m-00001-of-00002.gguf", cache) == 2 * HASH_THRESHOLD + 12
+    assert (cache / cache_name(fnv1a_64(first["a"]))).is_file()
+    assert (cache / cache_name(fnv1a_64(second["b"]))).is_file()
+
+
+@pytest.mark.real
+def test_smollm2_token_embedding_is_seeded(tmp_path: Path) -> None:
+    from meshcore.models import smollm2_path
+
+    path = smollm2_path()
+    spans = list(large_tensors(path))
+    assert [s.name for s in spans] == ["token_embd.weight"]  # every other tensor is < 10 MiB
+    cache = tmp_path / "cache"
+    assert seed_cache(path, cache) == spans[0].size
+    with open(path, "rb") as f:
+        f.seek(spans[0].offset)
+        data = f.read(spans[0].size)
+    assert (cache / cache_name(fnv1a_64(data))).read_bytes() == data
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(predicate: Any, what: str, procs: list[Any], timeout: float = 180) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        dead = [p for p in procs if p.poll() is not None]
+        if dead:
+            raise AssertionError(f"{dead[0].args[0]} exited with {dead[0].returncode} "
+                                 f"while waiting for {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _load_through_rpc(model: Path, cache_root: Path, logs: Path) -> None:
+    """Load ``model`` in llama-server with every layer on one ggml-rpc-server started with
+    ``-c`` and ``LLAMA_CACHE=cache_root``; stop both once llama-server is healthy."""
+    import signal
+    import subprocess
+
+    import httpx
+    from meshcore_backend_llamacpp.build import cached_bin_dir
+
+    bins = cached_bin_dir()
+    if bins is None:
+        pytest.skip("llama.cpp binaries are not built: "
+                    "run python -m meshcore_backend_llamacpp.build")
+    rpc_port, http_port = _free_port(), _free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with open(logs / "rpc.log", "wb") as rpc_log, open(logs / "server.log", "wb") as srv_log:
+            procs.append(subprocess.Popen(
+                [str(bins / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(rpc_port), "-t", "1",
+                 "-c"], env={**os.environ, "LLAMA_CACHE": str(cache_root)},
+                stdout=rpc_log, stderr=subprocess.STDOUT, start_new_session=True))
+
+            def listening() -> bool:
+                import socket
+
+                with socket.socket() as s:
+                    return s.connect_ex(("127.0.0.1", rpc_port)) == 0
+
+            _wait(listening, "ggml-rpc-server to listen", procs)
+            procs.append(subprocess.Popen(
+                [str(bins / "llama-server"), "-m", str(model), "--rpc", f"127.0.0.1:{rpc_port}",
+                 "-ngl", "99", "-t", "1", "-c", "256", "--host", "127.0.0.1",
+                 "--port", str(http_port)],
+                stdout=srv_log, stderr=subprocess.STDOUT, start_new_session=True))
+
+            def healthy() -> bool:
+                try:
+                    return httpx.get(f"http://127.0.0.1:{http_port}/health").status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            _wait(healthy, "llama-server to load the model", procs)
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@pytest.mark.real
+def test_rpc_server_writes_what_seed_cache_writes(tmp_path: Path) -> None:
+    """The definitive check of threshold, hash and layout: an empty cache filled by a real
+    ggml-rpc-server during a load holds exactly the files seed_cache writes, byte for byte."""
+    from meshcore.models import smollm2_path
+
+    model = smollm2_path()
+    real_root = tmp_path / "real"
+    _load_through_rpc(model, real_root, tmp_path)
+    by_rpc = {p.name: p for p in (real_root / "rpc").iterdir()}
+    seeded = tmp_path / "seeded"
+    seed_cache(model, seeded)
+    by_seed = {p.name: p for p in seeded.iterdir() if not p.name.startswith(".")}
+    assert by_rpc and set(by_rpc) == set(by_seed), (sorted(by_rpc), sorted(by_seed))
+    for name, path in by_rpc.items():
+        assert path.read_bytes() == by_seed[name].read_bytes()

@@ -1,0 +1,92 @@
+"""Children: stopped on every exit path, killed with mesh-llm (PDEATHSIG), logs tailed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import psutil
+import pytest
+
+from meshcore_backend_llamacpp.process import Child, ChildFailed, supervised, wait_healthy
+
+pytestmark = pytest.mark.anyio
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def test_child_runs_in_its_own_group_and_is_stopped_on_exit(tmp_path: Path) -> None:
+    async with supervised("sleeper", ["sleep", "60"], tmp_path) as child:
+        assert child.pid is not None and child.alive
+        assert os.getpgid(child.pid) == child.pid
+        pid = child.pid
+    assert gone(pid)
+
+
+async def test_child_is_stopped_when_the_block_is_cancelled(tmp_path: Path) -> None:
+    pids: list[int] = []
+    with anyio.move_on_after(0.5):
+        async with supervised("sleeper", ["sleep", "60"], tmp_path) as child:
+            assert child.pid is not None
+            pids.append(child.pid)
+            await anyio.sleep_forever()
+    assert pids and gone(pids[0])
+
+
+async def test_failure_quotes_the_log_tail(tmp_path: Path) -> None:
+    child = Child("talker", ["sh", "-c", "echo broken-$((40 + 2)); exit 3"], tmp_path)
+    await child.start()
+    with pytest.raises(ChildFailed, match=r"(?s)exited with code 3.*broken-42"):
+        await wait_healthy(child, 9, timeout=10)
+    assert "broken-42" in (tmp_path / "talker.log").read_text()
+
+
+async def test_missing_executable_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ChildFailed, match="could not start: /nonexistent/llama-server"):
+        async with supervised("x", ["/nonexistent/llama-server"], tmp_path):
+            pass
+
+
+PARENT = """
+import sys, anyio
+from pathlib import Path
+from meshcore_backend_llamacpp.process import supervised
+
+async def main():
+    async with supervised("sleeper", ["sleep", "60"], Path(sys.argv[1])) as child:
+        print(child.pid, flush=True)
+        await anyio.sleep_forever()
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux")
+def test_sigkill_of_the_parent_kills_the_child(tmp_path: Path) -> None:
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        pid = int(parent.stdout.readline())
+        assert not gone(pid)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while not gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gone(pid), "the child outlived its SIGKILLed parent"
+    finally:
+        parent.kill()
+        parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()

@@ -1,0 +1,48 @@
+"""The payload's pure parts: RPC entries read defensively from any backend, badges."""
+
+from __future__ import annotations
+
+from meshcore_console.payload import badge, rpc_entries
+
+from meshcore.config import GB
+from meshcore.plan import Participant, Plan, PlanState
+from meshcore.state import Peer, Role, Serving
+
+SPLIT = Plan(PlanState.SPLIT, host_id="h", model="m", participants=(
+    Participant("w1", 4 * GB, 0.25, True), Participant("w2", 4 * GB, 0.25, True),
+    Participant("h", 8 * GB, 0.5, False)))
+
+
+def test_rpc_entries_follow_the_plan_and_name_addresses_by_peer() -> None:
+    llamacpp = {"rpc": ["127.0.0.1:4002", "127.0.0.1:4001"],
+                "layout": {"rpc_peers": ["w2", "w1"]}}
+    assert rpc_entries(llamacpp, SPLIT) == [
+        {"peer_id": "w1", "share": 0.25, "address": "127.0.0.1:4001"},
+        {"peer_id": "w2", "share": 0.25, "address": "127.0.0.1:4002"}]
+
+
+def test_rpc_entries_accept_other_shapes_and_junk() -> None:
+    assert [e["address"] for e in rpc_entries({"rpc_entries": "a:1,b:2"}, SPLIT)] == ["a:1", "b:2"]
+    dicts = {"rpc_servers": [{"host": "x", "port": 5}, {"address": "y:6"}]}
+    assert [e["address"] for e in rpc_entries(dicts, SPLIT)] == ["x:5", "y:6"]
+    for junk in ({}, {"rpc": 42}, {"rpc": None, "layout": "?"}, {"rpc": []}):
+        assert [e["address"] for e in rpc_entries(junk, SPLIT)] == [None, None]
+    assert rpc_entries({"rpc": ["a:1"]}, Plan(PlanState.SOLO, host_id="h")) == []
+
+
+def test_badges() -> None:
+    host = Peer("h", Role.HOST, serving=Serving.READY)
+    assert badge(SPLIT, host, host, 0)["text"] == "Host"
+    loading = Peer("h", Role.HOST, serving=Serving.LOADING)
+    assert badge(SPLIT, loading, loading, 0)["text"] == "Loading"
+    failed = Peer("h", Role.HOST, serving=Serving.ERROR, extra={"error": "exit 1: bad gguf"})
+    assert badge(SPLIT, failed, failed, 0) == {"kind": "error", "text": "Host failed",
+                                               "detail": "exit 1: bad gguf"}
+    assert badge(SPLIT, Peer("w1"), host, 0)["text"] == "Worker in split"
+    assert badge(SPLIT, Peer("w9"), host, 0)["text"] == "Worker idle"
+    client = Peer("c", Role.CLIENT)
+    assert badge(SPLIT, client, loading, 0) == {"kind": "client", "text": "Client",
+                                                "detail": "using host h (loading)"}
+    waiting = Plan(PlanState.WAITING, reason="no node that can host has joined")
+    assert badge(waiting, Peer("w"), None, 0)["text"] == "Waiting"
+    assert badge(waiting, Peer("w"), None, int(1.5 * GB))["text"] == "Waiting for 1.5 GB more"

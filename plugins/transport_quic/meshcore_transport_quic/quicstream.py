@@ -1,0 +1,231 @@
+"""aioquic glue: a QuicConnectionProtocol that hands each QUIC stream out as an anyio ByteStream.
+
+aioquic has no receive-side backpressure (it delivers data as events), so receive buffers are
+bounded only by the peer's flow-control window; sends wait while more than ``SEND_HIGH_WATER``
+bytes of a stream are unacknowledged, so a fast writer cannot queue gigabytes in aioquic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic import events
+from aioquic.quic.connection import QuicConnection
+from anyio.abc import ByteStream
+
+SEND_HIGH_WATER = 4 * 1024 * 1024
+UDP_BUFFER = 8 * 1024 * 1024
+LOOPBACK_DATAGRAM = 16 * 1024  # loopback MTU is 64 KiB; bigger datagrams mean fewer syscalls
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def plain_host(host: str) -> str:
+    """``::ffff:1.2.3.4`` -> ``1.2.3.4``; other addresses unchanged."""
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def tune_udp_socket(sock: socket.socket) -> None:
+    """Large socket buffers: bursts of a fast stream must not be dropped by the kernel."""
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, UDP_BUFFER)
+
+
+class QuicByteStream(ByteStream):
+    """One QUIC stream as an anyio ByteStream (bytes pass untouched, in order)."""
+
+    def __init__(self, protocol: MeshProtocol, stream_id: int) -> None:
+        self.protocol = protocol
+        self.stream_id = stream_id
+        self._chunks: deque[bytes] = deque()
+        self._readable = asyncio.Event()
+        self._eof = False
+        self._broken: str | None = None
+        self._closed = False
+        self._fin_sent = False
+
+    # -- fed by the protocol
+    def feed(self, data: bytes, end: bool) -> None:
+        if data:
+            self._chunks.append(data)
+        self._eof = self._eof or end
+        self._readable.set()
+
+    def feed_broken(self, why: str) -> None:
+        self._broken = self._broken or why
+        self._readable.set()
+
+    # -- ByteStream
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        while True:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                if len(chunk) > max_bytes:
+                    self._chunks.appendleft(chunk[max_bytes:])
+                    chunk = chunk[:max_bytes]
+                return chunk
+            if self._eof:
+                raise anyio.EndOfStream
+            if self._broken:
+                raise anyio.BrokenResourceError(self._broken)
+            self._readable.clear()
+            await self._readable.wait()
+
+    def _write(self, data: bytes, end: bool = False) -> None:
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._broken or self.protocol.terminated is not None:
+            raise anyio.BrokenResourceError(self._broken or "connection closed")
+        try:
+            self.protocol.quic.send_stream_data(self.stream_id, data, end_stream=end)
+        except (ValueError, AssertionError) as exc:  # stream reset or already finished
+            raise anyio.BrokenResourceError(str(exc)) from exc
+        self.protocol.transmit_soon()
+
+    async def send(self, item: bytes) -> None:
+        if self._fin_sent:
+            raise anyio.ClosedResourceError
+        self._write(bytes(item))
+        while self.protocol.unacked(self.stream_id) > SEND_HIGH_WATER:
+            if self.protocol.terminated is not None:
+                raise anyio.BrokenResourceError("connection closed")
+            await self.protocol.wait_progress()
+
+    async def send_eof(self) -> None:
+        if not self._fin_sent:
+            self._fin_sent = True
+            self._write(b"", end=True)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        if not self._fin_sent and self.protocol.terminated is None and not self._broken:
+            self._fin_sent = True
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self._write(b"", end=True)
+        self._closed = True
+        self._readable.set()
+        self.protocol.retire(self.stream_id)
+        await anyio.lowlevel.checkpoint()
+
+
+StreamCallback = Callable[["MeshProtocol", QuicByteStream], None]
+
+
+class MeshProtocol(QuicConnectionProtocol):
+    """One peer connection. New peer-initiated streams go to ``on_stream``."""
+
+    def __init__(self, quic: QuicConnection, stream_handler: Any = None, *,
+                 on_stream: StreamCallback, large_datagrams: bool = True) -> None:
+        super().__init__(quic)
+        self.on_stream = on_stream
+        self.large_datagrams = large_datagrams
+        self.streams: dict[int, QuicByteStream] = {}
+        self._retired: set[int] = set()
+        self.handshake_done = asyncio.Event()
+        self.terminated: tuple[int, str] | None = None
+        self.peer_addr: tuple[str, int] | None = None
+        self._progress = asyncio.Event()
+        self.ready = asyncio.Event()  # set once the mesh handshake adopted this connection
+        self.peer_id: str | None = None
+        self.last_rx = time.monotonic()
+
+    @property
+    def quic(self) -> QuicConnection:
+        return self._quic
+
+    def set_peer_addr(self, addr: tuple[Any, ...]) -> None:
+        self.peer_addr = (plain_host(str(addr[0])), int(addr[1]))
+        if self.large_datagrams and is_loopback(self.peer_addr[0]):
+            # aioquic has no per-path MTU discovery; loopback carries 64 KiB datagrams.
+            self._quic._max_datagram_size = LOOPBACK_DATAGRAM
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and self._quic.configuration.is_client:
+            tune_udp_socket(sock)
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        if self.peer_addr is None:
+            self.set_peer_addr(addr)
+        self.last_rx = time.monotonic()
+        super().datagram_received(data, addr)
+        self._wake()
+
+    def _wake(self) -> None:
+        self._progress.set()
+        self._progress = asyncio.Event()
+
+    async def wait_progress(self) -> None:
+        await self._progress.wait()
+
+    def transmit_soon(self) -> None:
+        self._transmit_soon()
+
+    def unacked(self, stream_id: int) -> int:
+        stream = self._quic._streams.get(stream_id)
+        if stream is None:
+            return 0
+        sender = stream.sender
+        return int(sender._buffer_stop - sender._buffer_start)
+
+    def open_stream(self, *, unidirectional: bool = False) -> QuicByteStream:
+        sid = self._quic.get_next_available_stream_id(is_unidirectional=unidirectional)
+        stream = QuicByteStream(self, sid)
+        self.streams[sid] = stream
+        return stream
+
+    def retire(self, stream_id: int) -> None:
+        if self.streams.pop(stream_id, None) is not None:
+            self._retired.add(stream_id)
+
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.HandshakeCompleted):
+            self.handshake_done.set()
+        elif isinstance(event, events.StreamDataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is None:
+                if event.stream_id in self._retired:
+                    return
+                stream = QuicByteStream(self, event.stream_id)
+                self.streams[event.stream_id] = stream
+                stream.feed(event.data, event.end_stream)
+                self.on_stream(self, stream)
+                return
+            stream.feed(event.data, event.end_stream)
+        elif isinstance(event, events.StreamReset):
+            if (stream := self.streams.get(event.stream_id)) is not None:
+                stream.feed_broken(f"stream reset by peer (code {event.error_code})")
+        elif isinstance(event, events.ConnectionTerminated):
+            self.terminated = (event.error_code, event.reason_phrase)
+            for stream in list(self.streams.values()):
+                stream.feed_broken(f"connection closed: {event.reason_phrase or 'no reason'}")
+            self.handshake_done.set()
+            self._wake()

@@ -1,0 +1,128 @@
+"""The OpenAI-compatible API every node serves, against in-process meshes (fake backend)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from meshcore import testing
+from meshcore.state import Serving
+
+pytestmark = pytest.mark.anyio
+
+CHAT = {"messages": [{"role": "user", "content": "one two three"}], "max_tokens": 8}
+
+
+def api(node: Any) -> str:
+    return f"http://127.0.0.1:{node.api_port}"
+
+
+async def ready_mesh(mesh: Any, *vrams: float, **config: Any) -> list[Any]:
+    nodes = [await mesh.add(v, **config) for v in vrams]
+    host = max(nodes, key=lambda n: n.state.me.vram)
+    await mesh.wait_for(lambda: all(n.plan.host_id == host.id for n in nodes), what="election")
+    await mesh.wait_for(lambda: host.state.me.serving is Serving.READY, what="host ready")
+    await mesh.wait_for(lambda: all(n.view().get(host.id).serving is Serving.READY
+                                    for n in nodes), what="everyone sees the host ready")
+    return nodes
+
+
+async def test_bad_json_is_400(mesh_harness: Any) -> None:
+    async with mesh_harness() as mesh:
+        (node,) = await ready_mesh(mesh, 8)
+        async with httpx.AsyncClient(base_url=api(node)) as client:
+            r = await client.post("/v1/chat/completions", content=b"{not json",
+                                  headers={"content-type": "application/json"})
+            assert r.status_code == 400
+            assert "request body is not valid JSON" in r.json()["error"]["message"]
+            r = await client.post("/v1/completions", json=["a", "list"])
+            assert r.status_code == 400
+            assert r.json()["error"]["message"] == "request body must be a JSON object"
+
+
+async def test_no_host_is_503_with_the_reason(mesh_harness: Any) -> None:
+    async with mesh_harness() as mesh:
+        node = await mesh.add(4, model_gb=10)
+        await mesh.wait_for(lambda: node.plan.reason.startswith("waiting for"), what="plan")
+        async with httpx.AsyncClient(base_url=api(node)) as client:
+            r = await client.post("/v1/chat/completions", json=CHAT)
+            assert r.status_code == 503
+            message = r.json()["error"]["message"]
+            assert message == "no ready host: waiting for 7.0 GB more VRAM (have 4.0 of 11.0 GB)"
+            r = await client.get("/health")
+            assert r.status_code == 503
+            assert r.json() == {"status": "unavailable",
+                                "reason": "waiting for 7.0 GB more VRAM (have 4.0 of 11.0 GB)"}
+            r = await client.get("/v1/models")
+            assert r.json()["data"][0]["id"] == "fake-model"
+
+
+async def test_api_key_is_enforced(mesh_harness: Any) -> None:
+    async with mesh_harness() as mesh:
+        (node,) = await ready_mesh(mesh, 8, api_key="sekret")
+        async with httpx.AsyncClient(base_url=api(node)) as client:
+            for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "sekret"}):
+                r = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
+                assert r.status_code == 401, headers
+                assert r.json()["error"]["type"] == "invalid_api_key"
+                assert (await client.get("/v1/models", headers=headers)).status_code == 401
+                assert (await client.get("/mesh/status", headers=headers)).status_code == 401
+            good = {"authorization": "Bearer sekret"}
+            r = await client.post("/v1/chat/completions", json=CHAT, headers=good)
+            assert r.status_code == 200
+            assert (await client.get("/v1/models", headers=good)).status_code == 200
+            assert (await client.get("/health")).status_code == 200, "health stays open"
+
+
+async def test_models_health_and_status(mesh_harness: Any) -> None:
+    async with mesh_harness() as mesh:
+        host, worker = await ready_mesh(mesh, 8, 4)
+        async with httpx.AsyncClient(base_url=api(worker)) as client:
+            models = (await client.get("/v1/models")).json()
+            assert models["object"] == "list"
+            assert [m["id"] for m in models["data"]] == ["fake-model"]
+            health = await client.get("/health")
+            assert health.status_code == 200
+            assert health.json() == {"status": "ok", "host": host.id, "model": "fake-model"}
+            status = (await client.get("/mesh/status")).json()
+            assert status["id"] == worker.id and status["role"] == "WORKER"
+            assert status["plan"]["host_id"] == host.id
+            assert [p["id"] for p in status["peers"]] == [host.id]
+            json.dumps(host.status())  # plain JSON
+
+
+async def test_streaming_is_passed_through_byte_for_byte(
+        mesh_harness: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(testing.time, "time", lambda: 1_700_000_000.0)  # fixed "created"
+    async with mesh_harness() as mesh:
+        host, worker = await ready_mesh(mesh, 8, 4)
+        direct_base = host.backend.api_base()
+        body = {**CHAT, "stream": True}
+        async with httpx.AsyncClient() as client:
+            direct = await client.post(f"{direct_base}/v1/chat/completions", json=body)
+            via_host = await client.post(f"{api(host)}/v1/chat/completions", json=body)
+            via_worker = await client.post(f"{api(worker)}/v1/chat/completions", json=body)
+        assert direct.status_code == via_host.status_code == via_worker.status_code == 200
+        assert via_worker.headers["content-type"].startswith("text/event-stream")
+        assert direct.content == via_host.content == via_worker.content
+        events = [line[6:] for line in via_worker.text.split("\n\n") if line]
+        assert events[-1] == "[DONE]"
+        final = json.loads(events[-2])
+        assert final["timings"]["draft_n"] == 3 and "predicted_per_second" in final["timings"]
+        text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "")
+                       for e in events[:-1])
+        assert text == " one two three"
+
+
+async def test_completion_keeps_timings(mesh_harness: Any) -> None:
+    async with mesh_harness() as mesh:
+        _host, worker = await ready_mesh(mesh, 8, 4)
+        async with httpx.AsyncClient(base_url=api(worker)) as client:
+            r = await client.post("/v1/completions", json={"prompt": "a b", "max_tokens": 1})
+        assert r.status_code == 200
+        data = r.json()
+        assert data["choices"][0]["text"] == " a"
+        assert data["timings"]["predicted_n"] == 1

@@ -1,0 +1,179 @@
+"""Issue 6 acceptance 1-3 with real processes: mesh-llm over QUIC, llama.cpp on CPU, SmolLM2.
+
+Solo; A (8 GB) + B (4 GB) -> A hosts alone and B logs the --split hint, both APIs answer;
+the same with ``--split`` on A -> B's rpc-server is an ``--rpc`` entry reached through a
+tunnel, the split is 0.67 / 0.33, the draft runs, and the answer equals the solo answer.
+Every llama.cpp process runs with one thread (MESH_LLM_THREADS=1).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from test_client import mesh_status, quic_missing, wait_status
+
+from meshcore.pytest_plugin import MeshProcess
+
+pytestmark = pytest.mark.real
+
+ENV = {"MESH_LLM_THREADS": "1"}
+MODEL = "SmolLM2-135M"
+PROMPT = "The capital of France is"
+SPLIT_HINT = "meshcore.election.vram: model fits on host; use --split to force"  # log line
+
+
+def backend_missing() -> str | None:
+    """Why real split tests cannot run here, or None."""
+    if missing := quic_missing():
+        return missing
+    try:
+        from meshcore_backend_llamacpp.backend import LlamaCppBackend  # noqa: F401
+        from meshcore_backend_llamacpp.build import cached_bin_dir
+    except ImportError as exc:
+        return f"the llama.cpp backend (plugins/backend_llamacpp, backend.py) is missing: {exc}"
+    if cached_bin_dir() is None:
+        return "llama.cpp binaries are not built: run python -m meshcore_backend_llamacpp.build"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _needs_backend() -> None:
+    if missing := backend_missing():
+        pytest.skip(missing)
+
+
+def ask(node: MeshProcess) -> tuple[str, dict[str, Any]]:
+    """Ask ``node``'s API with the official openai client at temperature 0; (text, timings)."""
+    import openai
+
+    api = openai.OpenAI(base_url=node.url, api_key="unused", max_retries=0, timeout=120)
+    reply = api.completions.create(model=MODEL, prompt=PROMPT, temperature=0, max_tokens=16,
+                                   seed=1)
+    text = reply.choices[0].text
+    return text, dict(reply.model_dump().get("timings") or {})
+
+
+def wait_ready(node: MeshProcess, what: str, timeout: float = 240) -> dict[str, Any]:
+    """Until the node's /health says a host is serving; returns /mesh/status."""
+    def ok(status: dict[str, Any]) -> bool:
+        return httpx.get(f"http://127.0.0.1:{node.api_port}/health",
+                         timeout=10).status_code == 200
+
+    return wait_status(node, ok, what, timeout)
+
+
+def start(mesh_process: Callable[..., MeshProcess], *args: str) -> MeshProcess:
+    return mesh_process("--model", MODEL, *args, env=ENV, timeout=240)
+
+
+def server_info(status: dict[str, Any]) -> dict[str, Any]:
+    server = status["backend"].get("llama_server")
+    assert server is not None and server["alive"], status["backend"]
+    return dict(server)
+
+
+def test_solo(mesh_process: Callable[..., MeshProcess]) -> None:
+    a = start(mesh_process)
+    status = wait_ready(a, "the solo host to load")
+    assert status["is_host"] and status["role"] == "HOST" and status["peers"] == []
+    plan = status["plan"]
+    assert plan["state"] == "SOLO" and plan["host_id"] == status["id"]
+    assert plan["participants"] == [{"peer_id": status["id"], "vram": status["me"]["vram"],
+                                     "share": 1.0, "rpc": False}]
+    argv = server_info(status)["argv"]
+    assert "--rpc" not in argv and "--tensor-split" not in argv
+    assert argv[argv.index("-t") + 1] == "1"
+    text, _ = ask(a)
+    assert "Paris" in text
+
+
+def test_fits_on_host_stays_solo_and_worker_answers(
+        mesh_process: Callable[..., MeshProcess]) -> None:
+    a = start(mesh_process, "--max-vram", "8")
+    assert a.token, a.log()
+    a_id = mesh_status(a)["id"]
+    b = start(mesh_process, "--max-vram", "4", "--join", a.token)
+    b_id = wait_status(b, lambda s: s["plan"]["host_id"] == a_id, "b elects a")["id"]
+    status_a = wait_ready(a, "a to serve")
+    status_b = wait_ready(b, "b to route to a")
+    assert status_a["plan"]["state"] == "SOLO" and status_a["is_host"]
+    assert not status_b["is_host"] and status_b["role"] == "WORKER"
+    assert [p["peer_id"] for p in status_a["plan"]["participants"]] == [a_id]
+    assert "--rpc" not in server_info(status_a)["argv"]
+    assert status_b["backend"].get("rpc_server") is None  # an idle worker runs nothing
+    assert status_a["total_vram"] == 12 * 1024**3
+    wait_status(b, lambda s: SPLIT_HINT in b.log(), "b's --split hint")
+    assert b.log().count(SPLIT_HINT) == 1 and SPLIT_HINT not in a.log()
+    answer_a, answer_b = ask(a)[0], ask(b)[0]
+    assert "Paris" in answer_a and answer_a == answer_b
+    assert b_id != a_id
+
+
+def offloaded_layers(log_path: str) -> tuple[int, int]:
+    """(offloaded, total) from llama-server's 'offloaded N/M layers to GPU' log line."""
+    found = re.findall(r"offloaded (\d+)/(\d+) layers", Path(log_path).read_text())
+    assert found, f"no 'offloaded N/M layers' line in {log_path}"
+    return int(found[-1][0]), int(found[-1][1])
+
+
+def check_split_runs(status_a: dict[str, Any], status_b: dict[str, Any]) -> None:
+    """A's llama-server runs B as its one --rpc entry, through a tunnel, with B's share."""
+    a_id, b_id = status_a["id"], status_b["id"]
+    plan = status_a["plan"]
+    assert plan["state"] == "SPLIT" and plan["host_id"] == a_id
+    assert [(p["peer_id"], p["share"], p["rpc"]) for p in plan["participants"]] == [
+        (b_id, 0.33, True), (a_id, 0.67, False)]
+    server = server_info(status_a)
+    argv = server["argv"]
+    rpc = argv[argv.index("--rpc") + 1].split(",")
+    assert rpc == status_a["backend"]["rpc"] and len(rpc) == 1
+    host, port = rpc[0].rsplit(":", 1)
+    b_rpc = status_b["backend"]["rpc_server"]
+    assert host == "127.0.0.1" and b_rpc is not None and b_rpc["alive"]
+    assert int(port) != b_rpc["port"]  # A reaches B's rpc-server through a local tunnel port
+    assert status_b["me"]["serving"] == "rpc"
+    # what llama-server actually runs: B holds its share of the layers, A keeps the rest
+    offloaded, blocks = offloaded_layers(server["log"])
+    effective = status_a["backend"]["effective_shares"]  # host first
+    if status_a["backend"]["device"] == "cpu":
+        assert abs(offloaded / blocks - 0.33) <= 1 / blocks + 1e-9, (offloaded, blocks)
+        assert effective == [round(1 - offloaded / blocks, 2), round(offloaded / blocks, 2)]
+    else:
+        assert offloaded == blocks and effective == [0.67, 0.33]
+    for got, want in zip(effective, (0.67, 0.33), strict=True):
+        assert abs(got - want) <= 1 / blocks + 1e-9
+    for a_side in ("-t", "--spec-draft-n-max"):
+        assert a_side in argv
+    assert argv[argv.index("-t") + 1] == "1"
+    assert b_rpc["argv"][b_rpc["argv"].index("-t") + 1] == "1"
+
+
+def test_forced_split_matches_solo_answer(mesh_process: Callable[..., MeshProcess]) -> None:
+    a = start(mesh_process, "--max-vram", "8", "--split")
+    assert a.token, a.log()
+    status = wait_ready(a, "a alone (solo despite --split)")
+    assert status["plan"]["state"] == "SOLO" and "--rpc" not in server_info(status)["argv"]
+    solo_text, _ = ask(a)
+    assert "Paris" in solo_text
+
+    b = start(mesh_process, "--max-vram", "4", "--join", a.token)
+    wait_status(a, lambda s: s["plan"]["state"] == "SPLIT", "the split plan", 120)
+    status_a = wait_ready(a, "a's split llama-server")
+    status_b = wait_ready(b, "b to route to a")
+    check_split_runs(status_a, status_b)
+    assert status_a["plan"] == status_b["plan"]
+    assert SPLIT_HINT not in b.log()
+
+    for node in (a, b):
+        text, timings = ask(node)
+        assert text == solo_text, (text, solo_text)
+        assert "draft_n" in timings and "draft_n_accepted" in timings, timings
+        assert timings["draft_n"] > 0, timings  # the draft really ran
+    seeded = status_b["backend"].get("seeded_bytes")
+    print(f"\nsplit: B seeded {seeded} bytes of its rpc cache; "
+          f"A layout {status_a['backend']['layout']}")
