@@ -160,6 +160,12 @@ def default_bin_dir() -> Path | None:
     return found
 
 
+def bundle_dirname() -> str:
+    """The archive's top folder: project version, OS, CPU and Python it was built for."""
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return f"mesh-llm-bundle-{metadata.version(PROJECT)}-{sys.platform}-{platform.machine()}-{py}"
+
+
 def make_bundle(out: Path, *, bin_dir: Path | None, binaries: bool,
                 find_links: Path | None = None) -> Path:
     """Write the archive; returns its path (``.tar.gz`` appended when missing)."""
@@ -167,7 +173,6 @@ def make_bundle(out: Path, *, bin_dir: Path | None, binaries: bool,
     if not out.name.endswith((".tar.gz", ".tgz")):
         out = out.with_name(out.name + ".tar.gz")
     pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
-    tag = f"{sys.platform}-{platform.machine()}-py{pyver.replace('.', '')}"
     src_bins = (bin_dir or default_bin_dir()) if binaries else None
     if binaries and bin_dir is None and src_bins is None:
         print("[bundle] no cached llama.cpp build found: the bundle will hold no binaries "
@@ -176,7 +181,7 @@ def make_bundle(out: Path, *, bin_dir: Path | None, binaries: bool,
         raise BundleError(f"--bin-dir {src_bins} is not a directory; point it at the folder "
                           f"holding llama-server and ggml-rpc-server")
     with tempfile.TemporaryDirectory(prefix="mesh-llm-bundle-") as tmp:
-        top = Path(tmp) / f"mesh-llm-bundle-{metadata.version(PROJECT)}-{tag}"
+        top = Path(tmp) / bundle_dirname()
         wheels = top / "wheels"
         wheels.mkdir(parents=True)
         names = build_wheels(root, wheels)
@@ -216,4 +221,4 @@ def bundle(
         raise typer.Exit(1) from None
     size = path.stat().st_size / 1e6
     print(f"{path} ({size:.0f} MB). On the other machine: tar xzf {path.name} && "
-          f"./{path.name.removesuffix('.tar.gz').removesuffix('.tgz')}/install.sh")
+          f"./{bundle_dirname()}/install.sh")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -165,7 +164,3 @@ def human_size(n: float) -> str:
             return f"{n:.1f} {unit}"
         n /= 1000
     raise AssertionError("unreachable")
-
-
-def names(entries: Iterable[CatalogEntry]) -> list[str]:
-    return [e.name for e in entries]

@@ -72,8 +72,10 @@ def _not_local(what: str, hint: str) -> ModelError:
 def _hub_errors(repo: str, what: str) -> Iterator[None]:
     """Turn huggingface_hub's exceptions into one-line ModelErrors that say what to do."""
     import httpx2  # huggingface_hub's HTTP client
-    from huggingface_hub import errors
+    from huggingface_hub import constants, errors
 
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: follow the environment of now.
+    constants.HF_HUB_OFFLINE = offline()
     try:
         yield
     except errors.GatedRepoError as exc:

@@ -19,9 +19,17 @@ async def _pump(src: ByteStream, dst: ByteStream) -> None:
             await dst.send(chunk)
     except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
         pass
-    closed = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, NotImplementedError)
-    with contextlib.suppress(*closed):
+    closed = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+    try:
         await dst.send_eof()
+    except (NotImplementedError, TypeError):
+        # No half-close on TLS (anyio raises NotImplementedError, or TypeError once the
+        # session is gone): close fully, or the peer never learns this side ended and e.g. a
+        # sequential rpc-server keeps serving a dead connection forever.
+        with contextlib.suppress(*closed), anyio.move_on_after(5):
+            await dst.aclose()
+    except closed:
+        pass
 
 
 async def relay(a: ByteStream, b: ByteStream) -> None:

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hf_standin import HubStandIn, serve, tiny_gguf
 
 from meshcore import hub
 from meshcore.models import ModelError, resolve, resolve_draft
-from hf_standin import HubStandIn, serve, tiny_gguf
 
 REPO = "test-org/tiny-GGUF"
 DRAFT_REPO = "test-org/tiny-draft-GGUF"
@@ -161,7 +161,7 @@ def test_interrupted_download_resumes(env: tuple[HubStandIn, str, Path]) -> None
 def test_corrupted_download_is_detected_and_removed(env: tuple[HubStandIn, str, Path]) -> None:
     stand, _, tmp = env
     stand.corrupt.add(f"{REPO}/tiny-Q4_K_M.gguf")
-    with pytest.raises(ModelError, match="checksum mismatch .* run the command again") as exc:
+    with pytest.raises(ModelError, match=r"checksum mismatch .* run the command again") as exc:
         resolve(f"{REPO}/tiny-Q4_K_M.gguf")
     assert "\n" not in str(exc.value)
     blobs = tmp / "hub" / "models--test-org--tiny-GGUF" / "blobs"

@@ -145,7 +145,7 @@ def test_local_path_and_split_shards_summed(tmp_path: Path) -> None:
     assert split.name == "big" and split.path.name == "big-00001-of-00003.gguf"
     assert split.size == 600 and len(split.shards) == 3
     (tmp_path / "big-00003-of-00003.gguf").unlink()
-    with pytest.raises(ModelError, match="shard .*big-00003-of-00003.gguf is missing"):
+    with pytest.raises(ModelError, match=r"shard .*big-00003-of-00003.gguf is missing"):
         resolve(str(tmp_path / "big-00001-of-00003.gguf"))
 
 
@@ -204,7 +204,7 @@ def test_extra_catalog_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert cat.find("qwen3-8b").repo == "me/q3"
     assert cat.find("Qwen2.5-7B").name == "Qwen2.5-7B-Instruct"  # built-ins kept
     monkeypatch.setenv("MESH_LLM_CATALOG", str(tmp_path / "missing.json"))
-    with pytest.raises(CatalogError, match="MESH_LLM_CATALOG=.*missing.json: cannot read"):
+    with pytest.raises(CatalogError, match=r"MESH_LLM_CATALOG=.*missing.json: cannot read"):
         catalog.load()
 
 

@@ -143,7 +143,8 @@ def test_solo_serves_the_openai_client_without_rpc_then_sigterm_exits_0(tmp_path
 
     with mesh_node(tmp_path) as node:
         client = OpenAI(base_url=f"{node.url}/v1", api_key="unused", max_retries=0)
-        question = [{"role": "user", "content": "What is the capital of France?"}]
+        question = [{"role": "system", "content": "You are a helpful assistant."},
+                    {"role": "user", "content": "What is the capital of France?"}]
         reply = client.chat.completions.create(model=MODEL, messages=question,  # type: ignore[arg-type]
                                                max_tokens=24, temperature=0)
         text = reply.choices[0].message.content or ""

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import anyio.to_process
 
 from meshcore.components import ModelInfo
 from meshcore.models import resolve, resolve_draft
@@ -118,14 +119,21 @@ class LlamaCppBackend:
             "rpc": list(self.rpc_endpoints),
             "layout": lay.to_dict() if lay else None,
             "tensor_split": list(lay.tensor_split) if lay else [],
-            "effective_shares": list(commands.effective_shares(lay, self.n_layer)) if lay
-            else [],
+            "effective_shares": self._effective_shares(),
             "n_layer": self.n_layer,
             "restarts": self.restarts,
             "error": self.error,
             "seeded_bytes": self.seeded_bytes,
             "log_dir": str(self.log_dir),
         }
+
+    def _effective_shares(self) -> dict[str, float]:
+        """Fraction of layers each participant really holds (peer id -> share)."""
+        lay, plan = self.lay, self.plan
+        if lay is None or plan is None or plan.host_id is None:
+            return {}
+        shares = commands.effective_shares(lay, self.n_layer)
+        return dict(zip((plan.host_id, *lay.rpc_peers), shares, strict=True))
 
     # ------------------------------------------------------------------ supervision
 
@@ -305,7 +313,9 @@ class LlamaCppBackend:
             return
         cache_dir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        self.seeded_bytes = await anyio.to_thread.run_sync(hashcache.seed_cache, info.path,
-                                                           cache_dir)
+        # In a worker process: hashing a big GGUF in a thread would hold the GIL for long
+        # stretches and starve the event loop (gossip, tunnels).
+        self.seeded_bytes = await anyio.to_process.run_sync(hashcache.seed_cache, info.path,
+                                                            cache_dir, cancellable=True)
         log.info("seeded the rpc cache with %s bytes of %s in %.1f s", self.seeded_bytes,
                  info.path.name, time.monotonic() - started)

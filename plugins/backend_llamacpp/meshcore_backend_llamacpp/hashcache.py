@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,9 @@ HASH_THRESHOLD = 10 * 1024 * 1024  # bytes; llama.cpp hashes tensors strictly la
 FNV_OFFSET = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
 MANIFEST_PREFIX = ".seeded-"  # rpc-server only opens 16-hex-digit names, so this is ignored
+_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF scalars
+_STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -60,18 +65,60 @@ def cache_name(digest: int) -> str:
     return f"{digest:016x}"
 
 
+def _skip_value(fh: BinaryIO, vtype: int) -> int | None:
+    """Read past one GGUF metadata value; returns it when it is an unsigned int, else None."""
+    if vtype in _FIXED:
+        size = _FIXED[vtype]
+        raw = fh.read(size)
+        return int.from_bytes(raw, "little") if vtype in (0, 2, 4, 10) else None
+    if vtype == _STRING:
+        fh.seek(_U64.unpack(fh.read(8))[0], 1)
+        return None
+    if vtype == _ARRAY:
+        itype, count = struct.unpack("<IQ", fh.read(12))
+        if itype in _FIXED:
+            fh.seek(count * _FIXED[itype], 1)
+        else:
+            for _ in range(count):
+                _skip_value(fh, itype)
+        return None
+    raise ValueError(f"unknown GGUF metadata type {vtype}")
+
+
+def tensor_spans(path: Path) -> list[TensorSpan]:
+    """Every tensor's absolute data offset and byte size in one GGUF file, read from the header
+    alone (gguf's GGUFReader also parses every metadata array: ~9 s for SmolLM2's vocab)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with open(path, "rb", buffering=1 << 20) as fh:
+        if fh.read(4) != b"GGUF":
+            raise ValueError(f"model file {path} is not a GGUF file; pass a .gguf model")
+        _version, n_tensors, n_kv = struct.unpack("<IQQ", fh.read(20))
+        alignment = 32
+        for _ in range(n_kv):
+            key = fh.read(_U64.unpack(fh.read(8))[0])
+            (vtype,) = struct.unpack("<I", fh.read(4))
+            value = _skip_value(fh, vtype)
+            if key == b"general.alignment" and value:
+                alignment = value
+        infos = []
+        for _ in range(n_tensors):
+            name = fh.read(_U64.unpack(fh.read(8))[0]).decode(errors="replace")
+            (n_dims,) = struct.unpack("<I", fh.read(4))
+            dims = struct.unpack(f"<{n_dims}Q", fh.read(8 * n_dims))
+            ttype, offset = struct.unpack("<IQ", fh.read(12))
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+            infos.append((name, offset, math.prod(dims) * type_size // block))
+        data_start = -(-fh.tell() // alignment) * alignment
+    return [TensorSpan(name, Path(path), data_start + off, size) for name, off, size in infos]
+
+
 def large_tensors(model_path: Path, threshold: int = HASH_THRESHOLD) -> Iterator[TensorSpan]:
     """Tensors over ``threshold`` bytes in every shard of ``model_path``, in file order."""
-    from gguf import GGUFReader
-
     from meshcore.models import shards_of
 
     for shard in shards_of(Path(model_path)):
-        reader = GGUFReader(shard, "r")
-        for tensor in reader.tensors:
-            size = int(tensor.n_bytes)
-            if size > threshold:
-                yield TensorSpan(tensor.name, shard, int(tensor.data_offset), size)
+        yield from (span for span in tensor_spans(shard) if span.size > threshold)
 
 
 def _manifest(model_path: Path, cache_dir: Path) -> tuple[Path, str]:

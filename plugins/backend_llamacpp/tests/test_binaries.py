@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from meshcore_backend_llamacpp import binaries
 from meshcore_backend_llamacpp.binaries import BackendError
 
@@ -47,7 +46,7 @@ def test_no_build_at_all_says_how_to_build(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_binary_without_rpc_is_refused(tmp_path: Path) -> None:
     found = binaries.locate(fake_bin_dir(tmp_path / "norpc", rpc=False))
-    with pytest.raises(BackendError, match="without RPC support.*GGML_RPC=ON"):
+    with pytest.raises(BackendError, match=r"without RPC support.*GGML_RPC=ON"):
         binaries.check_rpc(found)
 
 

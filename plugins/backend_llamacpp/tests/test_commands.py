@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from meshcore.plan import Participant, Plan, PlanState
 from meshcore_backend_llamacpp import commands
 from meshcore_backend_llamacpp.commands import Layout, effective_shares, layout, llama_server_argv
+
+from meshcore.plan import Participant, Plan, PlanState
 
 BIN = Path("/opt/llama/llama-server")
 MODEL = Path("/m/model.gguf")

@@ -19,6 +19,7 @@ from meshcore_backend_llamacpp.hashcache import (
     fnv1a_64_reference,
     large_tensors,
     seed_cache,
+    tensor_spans,
 )
 
 MIB = 1024 * 1024
@@ -72,6 +73,36 @@ def test_fnv_c_matches_reference(data: bytes) -> None:
 def test_cache_name_is_16_lowercase_hex_digits() -> None:
     assert cache_name(0xAB) == "00000000000000ab"
     assert cache_name(0xAF63DC4C8601EC8C) == "af63dc4c8601ec8c"
+
+
+def reader_spans(path: Path) -> list[tuple[str, int, int]]:
+    from gguf import GGUFReader
+
+    return [(t.name, int(t.data_offset), int(t.n_bytes)) for t in GGUFReader(path).tensors]
+
+
+def test_header_parser_matches_gguf_reader(model: tuple[Path, dict[str, bytes]],
+                                           tmp_path: Path) -> None:
+    import gguf
+
+    path, _ = model
+    assert [(t.name, t.offset, t.size) for t in tensor_spans(path)] == reader_spans(path)
+    # quantized types, metadata of every kind (string arrays too) and a custom alignment
+    other = tmp_path / "q.gguf"
+    writer = gguf.GGUFWriter(other, "llama")
+    writer.add_uint32("general.alignment", 64)
+    writer.add_token_list(["a", "bb", "ccc"])
+    writer.add_array("x.ints", [1, 2, 3])
+    writer.add_string("x.s", "hello")
+    writer.add_float32("x.f", 1.5)
+    q8 = np.zeros((4, 34 * 2), dtype=np.uint8)  # 4 rows of 64 Q8_0 values, raw blocks
+    writer.add_tensor("q8.weight", q8, raw_shape=(4, 64), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("f16.weight", np.ones(100, dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert [(t.name, t.offset, t.size) for t in tensor_spans(other)] == reader_spans(other)
 
 
 def test_only_tensors_strictly_over_threshold(model: tuple[Path, dict[str, bytes]]) -> None:
@@ -146,6 +177,7 @@ def test_smollm2_token_embedding_is_seeded(tmp_path: Path) -> None:
     from meshcore.models import smollm2_path
 
     path = smollm2_path()
+    assert [(t.name, t.offset, t.size) for t in tensor_spans(path)] == reader_spans(path)
     spans = list(large_tensors(path))
     assert [s.name for s in spans] == ["token_embd.weight"]  # every other tensor is < 10 MiB
     cache = tmp_path / "cache"

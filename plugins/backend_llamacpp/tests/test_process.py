@@ -12,7 +12,6 @@ from pathlib import Path
 import anyio
 import psutil
 import pytest
-
 from meshcore_backend_llamacpp.process import Child, ChildFailed, supervised, wait_healthy
 
 pytestmark = pytest.mark.anyio

@@ -8,7 +8,6 @@ from typing import Any
 
 import psutil
 import pytest
-
 from meshcore_backend_llamacpp import vram
 
 

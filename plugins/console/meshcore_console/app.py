@@ -27,12 +27,22 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
 def is_loopback(request: Request) -> bool:
-    """True when the caller connects from this machine (127.0.0.0/8 or ::1)."""
-    host = request.client.host if request.client else ""
+    """True when the caller connects from this machine (127.0.0.0/8 or ::1) and addressed us
+    by an IP or ``localhost``: a page on a rebound DNS name (DNS rebinding) gets no token."""
+    caller = request.client.host if request.client else ""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        if not ipaddress.ip_address(caller).is_loopback:
+            return False
     except ValueError:
-        return host == "localhost"
+        return False
+    named = (request.url.hostname or "").strip("[]")
+    if named == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(named)
+    except ValueError:
+        return False
+    return True
 
 
 def payload_for(node: Any, request: Request) -> dict[str, Any]:
@@ -107,6 +117,10 @@ class ChatProxy:
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0))
 
     async def handle(self, request: Request) -> Response:
+        # JSON only: a cross-site form post (no CORS preflight) cannot drive the model.
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            return JSONResponse({"error": "POST /api/chat needs 'Content-Type: "
+                                          "application/json'"}, 415)
         body = await request.body()
         if len(body) > MAX_CHAT_BODY:
             return JSONResponse({"error": f"chat request over {MAX_CHAT_BODY} bytes"}, 413)

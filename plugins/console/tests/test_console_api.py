@@ -23,18 +23,20 @@ pytestmark = pytest.mark.anyio
 
 
 @contextlib.asynccontextmanager
-async def console(node: Any, caller: str = "127.0.0.1") -> AsyncIterator[httpx.AsyncClient]:
+async def console(node: Any, caller: str = "127.0.0.1", base_url: str = "http://127.0.0.1:3131"
+                  ) -> AsyncIterator[httpx.AsyncClient]:
     app = build_app(node)
     transport = httpx.ASGITransport(app=app, client=(caller, 40000))
     try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://console") as client:
+        async with httpx.AsyncClient(transport=transport, base_url=base_url) as client:
             yield client
     finally:
         await app.state.aclose()
 
 
-async def status(node: Any, caller: str = "127.0.0.1") -> dict[str, Any]:
-    async with console(node, caller) as client:
+async def status(node: Any, caller: str = "127.0.0.1", base_url: str = "http://127.0.0.1:3131"
+                 ) -> dict[str, Any]:
+    async with console(node, caller, base_url) as client:
         r = await client.get("/api/status")
     assert r.status_code == 200, r.text
     data: dict[str, Any] = r.json()
@@ -79,10 +81,14 @@ async def test_join_token_only_for_loopback_callers(mesh_harness: Any) -> None:
     async with mesh_harness() as mesh:
         host = await mesh.add(8, console_port=0)
         remote = await status(host, caller="10.1.2.3")
-        local = await status(host, caller="::1")
+        local = await status(host, caller="::1", base_url="http://[::1]:3131")
+        named = await status(host, base_url="http://localhost:3131")
+        rebound = await status(host, base_url="http://evil.example:3131")  # DNS rebinding
     assert remote["join_token"] is None and remote["join_command"] is None
     assert remote["token_hidden"] is True
-    assert local["join_token"] == host.transport.invite_token() and not local["token_hidden"]
+    token = host.transport.invite_token()
+    assert local["join_token"] == named["join_token"] == token and not local["token_hidden"]
+    assert rebound["join_token"] is None
 
 
 async def test_idle_worker(mesh_harness: Any) -> None:
@@ -201,7 +207,7 @@ async def chat(node: Any, content: str) -> tuple[str, dict[str, Any]]:
         r = await client.post("/api/chat", json={"messages": [{"role": "user",
                                                                "content": content}]})
     assert r.status_code == 200, r.text
-    text, timings = "", {}
+    text, timings = "", dict[str, Any]()
     for _, chunk in parse_sse(r.text.replace("data: [DONE]\n\n", "")):
         text += chunk["choices"][0].get("delta", {}).get("content") or ""
         timings = chunk.get("timings") or timings
@@ -229,9 +235,12 @@ async def test_chat_rejects_bad_bodies_and_reports_no_host(mesh_harness: Any) ->
         node = await mesh.add(2, model_gb=4, console_port=0)
         await mesh.wait_for(lambda: node.plan.reason.startswith("waiting"), what="waiting plan")
         async with console(node) as client:
-            bad = await client.post("/api/chat", content=b"{not json")
+            form = await client.post("/api/chat", data={"messages": "x"})
+            bad = await client.post("/api/chat", content=b"{not json",
+                                    headers={"content-type": "application/json"})
             wrong = await client.post("/api/chat", json={"prompt": "hi"})
             waiting = await client.post("/api/chat", json={"messages": []})
+    assert form.status_code == 415 and "application/json" in form.json()["error"]
     assert bad.status_code == 400 and "chat request body is not valid" in bad.json()["error"]
     assert wrong.status_code == 400 and "'messages' list" in wrong.json()["error"]
     assert waiting.status_code == 503 and "waiting for" in waiting.text
@@ -261,3 +270,16 @@ async def test_page_assets_and_plugin_routes(mesh_harness: Any) -> None:
     assert script.status_code == 200 and "EventSource" in script.text
     assert "setInterval" not in script.text and "location.reload" not in script.text
     assert extra.text == f"hello from {node.id}"
+
+
+async def test_open_event_streams_end_when_the_node_stops(mesh_harness: Any) -> None:
+    async with mesh_harness() as mesh:
+        node = await mesh.add(8, console_port=0)
+        url = f"http://127.0.0.1:{node.uis['console'].port}/api/events"
+        async with httpx.AsyncClient(timeout=10) as client, client.stream("GET", url) as r:
+            lines = r.aiter_lines()
+            with anyio.fail_after(10):
+                await next_status(lines, lambda p: True)
+                await mesh.remove(node)
+                rest = [line async for line in lines]
+        assert not any(line.startswith("event: status") for line in rest)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from meshcore_console.payload import badge, rpc_entries
 
 from meshcore.config import GB
@@ -25,7 +27,8 @@ def test_rpc_entries_accept_other_shapes_and_junk() -> None:
     assert [e["address"] for e in rpc_entries({"rpc_entries": "a:1,b:2"}, SPLIT)] == ["a:1", "b:2"]
     dicts = {"rpc_servers": [{"host": "x", "port": 5}, {"address": "y:6"}]}
     assert [e["address"] for e in rpc_entries(dicts, SPLIT)] == ["x:5", "y:6"]
-    for junk in ({}, {"rpc": 42}, {"rpc": None, "layout": "?"}, {"rpc": []}):
+    junks: list[dict[str, Any]] = [{}, {"rpc": 42}, {"rpc": None, "layout": "?"}, {"rpc": []}]
+    for junk in junks:
         assert [e["address"] for e in rpc_entries(junk, SPLIT)] == [None, None]
     assert rpc_entries({"rpc": ["a:1"]}, Plan(PlanState.SOLO, host_id="h")) == []
 

@@ -4,76 +4,25 @@ second process joining shows up live and goes away after it is killed."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from console_browser import CHROMIUM, MISSING, chromium
+from console_browser import (
+    CHROMIUM,
+    CONSOLE_LINE,
+    JOIN_LINE,
+    MISSING,
+    NODE_LINE,
+    NodeProcess,
+    chromium,
+    llama_cpp_missing,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.real, pytest.mark.browser,
               pytest.mark.skipif(not CHROMIUM.exists(), reason=MISSING)]
-
-CONSOLE_LINE = re.compile(r"console\s+(http://[\d.]+:\d+/)")
-JOIN_LINE = re.compile(r"join with: mesh-llm --join (\S+)")
-NODE_LINE = re.compile(r"mesh-llm node (\S+)")
-
-
-def llama_cpp_missing() -> str | None:
-    """Why the real backend cannot run here, or None."""
-    try:
-        from meshcore_backend_llamacpp.build import cached_bin_dir
-    except ImportError as exc:
-        return f"the llama.cpp backend plugin is not importable: {exc}"
-    if cached_bin_dir() is None:
-        return "no cached llama.cpp build: run `python -m meshcore_backend_llamacpp.build`"
-    return None
-
-
-class NodeProcess:
-    """A ``mesh-llm`` subprocess in its own process group, its output in a log file."""
-
-    def __init__(self, home: Path, *args: str) -> None:
-        home.mkdir(parents=True)
-        self.log = home / "node.log"
-        env = {**os.environ, "MESH_LLM_HOME": str(home), "MESH_LLM_THREADS": "1"}
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "meshcore.cli", *args],
-                                         stdout=out, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
-
-    def banner(self, pattern: re.Pattern[str], timeout: float = 180) -> str:
-        """The first group of ``pattern`` in the output; fails with the log if the node died."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if match := pattern.search(self.log.read_text(errors="replace")):
-                return match[1]
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"mesh-llm printed no {pattern.pattern!r} (exit "
-                             f"{self.proc.poll()}):\n{self.log.read_text(errors='replace')[-3000:]}")
-
-    def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, sig)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
 
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[list[NodeProcess]]:
@@ -132,6 +81,6 @@ async def test_joining_process_appears_live_and_goes_after_kill(nodes: list[Node
         row = page.locator(f'#peers tr[data-id="{worker_id}"]')
         await expect(row).to_contain_text("WORKER")
         worker.kill()
-        await expect(box).to_have_count(0, timeout=150_000)
+        await expect(box).to_have_count(0, timeout=60_000)
         await expect(page.locator("#peer-count")).to_have_text("0 peers")
         assert await page.evaluate("window.meshConsole.loadId") == load_id  # never reloaded

@@ -10,6 +10,7 @@ prefer the direct TLS-over-TCP fast path (see :mod:`.fastpath`). Timings can be 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -99,6 +100,7 @@ class QuicTransport:
         self.fast_keys: dict[bytes, str] = {}  # keys we issued -> peer id
         self._published_rtt: dict[str, float] = {}
         self._tg: TaskGroup | None = None
+        self._client_udp: set[asyncio.BaseTransport] = set()
 
     # ------------------------------------------------------------------ Transport API
 
@@ -128,12 +130,16 @@ class QuicTransport:
                          self.fast_port, ", ".join(addrs))
                 task_status.started()
                 tg.start_soon(self._heartbeat_loop)
-                if tokens:
-                    await self._join(tokens)
+                try:
+                    if tokens:
+                        await self._join(tokens)
+                    await anyio.sleep_forever()
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self._leave()
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._leave()
-                udp.close()
+            for transport in [udp, *self._client_udp]:
+                transport.close()
 
     def invite_token(self) -> str | None:
         if self.identity is None or self.port is None:
@@ -225,6 +231,7 @@ class QuicTransport:
         udp, proto = await loop.create_datagram_endpoint(
             functools.partial(MeshProtocol, quic, on_stream=self._on_stream), sock=sock)
         assert isinstance(proto, MeshProtocol)
+        self._client_udp.add(udp)
         try:
             proto.set_peer_addr((host, port))
             proto.connect(udp_target(host, port, v6))
@@ -244,6 +251,7 @@ class QuicTransport:
         except BaseException:
             proto.close(ERR_AUTH, "dial aborted")
             udp.close()
+            self._client_udp.discard(udp)
             raise
         self.tg.start_soon(self._watch, link, udp)
         return link
@@ -373,11 +381,10 @@ class QuicTransport:
             log.info("link to %s: QUIC only (no fast path offered)", link.id)
 
     async def _watch(self, link: PeerLink, udp: asyncio.BaseTransport | None = None) -> None:
-        try:
-            await link.proto.wait_closed()
-        finally:
-            if udp is not None:
-                udp.close()
+        await link.proto.wait_closed()
+        if udp is not None:
+            udp.close()
+            self._client_udp.discard(udp)
         if self.links.get(link.id) is not link:
             return
         del self.links[link.id]
@@ -578,8 +585,8 @@ class QuicTransport:
         links = list(self.links.values())
         for link in links:
             await self._send(link, Kind.LEAVE, {})
-            link.proto.transmit()
         for link in links:
-            link.proto.close(ERR_LEAVING, LEAVING)
+            with contextlib.suppress(Exception):  # best effort: the socket may be gone
+                link.proto.close(ERR_LEAVING, LEAVING)
         if links:
             await anyio.sleep(0.05)  # let the close datagrams leave

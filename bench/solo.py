@@ -1,0 +1,138 @@
+"""Benchmark: a solo mesh node's API against the very same llama-server reached directly.
+
+Run: ``.venv/bin/python bench/solo.py [--runs N] [--tokens N] [--threads N]``. Starts
+``mesh-llm --model SmolLM2-135M`` (fresh MESH_LLM_HOME), then a second, raw llama-server with
+exactly the mesh's llama-server command line (read from /mesh/status) on another port. Both
+get the same streamed chat requests, alternately; the script prints client-side generation
+speed (tok/s after the first token) and time to first token for each, and their ratios
+(targets: >= 0.98 tok/s, <= 5 ms added TTFT). Nothing here is asserted by the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+PROMPT = [{"role": "system", "content": "You are a helpful assistant."},
+          {"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ok(url: str, proc: subprocess.Popen[Any], timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"process exited with {proc.returncode} before {url} answered")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise SystemExit(f"{url} not ready after {timeout} s")
+
+
+@contextlib.contextmanager
+def mesh_node(threads: int) -> Iterator[tuple[str, list[str]]]:
+    """Yields the node's API base URL and its llama-server argv."""
+    home = tempfile.mkdtemp(prefix="bench-solo-")
+    env = {**os.environ, "MESH_LLM_HOME": home, "MESH_LLM_THREADS": str(threads)}
+    proc = subprocess.Popen([sys.executable, "-m", "meshcore.cli", "--model", "SmolLM2-135M",
+                             "--port", "0"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        port = None
+        for line in proc.stderr:
+            if m := re.search(r"API\s+http://[\d.]+:(\d+)/v1", line):
+                port = int(m[1])
+                break
+        if port is None:
+            raise SystemExit("mesh-llm printed no banner")
+        base = f"http://127.0.0.1:{port}"
+        wait_ok(f"{base}/health", proc)
+        argv = httpx.get(f"{base}/mesh/status").json()["backend"]["llama_server"]["argv"]
+        yield base, argv
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+@contextlib.contextmanager
+def raw_server(argv: list[str]) -> Iterator[str]:
+    port = free_port()
+    argv = list(argv)
+    argv[argv.index("--port") + 1] = str(port)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ok(f"{base}/health", proc)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def one_run(client: httpx.Client, base: str, tokens: int) -> tuple[float, float]:
+    """(time to first token in s, tok/s after the first token) of one streamed request."""
+    body = {"messages": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    start = time.perf_counter()
+    first = last = 0.0
+    count = 0
+    with client.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if line.startswith("data: ") and '"content":"' in line:
+                last = time.perf_counter()
+                if count == 0:
+                    first = last
+                count += 1
+    if count < 2:
+        raise SystemExit(f"{base} streamed {count} tokens")
+    return first - start, (count - 1) / (last - first)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    with mesh_node(args.threads) as (mesh, argv), raw_server(argv) as raw, \
+            httpx.Client(timeout=300) as client:
+        print("llama-server:", " ".join(argv[1:]))
+        results: dict[str, list[tuple[float, float]]] = {"mesh": [], "raw": []}
+        for base in (mesh, raw):  # warm-up
+            one_run(client, base, 16)
+        for _ in range(args.runs):
+            for name, base in (("raw", raw), ("mesh", mesh)):
+                results[name].append(one_run(client, base, args.tokens))
+    med = {k: (statistics.median(t for t, _ in v), statistics.median(s for _, s in v))
+           for k, v in results.items()}
+    for name in ("raw", "mesh"):
+        ttft, tps = med[name]
+        print(f"{name:5} tok/s {tps:7.1f}   TTFT {ttft * 1000:7.1f} ms   (median of {args.runs})")
+    print(f"ratio mesh/raw tok/s: {med['mesh'][1] / med['raw'][1]:.3f}")
+    print(f"added TTFT: {(med['mesh'][0] - med['raw'][0]) * 1000:+.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
