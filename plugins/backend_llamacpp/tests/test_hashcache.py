@@ -96,7 +96,7 @@ def test_header_parser_matches_gguf_reader(model: tuple[Path, dict[str, bytes]],
     writer.add_string("x.s", "hello")
     writer.add_float32("x.f", 1.5)
     q8 = np.zeros((4, 34 * 2), dtype=np.uint8)  # 4 rows of 64 Q8_0 values, raw blocks
-    writer.add_tensor("q8.weight", q8, raw_shape=(4, 64), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("q8.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
     writer.add_tensor("f16.weight", np.ones(100, dtype=np.float16))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
