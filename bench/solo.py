@@ -1,6 +1,6 @@
 """Benchmark: a solo mesh node's API against the very same llama-server reached directly.
 
-Run: ``.venv/bin/python bench/solo.py [--runs N] [--tokens N] [--threads N]``. Starts
+Run: ``.venv/bin/python bench/solo.py [--runs N] [--tokens N] [--threads N] [--no-draft]``. Starts
 ``mesh-llm --model SmolLM2-135M`` (fresh MESH_LLM_HOME), then a second, raw llama-server with
 exactly the mesh's llama-server command line (read from /mesh/status) on another port. Both
 get the same streamed chat requests, alternately; the script prints client-side generation
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import psutil
 
 PROMPT = [{"role": "system", "content": "You are a helpful assistant."},
           {"role": "user", "content": "Write a long story about a lighthouse keeper."}]
@@ -50,12 +52,12 @@ def wait_ok(url: str, proc: subprocess.Popen[Any], timeout: float = 180) -> None
 
 
 @contextlib.contextmanager
-def mesh_node(threads: int) -> Iterator[tuple[str, list[str]]]:
-    """Yields the node's API base URL and its llama-server argv."""
+def mesh_node(threads: int, extra: list[str]) -> Iterator[tuple[str, list[str], int]]:
+    """Yields the node's API base URL, its llama-server argv and mesh-llm's pid."""
     home = tempfile.mkdtemp(prefix="bench-solo-")
     env = {**os.environ, "MESH_LLM_HOME": home, "MESH_LLM_THREADS": str(threads)}
     proc = subprocess.Popen([sys.executable, "-m", "meshcore.cli", "--model", "SmolLM2-135M",
-                             "--port", "0"], env=env, stdout=subprocess.DEVNULL,
+                             "--port", "0", *extra], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None
@@ -69,7 +71,7 @@ def mesh_node(threads: int) -> Iterator[tuple[str, list[str]]]:
         base = f"http://127.0.0.1:{port}"
         wait_ok(f"{base}/health", proc)
         argv = httpx.get(f"{base}/mesh/status").json()["backend"]["llama_server"]["argv"]
-        yield base, argv
+        yield base, argv, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -90,13 +92,27 @@ def raw_server(argv: list[str]) -> Iterator[str]:
         proc.wait(30)
 
 
-def one_run(client: httpx.Client, base: str, tokens: int) -> tuple[float, float]:
-    """(time to first token in s, tok/s after the first token) of one streamed request."""
+Run = tuple[float, float, float]
+
+
+def one_run(client: httpx.Client, base: str, tokens: int) -> Run:
+    """(time to first token in s, tok/s after the first token, llama-server's own tok/s) of
+    one streamed request.
+
+    Retried once when the server closed an idle keep-alive connection just as it was reused
+    (uvicorn drops them after 5 s), as the openai client would."""
+    try:
+        return _one_run(client, base, tokens)
+    except httpx.RemoteProtocolError:
+        return _one_run(client, base, tokens)
+
+
+def _one_run(client: httpx.Client, base: str, tokens: int) -> Run:
     body = {"messages": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True,
             "ignore_eos": True}
     start = time.perf_counter()
     first = last = 0.0
-    count = 0
+    count, server_tps = 0, 0.0
     with client.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
         resp.raise_for_status()
         for line in resp.iter_lines():
@@ -105,9 +121,11 @@ def one_run(client: httpx.Client, base: str, tokens: int) -> tuple[float, float]
                 if count == 0:
                     first = last
                 count += 1
+            elif line.startswith("data: ") and '"predicted_per_second"' in line:
+                server_tps = json.loads(line[6:])["timings"]["predicted_per_second"]
     if count < 2:
         raise SystemExit(f"{base} streamed {count} tokens")
-    return first - start, (count - 1) / (last - first)
+    return first - start, (count - 1) / (last - first), server_tps
 
 
 def main() -> None:
@@ -115,21 +133,29 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-draft", action="store_true", help="pass --no-draft to mesh-llm")
     args = ap.parse_args()
-    with mesh_node(args.threads) as (mesh, argv), raw_server(argv) as raw, \
+    extra = ["--no-draft"] if args.no_draft else []
+    with mesh_node(args.threads, extra) as (mesh, argv, pid), raw_server(argv) as raw, \
             httpx.Client(timeout=300) as client:
+        mesh_proc = psutil.Process(pid)
         print("llama-server:", " ".join(argv[1:]))
-        results: dict[str, list[tuple[float, float]]] = {"mesh": [], "raw": []}
+        results: dict[str, list[Run]] = {"mesh": [], "raw": []}
+        cpu = 0.0
         for base in (mesh, raw):  # warm-up
             one_run(client, base, 16)
         for _ in range(args.runs):
-            for name, base in (("raw", raw), ("mesh", mesh)):
-                results[name].append(one_run(client, base, args.tokens))
-    med = {k: (statistics.median(t for t, _ in v), statistics.median(s for _, s in v))
+            results["raw"].append(one_run(client, raw, args.tokens))
+            before = sum(mesh_proc.cpu_times()[:2])
+            results["mesh"].append(one_run(client, mesh, args.tokens))
+            cpu += sum(mesh_proc.cpu_times()[:2]) - before
+    med = {k: tuple(statistics.median(r[i] for r in v) for i in range(3))
            for k, v in results.items()}
     for name in ("raw", "mesh"):
-        ttft, tps = med[name]
-        print(f"{name:5} tok/s {tps:7.1f}   TTFT {ttft * 1000:7.1f} ms   (median of {args.runs})")
+        ttft, tps, server = med[name]
+        print(f"{name:5} tok/s {tps:7.1f}   TTFT {ttft * 1000:7.1f} ms   llama-server's own "
+              f"tok/s {server:7.1f}   (median of {args.runs})")
+    print(f"mesh-llm CPU per proxied token: {cpu * 1000 / (args.runs * args.tokens):.2f} ms")
     print(f"ratio mesh/raw tok/s: {med['mesh'][1] / med['raw'][1]:.3f}")
     print(f"added TTFT: {(med['mesh'][0] - med['raw'][0]) * 1000:+.1f} ms")
 

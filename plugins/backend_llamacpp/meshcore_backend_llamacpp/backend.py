@@ -162,7 +162,9 @@ class LlamaCppBackend:
                         await self._serve_host(plan)
                     else:
                         await self._serve_worker(plan)
-                except (ChildFailed, BackendError, OSError) as exc:
+                except Exception as exc:  # any failure: report, back off, re-apply the plan
+                    if not isinstance(exc, ChildFailed | BackendError | OSError):
+                        log.exception("unexpected backend error")
                     self.restarts += 1
                     self.error = str(exc)
                     backoff = 1.0 if time.monotonic() - began > STABLE_S else backoff
@@ -191,7 +193,7 @@ class LlamaCppBackend:
                 assert work is not None
                 try:
                     outcome["result"] = await work()
-                except (ChildFailed, BackendError, OSError) as exc:
+                except Exception as exc:  # re-raised below, outside the task group
                     outcome["error"] = exc
                 tg.cancel_scope.cancel()
 

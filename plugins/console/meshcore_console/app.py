@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from meshcore.server import serve_asgi
 from meshcore_console.payload import build_payload
 
 DEFAULT_HEARTBEAT_S = 15.0
+RECONNECT_MS = 1000  # a restarted node's page reconnects within a second
 MAX_CHAT_BODY = 1024 * 1024
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
@@ -53,44 +55,40 @@ def payload_for(node: Any, request: Request) -> dict[str, Any]:
     return build_payload(node, loopback=is_loopback(request), api_host=api_host)
 
 
-def sse(event: str, data: Any, event_id: int | None = None) -> bytes:
-    head = f"id: {event_id}\n" if event_id is not None else ""
+def sse(event: str, data: Any, event_id: int | None = None, retry_ms: int | None = None
+        ) -> bytes:
+    """One Server-Sent Events message (``retry`` tells EventSource how soon to reconnect)."""
+    head = f"retry: {retry_ms}\n" if retry_ms is not None else ""
+    head += f"id: {event_id}\n" if event_id is not None else ""
     return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
 async def wait_for_change(node: Any, gen: int, plan_event: anyio.Event, timeout: float
-                          ) -> bool:
-    """Wait until the mesh view passes ``gen``, the plan changes, the node stops, or
-    ``timeout`` passes; True when the node is stopping."""
-    stopping = False
+                          ) -> str:
+    """Wait until the mesh view passes ``gen`` or the plan changes (``"change"``), the node
+    stops (``"stop"``) or ``timeout`` passes (``"timeout"``)."""
+    woke = "timeout"
 
-    async def on_view(tg: TaskGroup) -> None:
-        await node.state.changed(gen)
-        tg.cancel_scope.cancel()
-
-    async def on_plan(tg: TaskGroup) -> None:
-        await plan_event.wait()
-        tg.cancel_scope.cancel()
-
-    async def on_stop(tg: TaskGroup) -> None:
-        nonlocal stopping
-        await node.wait_stopped()
-        stopping = True
+    async def watch(tg: TaskGroup, wait: Any, why: str) -> None:
+        nonlocal woke
+        await wait()
+        woke = why
         tg.cancel_scope.cancel()
 
     with anyio.move_on_after(timeout):
         async with anyio.create_task_group() as tg:
-            for watch in (on_view, on_plan, on_stop):
-                tg.start_soon(watch, tg)
-    return stopping
+            tg.start_soon(watch, tg, functools.partial(node.state.changed, gen), "change")
+            tg.start_soon(watch, tg, plan_event.wait, "change")
+            tg.start_soon(watch, tg, node.wait_stopped, "stop")
+    return woke
 
 
 async def event_stream(node: Any, request: Request, heartbeat_s: float, limit: int
                        ) -> AsyncIterator[bytes]:
-    """``status`` on connect and on every view or plan change (when the payload differs),
-    ``heartbeat`` every ``heartbeat_s``; stops after ``limit`` messages (0 = never) or when
-    the node stops."""
-    sent, last = 0, ""
+    """``status`` on connect and after every view or plan change that changes the payload,
+    ``heartbeat`` after ``heartbeat_s`` without one; stops after ``limit`` messages (0 = never)
+    or when the node stops."""
+    sent, last, woke = 0, "", "change"
     while True:
         gen = node.state.generation
         plan_event = node.plan_changed
@@ -99,13 +97,15 @@ async def event_stream(node: Any, request: Request, heartbeat_s: float, limit: i
         if text != last:
             last = text
             sent += 1
-            yield sse("status", payload, payload.get("generation"))
-        elif sent:
+            yield sse("status", payload, payload.get("generation"),
+                      RECONNECT_MS if sent == 1 else None)
+        elif woke == "timeout":
             sent += 1
             yield sse("heartbeat", {"generation": gen})
         if limit and sent >= limit:
             return
-        if await wait_for_change(node, gen, plan_event, heartbeat_s):
+        woke = await wait_for_change(node, gen, plan_event, heartbeat_s)
+        if woke == "stop":
             return
 
 
@@ -121,6 +121,11 @@ class ChatProxy:
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             return JSONResponse({"error": "POST /api/chat needs 'Content-Type: "
                                           "application/json'"}, 415)
+        if self.node.config.api_key and not is_loopback(request):
+            return JSONResponse({"error": "this node's API needs its --api-key, which the console "
+                                          "only lends to callers on the node itself: open the "
+                                          "console at 127.0.0.1, or call the API with the key"},
+                                403)
         body = await request.body()
         if len(body) > MAX_CHAT_BODY:
             return JSONResponse({"error": f"chat request over {MAX_CHAT_BODY} bytes"}, 413)

@@ -7,6 +7,7 @@ it as is (the same payload feeds ``GET /api/status`` and every ``/api/events`` m
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +20,8 @@ LINK_RPC = "RPC"
 LINK_API = "API tunnel"
 LINK_CONTROL = "QUIC · HTTP"
 
+WAITING_RE = re.compile(r"waiting for ([\d.]+) GB more")
+
 # Keys a backend's status() may use for llama-server's --rpc entries (read defensively).
 RPC_KEYS = ("rpc_entries", "rpc", "rpc_servers", "rpc_endpoints", "rpc_addrs")
 
@@ -28,14 +31,20 @@ def gb(n: float) -> float:
     return round(n / GB, 1)
 
 
-def missing_bytes(plan: Plan, view: MeshView, overhead: float) -> int:
-    """How much more VRAM (clients excluded) the plan's model needs; 0 when enough."""
+def missing_gb(plan: Plan, view: MeshView, overhead: float) -> float:
+    """How many more GB of VRAM a waiting plan needs: the election's own figure when its
+    reason says it (so badge and reason agree), else model x overhead - mesh VRAM."""
+    if plan.state is not PlanState.WAITING:
+        return 0.0
+    if match := WAITING_RE.search(plan.reason):
+        return float(match[1])
     if not plan.model_bytes:
-        return 0
-    return max(0, math.ceil(plan.model_bytes * overhead) - view.total_vram)
+        return 0.0
+    missing = max(0, math.ceil(plan.model_bytes * overhead) - view.total_vram)
+    return math.ceil(round(missing / GB * 10, 6)) / 10
 
 
-def badge(plan: Plan, me: Peer, host: Peer | None, missing: int) -> dict[str, str]:
+def badge(plan: Plan, me: Peer, host: Peer | None, missing: float) -> dict[str, str]:
     """The status badge: ``kind`` (a CSS class), ``text`` and a one-line ``detail``."""
     if me.is_client:
         if plan.state is PlanState.WAITING:
@@ -44,7 +53,7 @@ def badge(plan: Plan, me: Peer, host: Peer | None, missing: int) -> dict[str, st
         return {"kind": "client", "text": "Client",
                 "detail": f"using host {plan.host_id}" + ("" if ready else " (loading)")}
     if plan.state is PlanState.WAITING:
-        text = f"Waiting for {gb(missing)} GB more" if missing else "Waiting"
+        text = f"Waiting for {missing:.1f} GB more" if missing else "Waiting"
         return {"kind": "waiting", "text": text, "detail": plan.reason}
     if plan.host_id == me.id:
         if me.serving is Serving.READY:
@@ -136,7 +145,7 @@ def build_payload(node: Any, *, loopback: bool, api_host: str) -> dict[str, Any]
     plan: Plan = node.plan
     me = view.me
     host = view.get(plan.host_id) if plan.host_id else None
-    missing = missing_bytes(plan, view, node.request.overhead)
+    missing = missing_gb(plan, view, node.request.overhead)
     links_by_peer = {p["id"]: p.get("link") for p in status.get("peers", [])}
     nodes, links = diagram(view, plan, links_by_peer)
     peers = [
@@ -159,7 +168,7 @@ def build_payload(node: Any, *, loopback: bool, api_host: str) -> dict[str, Any]
         "links": links,
         "total_vram": view.total_vram,
         "total_vram_gb": gb(view.total_vram),
-        "missing_vram_gb": gb(missing),
+        "missing_vram_gb": missing,
         "plan_state": plan.state.value,
         "plan_reason": plan.reason,
         "tensor_split": list(plan.tensor_split),

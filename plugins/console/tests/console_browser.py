@@ -147,7 +147,7 @@ async def screenshot_real(out: Path) -> None:
                 procs.append(NodeProcess(Path(tmp) / name, "--join", token, "--port", "0",
                                          *extra))
                 procs[-1].banner(NODE_LINE)
-            await shoot(url, out, 3, "What is the capital of France?")
+            await shoot(url, out, 3, "Say hello to the mesh in one sentence.")
         finally:
             for proc in procs:
                 proc.stop()

@@ -77,7 +77,7 @@ async def test_client_page_shows_client_and_the_api_tunnel(browser: Any,
         await expect(page.locator("#badge")).to_have_text("Client")
         await expect(page.locator(f'#topology g.node[data-id="{client.id}"] .role')
                      ).to_have_text("CLIENT")
-        await expect(page.locator("#topology .link-label")).to_have_text("API tunnel · memory")
+        await expect(page.locator("#topology .link-label")).to_have_text("API tunnel (memory)")
         await expect(page.locator("#topology")).to_contain_text("API tunnel")
 
 
@@ -94,7 +94,7 @@ async def test_split_shows_shares_and_rpc_links(browser: Any, mesh_harness: Any)
                      ).to_have_text("share 67%")
         await expect(page.locator(f'#topology g.node[data-id="{worker.id}"] .share')
                      ).to_have_text("share 33%")
-        await expect(page.locator("#topology .link-label")).to_have_text("RPC · memory")
+        await expect(page.locator("#topology .link-label")).to_have_text("RPC (memory)")
 
 
 async def test_chat_panel_streams_and_shows_speed(browser: Any, mesh_harness: Any) -> None:

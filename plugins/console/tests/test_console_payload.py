@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from meshcore_console.payload import badge, rpc_entries
+from meshcore_console.payload import badge, missing_gb, rpc_entries
 
 from meshcore.config import GB
 from meshcore.plan import Participant, Plan, PlanState
-from meshcore.state import Peer, Role, Serving
+from meshcore.state import MeshView, Peer, Role, Serving
 
 SPLIT = Plan(PlanState.SPLIT, host_id="h", model="m", participants=(
     Participant("w1", 4 * GB, 0.25, True), Participant("w2", 4 * GB, 0.25, True),
@@ -48,4 +48,15 @@ def test_badges() -> None:
                                                 "detail": "using host h (loading)"}
     waiting = Plan(PlanState.WAITING, reason="no node that can host has joined")
     assert badge(waiting, Peer("w"), None, 0)["text"] == "Waiting"
-    assert badge(waiting, Peer("w"), None, int(1.5 * GB))["text"] == "Waiting for 1.5 GB more"
+    assert badge(waiting, Peer("w"), None, 1.5)["text"] == "Waiting for 1.5 GB more"
+
+
+def test_missing_vram_follows_the_election_else_rounds_up() -> None:
+    view = MeshView("a", (Peer("a", vram=3 * GB),))
+    said = Plan(PlanState.WAITING, model_bytes=4 * GB,
+                reason="waiting for 1.5 GB more VRAM (have 3.0 of 4.4 GB)")
+    assert missing_gb(said, view, 1.1) == 1.5
+    silent = Plan(PlanState.WAITING, model_bytes=4 * GB, reason="other policy")
+    assert missing_gb(silent, view, 1.1) == 1.4  # 4.4 - 3.0
+    assert missing_gb(Plan(PlanState.WAITING, model_bytes=GB), view, 1.1) == 0.0
+    assert missing_gb(SPLIT, view, 1.1) == 0.0

@@ -21,12 +21,13 @@ from typing import Any
 from meshcore import hookimpl
 from meshcore.config import GB
 from meshcore.plan import ElectionRequest, Participant, Plan, PlanState, shares
-from meshcore.state import MeshView, Peer
+from meshcore.state import MeshView, Peer, Serving
 
 log = logging.getLogger("meshcore.election.vram")
 
 SOLO_HINT = "model fits on host; use --split to force"
 RTT_BAND_MS = 10.0  # RTTs within one band count as equal, so noise does not reorder workers
+RTT_GRACE = 3.0  # a worker already in a split is dropped only over 3x the RTT limit
 
 
 def format_gb(n: float, *, up: bool = False) -> str:
@@ -60,21 +61,34 @@ def pick_host(nodes: Sequence[Peer]) -> Peer | None:
     return max(serving, key=lambda p: (p.vram, p.id)) if serving else None
 
 
-def usable_workers(host: Peer, nodes: Sequence[Peer], max_rtt_ms: float) -> list[Peer]:
+def rtt_limit(peer: Peer, max_rtt_ms: float) -> float:
+    """The RTT limit for ``peer``: a worker already serving a split (rpc-server up or coming
+    up) keeps its place up to RTT_GRACE times the limit, so one slow ping (a busy CPU, a
+    GC pause) does not tear the split down and restart llama-server."""
+    engaged = peer.serving in (Serving.RPC, Serving.LOADING)
+    return max_rtt_ms * RTT_GRACE if engaged else max_rtt_ms
+
+
+def usable_workers(host: Peer, nodes: Sequence[Peer],
+                   max_rtt_ms: float) -> tuple[list[Peer], list[str]]:
     """Non-host nodes with VRAM and an RTT from the host within the limit, best first:
-    lower RTT band first (unknown RTT after every known one), then more VRAM, then id."""
+    lower RTT band first (unknown RTT after every known one), then more VRAM, then id.
+    Also returns ``id (N ms)`` for each node left out for its RTT."""
     def key(peer: Peer) -> tuple[float, int, str]:
         rtt = host_rtt(host, peer)
         band = math.inf if rtt is None else rtt // RTT_BAND_MS
         return (band, -peer.vram, peer.id)
 
-    out = []
+    usable, slow = [], []
     for peer in nodes:
-        rtt = host_rtt(host, peer)
-        if peer is host or peer.vram <= 0 or (rtt is not None and rtt > max_rtt_ms):
+        if peer is host or peer.vram <= 0:
             continue
-        out.append(peer)
-    return sorted(out, key=key)
+        rtt = host_rtt(host, peer)
+        if rtt is not None and rtt > rtt_limit(peer, max_rtt_ms):
+            slow.append(f"{peer.id} ({rtt:.0f} ms)")
+            continue
+        usable.append(peer)
+    return sorted(usable, key=key), sorted(slow)
 
 
 def elect(view: MeshView, request: ElectionRequest) -> Plan:
@@ -95,7 +109,9 @@ def elect(view: MeshView, request: ElectionRequest) -> Plan:
     forced = any(p.split for p in nodes)
     if host.vram >= need and not forced:
         return Plan(PlanState.SOLO, participants=solo, reason=SOLO_HINT, **common)
-    candidates = usable_workers(host, nodes, request.max_rtt_ms)
+    candidates, slow = usable_workers(host, nodes, request.max_rtt_ms)
+    skipped = (f"; left out over the {request.max_rtt_ms:g} ms RTT limit: {', '.join(slow)}"
+               if slow else "")
     chosen, have = [], host.vram
     for peer in candidates:
         if have >= need and not forced:
@@ -103,10 +119,10 @@ def elect(view: MeshView, request: ElectionRequest) -> Plan:
         chosen.append(peer)
         have += peer.vram
     if have < need:
-        return Plan(PlanState.WAITING, reason=waiting_message(need, have), **common)
+        return Plan(PlanState.WAITING, reason=waiting_message(need, have) + skipped, **common)
     if not chosen:
         return Plan(PlanState.SOLO, participants=solo,
-                    reason="--split asked, but no other node offers VRAM", **common)
+                    reason=f"--split asked, but no other node offers VRAM{skipped}", **common)
     members = [*chosen, host]  # llama-server device order: --rpc devices, then the host's
     split = shares([p.vram for p in members])
     parts = tuple(Participant(p.id, p.vram, s, p is not host)

@@ -12,7 +12,7 @@ from meshcore_election_vram import SOLO_HINT, elect, format_gb, waiting_message
 
 from meshcore.config import GB
 from meshcore.plan import ElectionRequest, Plan, PlanState, shares
-from meshcore.state import MeshView, Peer, Role
+from meshcore.state import MeshView, Peer, Role, Serving
 
 MODEL = "SmolLM2-135M"
 REQ = ElectionRequest()
@@ -216,6 +216,25 @@ def test_slow_peers_do_not_count_towards_need() -> None:
     assert plan.state is PlanState.WAITING and "more VRAM" in plan.reason
     forced = elect(view(with_rtt(peer("a", 8, split=True), {"b": 200.0}), peer("b", 6)), REQ)
     assert forced.state is PlanState.SOLO  # --split never pulls in a peer over the limit
+
+
+def test_rtt_skips_are_named_in_the_reason() -> None:
+    host = with_rtt(peer("a", 8, model_gb=10), {"b": 200.0})
+    plan = elect(view(host, peer("b", 6, model_gb=10)), REQ)
+    assert plan.reason.startswith("waiting for 3.0 GB more VRAM (have 8.0 of 11.0 GB)")
+    assert plan.reason.endswith("; left out over the 80 ms RTT limit: b (200 ms)")
+
+
+def test_engaged_worker_keeps_its_place_through_an_rtt_spike() -> None:
+    # b already runs its rpc-server for the split: a spike to 150 ms (under 3 x 80) keeps it
+    host = with_rtt(peer("a", 8, split=True), {"b": 150.0})
+    for serving in (Serving.RPC, Serving.LOADING):
+        plan = elect(view(host, peer("b", 4, serving=serving)), REQ)
+        assert plan.state is PlanState.SPLIT and plan.includes("b"), serving
+    # an idle peer at 150 ms is not pulled in, and an engaged one goes past 240 ms
+    assert not elect(view(host, peer("b", 4, serving=Serving.IDLE)), REQ).includes("b")
+    far = with_rtt(peer("a", 8, split=True), {"b": 250.0})
+    assert not elect(view(far, peer("b", 4, serving=Serving.RPC)), REQ).includes("b")
 
 
 def test_lower_rtt_band_preferred_then_vram() -> None:

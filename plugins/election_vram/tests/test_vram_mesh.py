@@ -8,9 +8,9 @@ from typing import Any
 
 import anyio
 import pytest
+from meshcore_election_vram import SOLO_HINT
 
 from meshcore.plan import PlanState
-from meshcore_election_vram import SOLO_HINT
 
 pytestmark = pytest.mark.anyio
 

@@ -58,6 +58,26 @@ def _nodelay(stream: ByteStream) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+class FastStream(ByteStream):
+    """A TLS stream with half-close: ``send_eof`` shuts the TCP write side (anyio's TLSStream
+    has no send_eof, and relays need it so each direction can end on its own)."""
+
+    def __init__(self, tls: TLSStream) -> None:
+        self.tls = tls
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self.tls.receive(max_bytes)
+
+    async def send(self, item: bytes) -> None:
+        await self.tls.send(item)
+
+    async def send_eof(self) -> None:
+        await self.tls.transport_stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.tls.aclose()
+
+
 class FastPathServer:
     """Accepts fast-path connections; ``keys`` maps a key we issued to the peer holding it."""
 
@@ -79,7 +99,7 @@ class FastPathServer:
 
     async def _handle(self, stream: TLSStream) -> None:
         _nodelay(stream)
-        buffered = BufferedByteStream(stream)
+        buffered = BufferedByteStream(FastStream(stream))
         try:
             with anyio.fail_after(HEADER_TIMEOUT):
                 key = await buffered.receive_exactly(KEY_BYTES)
@@ -116,7 +136,7 @@ async def open_fast(host: str, port: int, fp: bytes, key: bytes, service: str) -
         raise FastPathError(f"{host}:{port} presented another certificate than the peer's")
     name = service.encode("ascii")
     await stream.send(key + bytes([len(name)]) + name)
-    return stream
+    return FastStream(stream)
 
 
 async def probe(host: str, port: int, fp: bytes, key: bytes) -> None:

@@ -15,7 +15,7 @@ from conftest import wait_for
 pytestmark = pytest.mark.anyio
 
 TOTAL = int(os.environ.get("MESH_TUNNEL_TEST_MB", "200")) * 1024 * 1024
-STREAMS = 16
+STREAMS = int(os.environ.get("MESH_TUNNEL_TEST_STREAMS", "16"))
 BLOCK = os.urandom(1024 * 1024 + 7)  # odd size: chunk edges never line up with the block
 
 

@@ -63,8 +63,11 @@ function drawTopology(p) {
     const g = svgEl("g", { class: "link-group", "data-from": l.from, "data-to": l.to }, svg);
     svgEl("line", { class: `link ${linkClass(l.label)}`, x1: a.x, y1: a.y + a.h,
       x2: b.x, y2: b.y }, g);
-    const label = l.transport ? `${l.label} · ${l.transport}` : l.label;
-    const mx = (a.x + b.x) / 2, my = (a.y + a.h + b.y) / 2;
+    const label = l.transport ? `${l.label} (${l.transport})` : l.label;
+    // Label just above the child's box: labels of siblings spread out instead of piling
+    // up near the hub, and second-row labels stay clear of the first row's boxes.
+    const my = b.y - 20, t = (my - (a.y + a.h)) / Math.max(1, b.y - (a.y + a.h));
+    const mx = a.x + t * (b.x - a.x);
     const lg = svgEl("g", { class: "link-label" }, g);
     svgEl("rect", { x: mx - label.length * 3.3 - 4, y: my - 10, width: label.length * 6.6 + 8,
       height: 16, rx: 3 }, lg);
