@@ -28,6 +28,7 @@ KEY_BYTES = 32
 PROBE = "probe"
 HEADER_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 3.0
+DRAIN_TIMEOUT = 60.0
 
 Inbound = Callable[[str, str, ByteStream], Awaitable[None]]  # (peer id, service, stream)
 
@@ -73,9 +74,22 @@ class FastStream(ByteStream):
 
     async def send_eof(self) -> None:
         await self.tls.transport_stream.send_eof()
+        await self._drain(DRAIN_TIMEOUT)
 
     async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._drain(1.0)
         await self.tls.aclose()
+
+    async def _drain(self, timeout: float) -> None:
+        # anyio's SocketStream.aclose() aborts the transport, discarding bytes still in
+        # asyncio's write buffer (up to 64 KiB): wait until the kernel has them all.
+        transport = getattr(self.tls.transport_stream, "_transport", None)
+        if transport is None:
+            return
+        with anyio.move_on_after(timeout):
+            while transport.get_write_buffer_size() and not transport.is_closing():
+                await anyio.sleep(0.002)
 
 
 class FastPathServer:

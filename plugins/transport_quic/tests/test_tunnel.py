@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -9,7 +10,7 @@ from typing import Any
 
 import anyio
 import pytest
-from anyio.abc import ByteStream, SocketAttribute, TaskStatus
+from anyio.abc import ByteStream, TaskStatus
 from conftest import wait_for
 
 pytestmark = pytest.mark.anyio
@@ -20,18 +21,26 @@ BLOCK = os.urandom(1024 * 1024 + 7)  # odd size: chunk edges never line up with 
 
 
 async def echo_server(*, task_status: TaskStatus[int]) -> None:
-    async def echo(stream: ByteStream) -> None:
-        async with stream:
-            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
-                async for chunk in stream:
-                    await stream.send(chunk)
-            with contextlib.suppress(Exception):
-                await stream.send_eof()
+    """An echo service on asyncio streams (their close() flushes; anyio's aclose() aborts)."""
 
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-    async with listener:
-        task_status.started(listener.extra(SocketAttribute.local_port))
-        await listener.serve(echo)
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while chunk := await reader.read(1024 * 1024):
+                writer.write(chunk)
+                await writer.drain()
+            writer.write_eof()
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    async with server:
+        task_status.started(server.sockets[0].getsockname()[1])
+        await server.serve_forever()
 
 
 async def pump_one(stream: ByteStream, size: int, seed: int) -> tuple[str, str]:
