@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 import anyio
 from anyio.abc import ByteStream, SocketAttribute, TaskStatus
 from anyio.streams.buffered import BufferedByteStream
-from anyio.streams.tls import TLSAttribute, TLSListener, TLSStream
 
 from meshcore_transport_quic.identity import Identity, fingerprint
 
@@ -29,6 +28,8 @@ PROBE = "probe"
 HEADER_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 3.0
 DRAIN_TIMEOUT = 60.0
+RECEIVE_BYTES = 256 * 1024
+RECORD_BATCH = 256 * 1024
 
 Inbound = Callable[[str, str, ByteStream], Awaitable[None]]  # (peer id, service, stream)
 
@@ -60,31 +61,84 @@ def _nodelay(stream: ByteStream) -> None:
 
 
 class FastStream(ByteStream):
-    """A TLS stream with half-close: ``send_eof`` shuts the TCP write side (anyio's TLSStream
-    has no send_eof, and relays need it so each direction can end on its own)."""
+    """TLS over a TCP SocketStream with real half-close.
 
-    def __init__(self, tls: TLSStream) -> None:
-        self.tls = tls
+    anyio's TLSStream has no ``send_eof`` and, on the peer's EOF, also shuts its own write
+    side, so a relay loses the tail of the other direction. Here ``send_eof`` shuts only the
+    TCP write side (no close_notify), and a received EOF leaves sending intact.
+    """
+
+    def __init__(self, tcp: ByteStream, ctx: ssl.SSLContext, *, server: bool) -> None:
+        self.tcp = tcp
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.ssl = ctx.wrap_bio(self._in, self._out, server_side=server)
+        self._send_lock = anyio.Lock()
+        self._eof = False
+
+    async def _flush(self) -> None:
+        async with self._send_lock:
+            data = self._out.read()
+            if data:
+                await self.tcp.send(data)
+
+    async def _fill(self) -> None:
+        await self._flush()
+        try:
+            self._in.write(await self.tcp.receive(RECEIVE_BYTES))
+        except anyio.EndOfStream:
+            self._eof = True
+            raise
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self.ssl.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._fill()
+        await self._flush()
+
+    def peer_certificate(self) -> bytes | None:
+        return self.ssl.getpeercert(binary_form=True)
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
-        return await self.tls.receive(max_bytes)
+        while True:
+            try:
+                data = self.ssl.read(max_bytes)
+            except ssl.SSLWantReadError:
+                if self._eof:
+                    raise anyio.EndOfStream from None
+                await self._fill()
+                continue
+            except ssl.SSLZeroReturnError:
+                raise anyio.EndOfStream from None
+            except ssl.SSLError as exc:
+                raise anyio.BrokenResourceError(str(exc)) from exc
+            if not data:
+                raise anyio.EndOfStream
+            return data
 
     async def send(self, item: bytes) -> None:
-        await self.tls.send(item)
+        view = memoryview(item)
+        while view:
+            written = self.ssl.write(view[:RECORD_BATCH])
+            view = view[written:]
+            await self._flush()
 
     async def send_eof(self) -> None:
-        await self.tls.transport_stream.send_eof()
+        await self._flush()
+        await self.tcp.send_eof()
         await self._drain(DRAIN_TIMEOUT)
 
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True):
             await self._drain(1.0)
-        await self.tls.aclose()
+        await self.tcp.aclose()
 
     async def _drain(self, timeout: float) -> None:
         # anyio's SocketStream.aclose() aborts the transport, discarding bytes still in
         # asyncio's write buffer (up to 64 KiB): wait until the kernel has them all.
-        transport = getattr(self.tls.transport_stream, "_transport", None)
+        transport = getattr(self.tcp, "_transport", None)
         if transport is None:
             return
         with anyio.move_on_after(timeout):
@@ -105,22 +159,33 @@ class FastPathServer:
             listener = await anyio.create_tcp_listener(local_port=port)
         except OSError:
             listener = await anyio.create_tcp_listener(local_port=0)
-        tls = TLSListener(listener, server_context(self.identity), standard_compatible=False,
-                          handshake_timeout=HEADER_TIMEOUT)
+        ctx = server_context(self.identity)
         async with listener:
             task_status.started(listener.extra(SocketAttribute.local_port))
-            await tls.serve(self._handle)
+            await listener.serve(lambda tcp: self._handle(tcp, ctx))
 
-    async def _handle(self, stream: TLSStream) -> None:
-        _nodelay(stream)
-        buffered = BufferedByteStream(FastStream(stream))
+    async def _handle(self, tcp: ByteStream, ctx: ssl.SSLContext) -> None:
+        try:
+            await self._handle_tls(tcp, ctx)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await tcp.aclose()
+            raise
+
+    async def _handle_tls(self, tcp: ByteStream, ctx: ssl.SSLContext) -> None:
+        _nodelay(tcp)
+        fast = FastStream(tcp, ctx, server=True)
+        buffered = BufferedByteStream(fast)
         try:
             with anyio.fail_after(HEADER_TIMEOUT):
+                await fast.handshake()
                 key = await buffered.receive_exactly(KEY_BYTES)
                 size = (await buffered.receive_exactly(1))[0]
                 service = (await buffered.receive_exactly(size)).decode("ascii", "replace")
-        except (TimeoutError, anyio.IncompleteRead, anyio.BrokenResourceError, OSError):
-            await buffered.aclose()
+        except (TimeoutError, anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError,
+                ssl.SSLError, OSError) as exc:
+            log.debug("fast path: dropped a connection before its header: %r", exc)
+            await tcp.aclose()
             return
         peer_id = self.keys.get(key)
         if peer_id is None:
@@ -139,18 +204,24 @@ async def open_fast(host: str, port: int, fp: bytes, key: bytes, service: str) -
     """Connect, check the pinned fingerprint, send the header; the stream is then raw bytes."""
     try:
         with anyio.fail_after(CONNECT_TIMEOUT):
-            stream = await anyio.connect_tcp(host, port, ssl_context=client_context(),
-                                             tls_standard_compatible=False)
-    except (OSError, TimeoutError, ssl.SSLError) as exc:
-        raise FastPathError(f"cannot reach {host}:{port}: {exc or type(exc).__name__}") from exc
-    _nodelay(stream)
-    der = stream.extra(TLSAttribute.peer_certificate_binary)
+            tcp = await anyio.connect_tcp(host, port)
+            _nodelay(tcp)
+            stream = FastStream(tcp, client_context(), server=False)
+            try:
+                await stream.handshake()
+            except BaseException:
+                await tcp.aclose()
+                raise
+    except (OSError, TimeoutError, ssl.SSLError, anyio.EndOfStream,
+            anyio.BrokenResourceError) as exc:
+        raise FastPathError(f"cannot reach {host}:{port}: {exc!r}") from exc
+    der = stream.peer_certificate()
     if der is None or fingerprint(der) != fp:
         await stream.aclose()
         raise FastPathError(f"{host}:{port} presented another certificate than the peer's")
     name = service.encode("ascii")
     await stream.send(key + bytes([len(name)]) + name)
-    return FastStream(stream)
+    return stream
 
 
 async def probe(host: str, port: int, fp: bytes, key: bytes) -> None:

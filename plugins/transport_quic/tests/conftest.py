@@ -58,3 +58,5 @@ async def quic_mesh(tmp_path: Path) -> AsyncIterator[QuicMesh]:
         finally:
             for node in mesh.nodes:
                 node.stop()
+            await anyio.sleep(0.1)  # let nodes say goodbye, then end helpers like echo servers
+            tg.cancel_scope.cancel()
