@@ -303,9 +303,12 @@ class MeshHarness:
         node_id = node_id or f"node{n:02d}"
         options = {"memory_hub": self.hub, "fake_vram_gb": vram_gb, "fake_model_gb": model_gb,
                    **config.pop("options", {})}
+        # Real transports join the first node's token; the memory hub needs none.
+        join = (("memory",) if self.transport == "memory" or not self.nodes
+                else (self.nodes[0].transport.invite_token(),))
         cfg = NodeConfig(
             model=None if client else model, client=client, split=split,
-            joins=() if n == 0 and not client else ("memory",),
+            joins=() if n == 0 and not client else join,
             backend=config.pop("backend", "fake"), transport=self.transport,
             election=self.election, api_port=0, settle_s=self.settle_s,
             state_dir=self.state_root / node_id, node_id=node_id, options=options, **config,

@@ -286,7 +286,9 @@ class LlamaCppBackend:
         assert bins is not None
         node.set_serving(Serving.LOADING, error=None)
         cache_base = Path(node.config.state_dir) / "rpc-cache"
-        await self._seed(plan, cache_base / "rpc")
+        done, _ = await self._race((), functools.partial(self._seed, plan, cache_base / "rpc"))
+        if not done:
+            return
         port = free_port()
         argv = commands.rpc_server_argv(bins.rpc_server, port=port, threads=self.threads)
         env = {**os.environ, "LLAMA_CACHE": str(cache_base)}

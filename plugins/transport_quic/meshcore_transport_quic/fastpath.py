@@ -9,6 +9,7 @@ it, and relays the rest of the connection untouched. ``probe`` answers one byte 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -17,7 +18,6 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 from anyio.abc import ByteStream, SocketAttribute, TaskStatus
-from anyio.streams.buffered import BufferedByteStream
 
 from meshcore_transport_quic.identity import Identity, fingerprint
 
@@ -72,11 +72,14 @@ class FastStream(ByteStream):
         self.tcp = tcp
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.ssl = ctx.wrap_bio(self._in, self._out, server_side=server)
-        self._send_lock = anyio.Lock()
+        self._send_lock = asyncio.Lock()  # uncontended acquire does not yield (anyio's does)
         self._eof = False
+        self._pending = b""
 
     async def _flush(self) -> None:
-        async with self._send_lock:
+        if not self._out.pending:
+            return
+        async with self._send_lock:  # bytes leave the BIO and reach TCP in order
             data = self._out.read()
             if data:
                 await self.tcp.send(data)
@@ -101,22 +104,54 @@ class FastStream(ByteStream):
     def peer_certificate(self) -> bytes | None:
         return self.ssl.getpeercert(binary_form=True)
 
-    async def receive(self, max_bytes: int = 65536) -> bytes:
+    async def receive(self, max_bytes: int = RECEIVE_BYTES) -> bytes:
+        # The default is large on purpose: relays iterate with the default size.
+        if self._pending:
+            data, self._pending = self._pending[:max_bytes], self._pending[max_bytes:]
+            return data
         while True:
+            data = self._read_records(max_bytes)
+            if data:
+                return data
+            if self._eof:
+                raise anyio.EndOfStream
+            await self._fill()
+
+    async def receive_exactly(self, size: int) -> bytes:
+        while len(self._pending) < size:
+            self._pending += self._read_records(RECEIVE_BYTES) or await self._refill()
+        data, self._pending = self._pending[:size], self._pending[size:]
+        return data
+
+    async def _refill(self) -> bytes:
+        if self._eof:
+            raise anyio.IncompleteRead
+        await self._fill()
+        return b""
+
+    def _read_records(self, max_bytes: int) -> bytes:
+        """Every decrypted byte available now, up to ``max_bytes`` (a read returns one TLS
+        record of at most 16 KiB; batching them saves a loop turn per record)."""
+        parts: list[bytes] = []
+        size = 0
+        while size < max_bytes:
             try:
-                data = self.ssl.read(max_bytes)
+                data = self.ssl.read(max_bytes - size)
             except ssl.SSLWantReadError:
-                if self._eof:
-                    raise anyio.EndOfStream from None
-                await self._fill()
-                continue
+                break
             except ssl.SSLZeroReturnError:
-                raise anyio.EndOfStream from None
+                self._eof = True
+                break
             except ssl.SSLError as exc:
+                if parts:
+                    break
                 raise anyio.BrokenResourceError(str(exc)) from exc
             if not data:
-                raise anyio.EndOfStream
-            return data
+                self._eof = True
+                break
+            parts.append(data)
+            size += len(data)
+        return b"".join(parts)
 
     async def send(self, item: bytes) -> None:
         view = memoryview(item)
@@ -174,11 +209,10 @@ class FastPathServer:
 
     async def _handle_tls(self, tcp: ByteStream, ctx: ssl.SSLContext) -> None:
         _nodelay(tcp)
-        fast = FastStream(tcp, ctx, server=True)
-        buffered = BufferedByteStream(fast)
+        buffered = FastStream(tcp, ctx, server=True)
         try:
             with anyio.fail_after(HEADER_TIMEOUT):
-                await fast.handshake()
+                await buffered.handshake()
                 key = await buffered.receive_exactly(KEY_BYTES)
                 size = (await buffered.receive_exactly(1))[0]
                 service = (await buffered.receive_exactly(size)).decode("ascii", "replace")

@@ -179,6 +179,27 @@ class MeshProtocol(QuicConnectionProtocol):
         super().datagram_received(data, addr)
         self._wake()
 
+    def close(self, error_code: int = 0, reason_phrase: str = "") -> None:
+        """Close now: aioquic only reports the end after its draining period (which grows
+        with backoff when the peer is dead), so streams and ``wait_closed`` end right away."""
+        super().close(error_code=error_code, reason_phrase=reason_phrase)
+        self._terminate(error_code, reason_phrase)
+
+    def stop_timer(self) -> None:
+        """Stop aioquic's timer once the socket is closed (nothing more can be sent)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _terminate(self, error_code: int, reason: str) -> None:
+        if self.terminated is None:
+            self.terminated = (error_code, reason)
+        for stream in list(self.streams.values()):
+            stream.feed_broken(f"connection closed: {reason or 'no reason'}")
+        self.handshake_done.set()
+        self._closed.set()
+        self._wake()
+
     def _wake(self) -> None:
         self._progress.set()
         self._progress = asyncio.Event()
@@ -224,8 +245,4 @@ class MeshProtocol(QuicConnectionProtocol):
             if (stream := self.streams.get(event.stream_id)) is not None:
                 stream.feed_broken(f"stream reset by peer (code {event.error_code})")
         elif isinstance(event, events.ConnectionTerminated):
-            self.terminated = (event.error_code, event.reason_phrase)
-            for stream in list(self.streams.values()):
-                stream.feed_broken(f"connection closed: {event.reason_phrase or 'no reason'}")
-            self.handshake_done.set()
-            self._wake()
+            self._terminate(event.error_code, event.reason_phrase)

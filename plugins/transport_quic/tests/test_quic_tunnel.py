@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 from anyio.abc import ByteStream, TaskStatus
-from conftest import wait_for
+from quic_helpers import wait_for
 
 pytestmark = pytest.mark.anyio
 

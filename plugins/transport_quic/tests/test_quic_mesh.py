@@ -11,11 +11,10 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import FAST_TIMERS, QuicMesh, wait_for
-
 from meshcore_transport_quic.frames import HEADER, MAX_FRAME, Kind, StreamType, encode_frame
 from meshcore_transport_quic.token import decode_token
 from meshcore_transport_quic.transport import JoinRefused
+from quic_helpers import FAST_TIMERS, QuicMesh, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -37,9 +36,9 @@ async def expect_refused(tmp_path: Path, token: str, node_id: str = "intruder") 
 
     cfg = NodeConfig(model="fake-model", joins=(token,), transport="quic", backend="fake",
                      api_port=0, settle_s=0.05, node_id=node_id,
-                     state_dir=tmp_path / node_id, options=dict(FAST_TIMERS))
+                     state_dir=tmp_path / "intruder-home", options=dict(FAST_TIMERS))
     node = Node(cfg)
-    with pytest.raises(BaseException) as caught:  # noqa: PT011 - checked just below
+    with pytest.raises(BaseException) as caught:
         with anyio.fail_after(20):
             await node.run()
     refused = [e for e in leaf_errors(caught.value) if isinstance(e, JoinRefused)]
@@ -147,3 +146,11 @@ async def test_hostile_input_leaves_the_node_running_and_connected(
     assert a.transport.links[b.id].proto.terminated is None
     await anyio.sleep(FAST_TIMERS["quic_dead_after_s"] * 1.5)
     assert ids(a) == {a.id, b.id} and ids(b) == {a.id, b.id}
+
+
+async def test_the_core_harness_runs_quic_nodes(mesh_harness: Any) -> None:
+    async with mesh_harness(transport="quic") as mesh:
+        nodes = [await mesh.add(v) for v in (4, 12, 8)]
+        await mesh.wait_for(lambda: all(len(n.view().peers) == 3 for n in nodes), what="peers")
+        await mesh.wait_for(lambda: {n.plan.host_id for n in nodes} == {nodes[1].id},
+                            what="everyone elects the 12 GB node")

@@ -1,0 +1,365 @@
+"""Benchmark on a GPU box: raw llama.cpp against mesh-llm, solo and split over two GPUs, one run.
+
+Run on a machine with NVIDIA GPUs, nvcc and cmake (see docs/gpu.md):
+``python bench/gpu.py --out OUT [--work .gpu] [--runs 5] [--tokens 256] [--budget 560]``.
+Phases, each skipped when the budget left is too small for it:
+
+1. build: ``python -m meshcore_backend_llamacpp.build`` with ``MESH_LLM_CACHE=WORK/cache`` (the
+   product's own CUDA build, reused when present; the sdist is taken from WORK/sdist).
+2. model: a random-weight Llama-3-8B-shaped Q8_0 GGUF (bench/gpu_model.py), reused when present.
+3. solo (GPU0): a ``mesh-llm --model M`` node, then a raw llama-server with the node's exact
+   command line; load time (start to /health 200), then alternating streamed requests:
+   tok/s after the first token and time to first token, medians, ratio mesh/raw.
+4. split (GPU0 + GPU1, needs 2 GPUs): node A ``--split`` on GPU0, node B ``--join`` on GPU1, so
+   llama.cpp's rpc traffic crosses the mesh tunnel (TLS-TCP fast path); then a raw
+   ``ggml-rpc-server`` on GPU1 and a raw llama-server with A's command line, ``--rpc`` straight
+   at it. Load time (B's start to A serving the split; raw: start to /health), tok/s, ratio.
+
+Prints a table last; writes results.json, the run's log and every process log (logs.tar.gz)
+under OUT. Nothing here is asserted by the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from solo import Run, free_port, one_run, wait_ok
+
+STARTED = time.monotonic()
+RESULTS: dict[str, Any] = {}
+LOGS: list[Path] = []
+
+
+def say(msg: str) -> None:
+    print(f"[gpu {time.monotonic() - STARTED:6.1f}s] {msg}", flush=True)
+
+
+def sh(cmd: str) -> str:
+    out = subprocess.run(cmd, shell=True, capture_output=True, text=True)
+    return (out.stdout + out.stderr).strip()
+
+
+def save(out: Path) -> None:
+    (out / "results.json").write_text(json.dumps(RESULTS, indent=2))
+
+
+def info() -> int:
+    """Record card, driver, toolkit and CPU; returns the GPU count."""
+    gpus = sh("nvidia-smi --query-gpu=index,name,driver_version,memory.total "
+              "--format=csv,noheader").splitlines()
+    RESULTS["machine"] = {"gpus": gpus, "nvcc": sh("nvcc --version | tail -2"),
+                          "cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    say(f"GPUs: {gpus}")
+    return len([g for g in gpus if g.strip()[:1].isdigit()])
+
+
+def build(work: Path, out: Path) -> Path:
+    """The product's CUDA build of llama.cpp (cached under WORK/cache); returns its bin dir."""
+    cache = work / "cache"
+    (cache / "sdist").mkdir(parents=True, exist_ok=True)
+    for sdist in (work / "sdist").glob("*.tar.gz"):
+        if not (cache / "sdist" / sdist.name).exists():
+            shutil.copy2(sdist, cache / "sdist" / sdist.name)
+    env = {**os.environ, "MESH_LLM_CACHE": str(cache), "MESH_LLM_CUDA": "1"}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "meshcore_backend_llamacpp.build"], env=env,
+                          capture_output=True, text=True)
+    RESULTS["build_s"] = round(time.monotonic() - start, 1)
+    for log in cache.glob("llama.cpp/*/build.log"):
+        LOGS.append(log)
+    if proc.returncode != 0:
+        (out / "build_err.txt").write_text(proc.stdout + proc.stderr)
+        raise SystemExit(f"build failed:\n{proc.stderr[-3000:]}")
+    bin_dir = Path(proc.stdout.strip().splitlines()[-1])
+    say(f"llama.cpp CUDA build: {bin_dir} ({RESULTS['build_s']} s)")
+    return bin_dir
+
+
+def model(work: Path, shape: str, qtype: str) -> Path:
+    from gpu_model import write_model
+
+    path = work / "models" / f"random-{shape}-{qtype}.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        start = time.monotonic()
+        tmp = path.with_suffix(".part")
+        write_model(tmp, work / "tokenizer.json.gz", shape, qtype)
+        tmp.rename(path)
+        say(f"wrote {path.name} in {time.monotonic() - start:.0f} s")
+    RESULTS["model"] = {"file": path.name, "bytes": path.stat().st_size, "shape": shape,
+                        "type": qtype}
+    return path
+
+
+class Proc:
+    """A child process whose stdout+stderr go to a log file that comes back in logs.tar.gz."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], logs: Path) -> None:
+        self.log = logs / f"{name}.log"
+        LOGS.append(self.log)
+        self.fh = self.log.open("w")
+        self.proc = subprocess.Popen(argv, env=env, stdout=self.fh, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.fh.close()
+
+
+class Node(Proc):
+    """A ``mesh-llm`` process with its own MESH_LLM_HOME, on the GPUs ``gpus`` names."""
+
+    def __init__(self, name: str, args: list[str], gpus: str, logs: Path, common: list[str],
+                 threads: int) -> None:
+        home = Path(tempfile.mkdtemp(prefix=f"gpu-{name}-", dir=logs))
+        env = {**os.environ, "MESH_LLM_HOME": str(home), "CUDA_VISIBLE_DEVICES": gpus,
+               "MESH_LLM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+        super().__init__(name, [sys.executable, "-m", "meshcore.cli", "--port", "0", *common,
+                                *args], env, logs)
+        self.base, self.token = "", ""
+        deadline = time.monotonic() + 120
+        while not (self.base and self.token) and time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise SystemExit(f"{name} exited {self.proc.returncode}: {self.log.read_text()}")
+            text = self.log.read_text()
+            for line in text.splitlines():
+                if "API" in line and "http://" in line and "/v1" in line:
+                    port = line.split("http://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1]
+                    self.base = f"http://127.0.0.1:{port}"
+                if "join with: mesh-llm --join " in line:
+                    self.token = line.split("--join ", 1)[1].split()[0]
+            time.sleep(0.1)
+        if not self.base:
+            self.stop()
+            raise SystemExit(f"{name} printed no banner; see {self.log}")
+
+    def status(self) -> dict[str, Any]:
+        data: dict[str, Any] = httpx.get(f"{self.base}/mesh/status", timeout=10).json()
+        return data
+
+    def argv(self) -> list[str]:
+        argv: list[str] = self.status()["backend"]["llama_server"]["argv"]
+        return argv
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError, KeyError, TypeError):
+            if predicate():
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def with_port(argv: list[str], port: int, rpc: str | None = None) -> list[str]:
+    argv = list(argv)
+    argv[argv.index("--port") + 1] = str(port)
+    if rpc is not None:
+        argv[argv.index("--rpc") + 1] = rpc
+    return argv
+
+
+@contextlib.contextmanager
+def stopping(*procs: Proc) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def compare(bases: dict[str, str], runs: int, tokens: int) -> dict[str, Any]:
+    """Alternating streamed requests; medians of (TTFT s, client tok/s, server tok/s)."""
+    results: dict[str, list[Run]] = {k: [] for k in bases}
+    with httpx.Client(timeout=300) as client:
+        for base in bases.values():  # warm-up
+            one_run(client, base, 16)
+        for _ in range(runs):
+            for name, base in bases.items():
+                results[name].append(one_run(client, base, tokens))
+    med = {k: [statistics.median(r[i] for r in v) for i in range(3)] for k, v in results.items()}
+    return {"runs": runs, "tokens": tokens, "median": med,
+            "samples": {k: [list(r) for r in v] for k, v in results.items()},
+            "ratio_tps": med["mesh"][1] / med["raw"][1],
+            "added_ttft_ms": (med["mesh"][0] - med["raw"][0]) * 1000}
+
+
+def gpu_memory() -> list[str]:
+    return sh("nvidia-smi --query-gpu=index,memory.used --format=csv,noheader").splitlines()
+
+
+def solo(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> None:
+    common = ["--model", str(path), "--bin-dir", str(bin_dir), "--no-draft"]
+    start = time.monotonic()
+    node = Node("solo-mesh", [], "0", logs, common, args.threads)
+    with stopping(node):
+        wait_ok(f"{node.base}/health", node.proc, timeout=300)
+        mesh_load = time.monotonic() - start
+        argv = node.argv()
+        say(f"solo mesh node serving after {mesh_load:.1f} s: {' '.join(argv[1:])}")
+        port = free_port()
+        start = time.monotonic()
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"}
+        raw = Proc("solo-raw-llama-server", with_port(argv, port), env, logs)
+        with stopping(raw):
+            wait_ok(f"http://127.0.0.1:{port}/health", raw.proc, timeout=300)
+            raw_load = time.monotonic() - start
+            say(f"solo raw llama-server serving after {raw_load:.1f} s")
+            res = compare({"raw": f"http://127.0.0.1:{port}", "mesh": node.base},
+                          args.runs, args.tokens)
+    res.update(argv=argv, load_s={"mesh": mesh_load, "raw": raw_load},
+               ratio_load=mesh_load / raw_load)
+    RESULTS["solo"] = res
+
+
+def split(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> None:
+    common = ["--model", str(path), "--bin-dir", str(bin_dir), "--no-draft"]
+    a = Node("split-A", ["--split"], "0", logs, common, args.threads)
+    with stopping(a):
+        wait_ok(f"{a.base}/health", a.proc, timeout=300)
+        say("split: A serves solo; starting B on GPU1")
+        start = time.monotonic()
+        b = Node("split-B", ["--join", a.token], "1", logs, common, args.threads)
+        with stopping(b):
+            wait_for(lambda: a.status()["plan"]["state"] == "SPLIT" and "--rpc" in a.argv()
+                     and httpx.get(f"{a.base}/health", timeout=10).status_code == 200,
+                     "A to serve the split")
+            mesh_load = time.monotonic() - start
+            status_a, status_b = a.status(), b.status()
+            argv = status_a["backend"]["llama_server"]["argv"]
+            say(f"split mesh serving after {mesh_load:.1f} s: {' '.join(argv[1:])}")
+            mem_mesh = gpu_memory()
+            res = raw_split(argv, bin_dir, logs, args, a.base)
+    res["load_s"]["mesh"] = mesh_load
+    res.update(argv=argv, ratio_load=mesh_load / res["load_s"]["raw"],
+               effective_shares=status_a["backend"].get("effective_shares"),
+               worker_seeded_bytes=status_b["backend"].get("seeded_bytes"),
+               gpu_memory_mesh_only=mem_mesh)
+    RESULTS["split"] = res
+
+
+def raw_split(argv: list[str], bin_dir: Path, logs: Path, args: argparse.Namespace,
+              mesh_base: str) -> dict[str, Any]:
+    """Raw ggml-rpc-server on GPU1 + raw llama-server on GPU0 with ``argv``; compare."""
+    rpc_port, port = free_port(), free_port()
+    start = time.monotonic()
+    rpc = Proc("split-raw-rpc-server", [str(bin_dir / "ggml-rpc-server"), "-H", "127.0.0.1",
+                                        "-p", str(rpc_port), "-t", str(args.threads)],
+               {**os.environ, "CUDA_VISIBLE_DEVICES": "1"}, logs)
+    with stopping(rpc):
+        wait_for(lambda: _listening(rpc_port), "the raw rpc-server", 60)
+        server = Proc("split-raw-llama-server", with_port(argv, port, f"127.0.0.1:{rpc_port}"),
+                      {**os.environ, "CUDA_VISIBLE_DEVICES": "0"}, logs)
+        with stopping(server):
+            wait_ok(f"http://127.0.0.1:{port}/health", server.proc, timeout=300)
+            raw_load = time.monotonic() - start
+            say(f"split raw serving after {raw_load:.1f} s")
+            mem = gpu_memory()
+            res = compare({"raw": f"http://127.0.0.1:{port}", "mesh": mesh_base},
+                          args.runs, args.tokens)
+    res.update(load_s={"raw": raw_load}, gpu_memory_both=mem)
+    return res
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def table() -> None:
+    print("\n== GPU benchmark (one run) ==")
+    print("machine:", json.dumps(RESULTS.get("machine")))
+    print("model:", json.dumps(RESULTS.get("model")), " build_s:", RESULTS.get("build_s"))
+    for phase in ("solo", "split"):
+        r = RESULTS.get(phase)
+        if not r:
+            print(f"{phase}: not run ({RESULTS.get(phase + '_skipped', 'skipped')})")
+            continue
+        for name in ("raw", "mesh"):
+            ttft, tps, server = r["median"][name]
+            print(f"{phase:5} {name:4} tok/s {tps:7.1f}  TTFT {ttft * 1000:7.1f} ms  server "
+                  f"tok/s {server:7.1f}  load {r['load_s'][name]:6.1f} s")
+        print(f"{phase:5} ratio mesh/raw tok/s {r['ratio_tps']:.3f}  added TTFT "
+              f"{r['added_ttft_ms']:+.1f} ms  load ratio {r['ratio_load']:.2f}  "
+              f"(median of {r['runs']}, {r['tokens']} tokens)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=Path(".gpu"))
+    ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--type", default="q8_0", choices=("q8_0", "f16"))
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--budget", type=float, default=560, help="seconds this run may take")
+    ap.add_argument("--phases", default="solo,split")
+    ap.add_argument("--bin-dir", type=Path, help="skip the build: use these llama.cpp binaries")
+    ap.add_argument("--model", type=Path, help="skip the random model: use this GGUF")
+    ap.add_argument("--gpus", type=int, help="override the GPU count (CPU smoke tests)")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.work.resolve()
+    logs = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
+    phases = args.phases.split(",")
+    try:
+        gpus = info() if args.gpus is None else args.gpus
+        bin_dir = args.bin_dir or build(work, args.out)
+        path = args.model or model(work, args.shape, args.type)
+        save(args.out)
+        for phase, need, fn in (("solo", 90, solo), ("split", 120, split)):
+            left = args.budget - (time.monotonic() - STARTED)
+            if phase not in phases:
+                continue
+            if phase == "split" and gpus < 2:
+                RESULTS["split_skipped"] = f"needs 2 GPUs, found {gpus}"
+            elif left < need:
+                RESULTS[f"{phase}_skipped"] = f"only {left:.0f} s of the budget left"
+            else:
+                try:
+                    fn(bin_dir, path, logs, args)
+                except (SystemExit, Exception) as exc:
+                    RESULTS[f"{phase}_skipped"] = f"failed: {exc}"
+                    say(f"{phase} failed: {exc}")
+            save(args.out)
+    finally:
+        save(args.out)
+        with tarfile.open(args.out / "logs.tar.gz", "w:gz") as tar:
+            for log in LOGS:
+                if log.exists():
+                    tar.add(log, arcname=log.name if "build" not in log.name else "build.log")
+            for home_log in logs.glob("gpu-*/logs/*"):
+                tar.add(home_log, arcname=f"{home_log.parent.parent.name}/{home_log.name}")
+        table()
+
+
+if __name__ == "__main__":
+    main()

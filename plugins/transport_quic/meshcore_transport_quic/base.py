@@ -1,0 +1,122 @@
+"""Shared state of the QUIC transport and the helpers its parts use (see transport.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from meshcore_transport_quic.frames import FrameError, Kind
+from meshcore_transport_quic.identity import Identity
+from meshcore_transport_quic.links import PeerLink, local_addresses
+from meshcore_transport_quic.quicstream import MeshProtocol, QuicByteStream
+from meshcore_transport_quic.wire import DEFAULT_DATAGRAM, send_gossip
+
+log = logging.getLogger("meshcore.transport.quic")
+
+ERR_AUTH, ERR_DUPLICATE, ERR_TIMEOUT, ERR_LEAVING = 0x101, 0x102, 0x103, 0x104
+LEAVING = "node leaving the mesh"
+AUTH_TIMEOUT = 5.0
+HANDSHAKE_TIMEOUT = 3.0
+HINT_DELAY = 1.5  # the larger id waits this long for the smaller one to dial
+FAST_RETRY_S = 30.0
+
+
+class DialError(ConnectionError):
+    """Nobody answered (or the handshake timed out): worth retrying."""
+
+
+class JoinRefused(ConnectionError):
+    """The node answered and refused us (or is not the pinned node): retrying will not help."""
+
+
+class TransportBase:
+    """Attributes and helpers shared by the handshake, gossip and membership parts."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        opts = node.config.options
+        self.heartbeat_s = float(opts.get("quic_heartbeat_s", 1.0))
+        self.dead_after_s = float(opts.get("quic_dead_after_s", 5.0))
+        self.reconnect_s = float(opts.get("quic_reconnect_s", 10.0))
+        self.fast_enabled = bool(opts.get("quic_fast_path", True))
+        self.datagram = int(opts.get("quic_max_datagram", DEFAULT_DATAGRAM))
+        self.advertise: list[str] | None = opts.get("quic_addresses")
+        self.boot = secrets.token_hex(8)
+        self.identity: Identity | None = None
+        self.secret = b""
+        self.port: int | None = None
+        self.fast_port: int | None = None
+        self.v6 = True
+        self.links: dict[str, PeerLink] = {}
+        self.bindings: dict[str, bytes] = {}  # node id -> certificate fingerprint
+        self.boots: dict[str, str] = {}
+        self.lost: dict[str, float] = {}  # peer id -> reconnect deadline
+        self.dialing: set[str] = set()
+        self.fast_keys: dict[bytes, str] = {}  # keys we issued -> peer id
+        self._published_rtt: dict[str, float] = {}
+        self._tg: TaskGroup | None = None
+        self._client_udp: set[asyncio.BaseTransport] = set()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _my_addresses(self) -> list[str]:
+        return list(self.advertise) if self.advertise else local_addresses(self.v6)
+
+    @property
+    def tg(self) -> TaskGroup:
+        assert self._tg is not None
+        return self._tg
+
+    def _info(self, fast_key: bytes) -> dict[str, Any]:
+        fast = {"port": self.fast_port, "key": fast_key.hex()} if self.fast_port else None
+        return {"addrs": self._my_addresses(), "port": self.port, "fast": fast,
+                "peer": self.node.state.me.to_dict()}
+
+    async def _send(self, link: PeerLink, kind: Kind, body: dict[str, Any]) -> None:
+        try:
+            await send_gossip(link.proto, kind, body)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, FrameError) as exc:
+            log.debug("could not send %s to %s: %s", kind.name, link.id, exc)
+
+    def _use_fast(self, link: PeerLink) -> bool:
+        if not self.fast_enabled or link.fast_port is None or link.fast_key is None:
+            return False
+        if link.fast_ok is False and time.monotonic() >= link.fast_retry_at:
+            link.fast_ok = None  # try again now and then: the path may have come back
+        return link.fast_ok is not False
+
+    def _fast_failed(self, link: PeerLink, why: str) -> None:
+        if link.fast_ok is not False:
+            log.warning("link to %s: fast path unreachable (%s); tunnels use QUIC", link.id, why)
+        link.fast_ok, link.fast_why = False, why
+        link.fast_retry_at = time.monotonic() + FAST_RETRY_S
+
+    @property
+    def identity_(self) -> Identity:
+        assert self.identity is not None
+        return self.identity
+
+    # ------------------------------------------------------------------ implemented by parts
+
+    def _adopt(self, proto: MeshProtocol, peer_id: str, fp: bytes, boot: str,
+               info: dict[str, Any], *, dialed: bool) -> PeerLink:
+        raise NotImplementedError
+
+    async def _watch(self, link: PeerLink, udp: asyncio.BaseTransport | None = None) -> None:
+        raise NotImplementedError
+
+    async def _dial(self, host: str, port: int, fp: bytes) -> PeerLink:
+        raise NotImplementedError
+
+    def _on_stream(self, proto: MeshProtocol, stream: QuicByteStream) -> None:
+        raise NotImplementedError
+
+    async def _accept_auth(self, proto: MeshProtocol, stream: QuicByteStream,
+                           reader: Any) -> None:
+        raise NotImplementedError

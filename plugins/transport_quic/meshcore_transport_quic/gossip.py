@@ -1,0 +1,144 @@
+"""The stream side of the QUIC transport: inbound streams, gossip frames, hints, tunnels."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import anyio
+from anyio.abc import ByteStream
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from meshcore.state import Peer
+from meshcore_transport_quic.base import (
+    AUTH_TIMEOUT,
+    HINT_DELAY,
+    DialError,
+    JoinRefused,
+    TransportBase,
+    log,
+)
+from meshcore_transport_quic.frames import Frame, FrameError, Kind, StreamType
+from meshcore_transport_quic.links import PeerLink, host_port, parse_hint
+from meshcore_transport_quic.quicstream import MeshProtocol, QuicByteStream
+from meshcore_transport_quic.wire import read_frame, staple
+
+
+class Gossip(TransportBase):
+    """Handles every stream a peer opens: gossip frames, hints and inbound tunnels."""
+
+    def _on_stream(self, proto: MeshProtocol, stream: QuicByteStream) -> None:
+        self.tg.start_soon(self._handle_stream, proto, stream)
+
+    async def _handle_stream(self, proto: MeshProtocol, stream: QuicByteStream) -> None:
+        reader = BufferedByteReceiveStream(stream)
+        try:
+            kind = (await reader.receive_exactly(1))[0]
+        except (anyio.IncompleteRead, anyio.BrokenResourceError):
+            await stream.aclose()
+            return
+        if kind == StreamType.AUTH and not proto.ready.is_set():
+            await self._accept_auth(proto, stream, reader)
+            return
+        with anyio.move_on_after(AUTH_TIMEOUT):
+            await proto.ready.wait()
+        link = self.links.get(proto.peer_id or "")
+        if link is None or link.proto is not proto:
+            await stream.aclose()
+            return
+        if kind == StreamType.TUNNEL:
+            await self._tunnel_inbound(link, stream, reader)
+        elif kind == StreamType.GOSSIP:
+            try:
+                with anyio.fail_after(10):
+                    frame = await read_frame(reader)
+            except (FrameError, TimeoutError, anyio.BrokenResourceError) as exc:
+                log.warning("rejected a frame from %s: %s", link.id, exc)
+                return
+            finally:
+                await stream.aclose()
+            await self._handle_frame(link, frame)
+        else:
+            log.warning("peer %s opened a stream of unknown type %d; ignored", link.id, kind)
+            await stream.aclose()
+
+    async def _tunnel_inbound(self, link: PeerLink, stream: QuicByteStream,
+                              reader: BufferedByteReceiveStream) -> None:
+        try:
+            size = (await reader.receive_exactly(1))[0]
+            service = (await reader.receive_exactly(size)).decode("ascii", "replace")
+        except (anyio.IncompleteRead, anyio.BrokenResourceError):
+            await stream.aclose()
+            return
+        await self.node.serve_inbound(service, staple(reader, stream))
+
+    async def _fast_inbound(self, peer_id: str, service: str, stream: ByteStream) -> None:
+        if peer_id not in self.links:
+            await stream.aclose()
+            return
+        await self.node.serve_inbound(service, stream)
+
+    async def _handle_frame(self, link: PeerLink, frame: Frame) -> None:
+        body = frame.body
+        if frame.kind is Kind.ANNOUNCE:
+            self._accept_record(link, body.get("peer"))
+        elif frame.kind is Kind.PING:
+            await self._send(link, Kind.PONG, {"t": body.get("t")})
+        elif frame.kind is Kind.PONG:
+            sent = body.get("t")
+            if isinstance(sent, (int, float)) and not isinstance(sent, bool):
+                ms = (time.monotonic() - sent) * 1000
+                if 0 <= ms < 60_000:
+                    self.node.state.set_rtt(link.id, link.sample_rtt(ms))
+        elif frame.kind is Kind.PEERS:
+            for hint in (body.get("peers") or [])[:256]:
+                self._on_hint(link, hint)
+        elif frame.kind is Kind.LEAVE:
+            link.left = True
+            self.node.state.remove(link.id)
+        else:
+            log.warning("peer %s sent an unexpected %s frame; ignored", link.id, frame.kind.name)
+
+    def _accept_record(self, link: PeerLink, data: Any) -> None:
+        try:
+            peer = Peer.from_dict(data)
+        except (ValueError, TypeError) as exc:
+            log.warning("rejected an announcement from %s: %s", link.id, exc)
+            return
+        if peer.id != link.id:
+            log.warning("rejected an announcement for %s sent by %s: a node may only announce "
+                        "itself", peer.id, link.id)
+            return
+        self.node.state.upsert(dataclasses.replace(peer, rtt_ms=None))
+
+    def _on_hint(self, via: PeerLink, data: Any) -> None:
+        parsed = parse_hint(data)
+        if parsed is None:
+            log.warning("ignored a malformed peer hint from %s", via.id)
+            return
+        peer_id, fp, addrs = parsed
+        if peer_id == self.node.id or peer_id in self.links or peer_id in self.dialing:
+            return
+        if self.bindings.get(peer_id, fp) != fp:
+            log.warning("ignored a hint from %s: %s has another certificate", via.id, peer_id)
+            return
+        self.tg.start_soon(self._dial_hint, peer_id, fp, addrs)
+
+    async def _dial_hint(self, peer_id: str, fp: bytes, addrs: list[tuple[str, int]]) -> None:
+        if self.node.id > peer_id:
+            await anyio.sleep(HINT_DELAY)  # the smaller id dials first; avoid duplicates
+        for host, port in addrs:
+            if peer_id in self.links or peer_id in self.dialing:
+                return
+            self.dialing.add(peer_id)
+            try:
+                await self._dial(host, port, fp)
+                return
+            except (DialError, JoinRefused, OSError) as exc:
+                log.debug("dialing %s at %s failed: %s", peer_id, host, exc)
+            finally:
+                self.dialing.discard(peer_id)
+        log.warning("could not reach peer %s at %s", peer_id,
+                    ", ".join(host_port(*a) for a in addrs))
+

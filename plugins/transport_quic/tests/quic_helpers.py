@@ -1,0 +1,43 @@
+"""Helpers for the QUIC transport tests (a unique module name: every test dir has a conftest)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+FAST_TIMERS = {"quic_heartbeat_s": 0.2, "quic_dead_after_s": 1.0, "quic_reconnect_s": 1.5,
+               "quic_addresses": ["127.0.0.1"]}
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10,
+                   what: str = "condition") -> None:
+    with anyio.move_on_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.02)
+    if not predicate():
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class QuicMesh:
+    """Starts in-process nodes on the quic transport; each joins the first node's token."""
+
+    def __init__(self, tg: Any, root: Path) -> None:
+        self.tg, self.root, self.nodes = tg, root, []
+
+    async def add(self, *, joins: tuple[str, ...] | None = None, **options: Any) -> Any:
+        from meshcore.config import NodeConfig
+        from meshcore.node import Node
+
+        node_id = options.pop("node_id", f"q{len(self.nodes):02d}")
+        if joins is None:
+            joins = (self.nodes[0].transport.invite_token(),) if self.nodes else ()
+        cfg = NodeConfig(model="fake-model", joins=joins, transport="quic", backend="fake",
+                         api_port=0, settle_s=0.05, node_id=node_id,
+                         state_dir=self.root / node_id, options={**FAST_TIMERS, **options})
+        node = Node(cfg)
+        await self.tg.start(node.run)
+        self.nodes.append(node)
+        return node
