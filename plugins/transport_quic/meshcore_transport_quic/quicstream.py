@@ -147,7 +147,7 @@ class MeshProtocol(QuicConnectionProtocol):
         self.on_stream = on_stream
         self.large_datagrams = large_datagrams
         self.streams: dict[int, QuicByteStream] = {}
-        self._retired: set[int] = set()
+        self._highest: dict[int, int] = {}  # stream class (id & 3) -> highest id seen
         self.handshake_done = asyncio.Event()
         self.terminated: tuple[int, str] | None = None
         self.peer_addr: tuple[str, int] | None = None
@@ -211,21 +211,30 @@ class MeshProtocol(QuicConnectionProtocol):
         self._transmit_soon()
 
     def unacked(self, stream_id: int) -> int:
-        stream = self._quic._streams.get(stream_id)
-        if stream is None:
+        # aioquic has no public "bytes in flight" per stream; read its sender's buffer bounds.
+        sender = getattr(self._quic._streams.get(stream_id), "sender", None)
+        try:
+            return int(sender._buffer_stop - sender._buffer_start)  # type: ignore[union-attr]
+        except AttributeError:
             return 0
-        sender = stream.sender
-        return int(sender._buffer_stop - sender._buffer_start)
 
     def open_stream(self, *, unidirectional: bool = False) -> QuicByteStream:
         sid = self._quic.get_next_available_stream_id(is_unidirectional=unidirectional)
         stream = QuicByteStream(self, sid)
         self.streams[sid] = stream
+        self._highest[sid & 3] = max(sid, self._highest.get(sid & 3, -1))
         return stream
 
     def retire(self, stream_id: int) -> None:
-        if self.streams.pop(stream_id, None) is not None:
-            self._retired.add(stream_id)
+        self.streams.pop(stream_id, None)
+
+    def _is_new(self, stream_id: int) -> bool:
+        """Stream ids of one class only grow: an unknown id at or below the highest seen is a
+        stream we already closed (late data for it is dropped), never a new one."""
+        if stream_id <= self._highest.get(stream_id & 3, -1):
+            return False
+        self._highest[stream_id & 3] = stream_id
+        return True
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.HandshakeCompleted):
@@ -233,7 +242,7 @@ class MeshProtocol(QuicConnectionProtocol):
         elif isinstance(event, events.StreamDataReceived):
             stream = self.streams.get(event.stream_id)
             if stream is None:
-                if event.stream_id in self._retired:
+                if not self._is_new(event.stream_id):
                     return
                 stream = QuicByteStream(self, event.stream_id)
                 self.streams[event.stream_id] = stream

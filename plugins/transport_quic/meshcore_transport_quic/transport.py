@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -59,7 +61,7 @@ class QuicTransport(Handshakes, Gossip):
         self.secret = tokens[0].secret if tokens else load_mesh_secret(cfg.state_dir)
         if any(t.secret != self.secret for t in tokens):
             log.warning("the --join tokens carry different mesh secrets; using the first one's")
-        sock, self.v6 = udp_socket(cfg.bind_port)
+        sock, self.v6 = self._bind(cfg.bind_port, cfg.state_dir / "quic-port")
         self.port = sock.getsockname()[1]
         loop = asyncio.get_running_loop()
         server_cfg = quic_config(self.identity, client=False, datagram=self.datagram)
@@ -91,6 +93,24 @@ class QuicTransport(Handshakes, Gossip):
         finally:
             for transport in [udp, *self._client_udp]:
                 transport.close()
+
+    @staticmethod
+    def _bind(port: int, saved: Path) -> tuple[socket.socket, bool]:
+        """Bind the UDP port; with ``--bind-port 0`` reuse last run's port when free, so a
+        restarted node keeps its token valid and its peers' reconnects find it."""
+        if port == 0:
+            try:
+                return udp_socket(int(saved.read_text()))
+            except (OSError, ValueError):
+                pass
+        try:
+            sock, v6 = udp_socket(port)
+        except OSError as exc:
+            raise OSError(f"--bind-port {port}: cannot bind UDP ({exc.strerror or exc}); "
+                          "pick another port, or 0 for any") from exc
+        with contextlib.suppress(OSError):
+            saved.write_text(f"{sock.getsockname()[1]}\n")
+        return sock, v6
 
     def invite_token(self) -> str | None:
         if self.identity is None or self.port is None:
