@@ -109,7 +109,10 @@ def elect(view: MeshView, request: ElectionRequest) -> Plan:
     forced = any(p.split for p in nodes)
     if host.vram >= need and not forced:
         return Plan(PlanState.SOLO, participants=solo, reason=SOLO_HINT, **common)
-    candidates, slow = usable_workers(host, nodes, request.max_rtt_ms)
+    # --split forces every worker in (DESIGN.md section 4): the user asked for it, so the RTT
+    # limit, which guards automatic splits against slow links, does not apply.
+    max_rtt = math.inf if forced else request.max_rtt_ms
+    candidates, slow = usable_workers(host, nodes, max_rtt)
     skipped = (f"; left out over the {request.max_rtt_ms:g} ms RTT limit: {', '.join(slow)}"
                if slow else "")
     chosen, have = [], host.vram

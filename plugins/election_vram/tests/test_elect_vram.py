@@ -214,8 +214,9 @@ def test_slow_peers_do_not_count_towards_need() -> None:
     host = with_rtt(peer("a", 8, model_gb=10), {"b": 200.0})
     plan = elect(view(host, peer("b", 6, model_gb=10)), REQ)
     assert plan.state is PlanState.WAITING and "more VRAM" in plan.reason
+    # --split forces every worker in: the user asked for it, the RTT limit does not apply
     forced = elect(view(with_rtt(peer("a", 8, split=True), {"b": 200.0}), peer("b", 6)), REQ)
-    assert forced.state is PlanState.SOLO  # --split never pulls in a peer over the limit
+    assert forced.state is PlanState.SPLIT and forced.includes("b")
 
 
 def test_rtt_skips_are_named_in_the_reason() -> None:
@@ -226,14 +227,15 @@ def test_rtt_skips_are_named_in_the_reason() -> None:
 
 
 def test_engaged_worker_keeps_its_place_through_an_rtt_spike() -> None:
-    # b already runs its rpc-server for the split: a spike to 150 ms (under 3 x 80) keeps it
-    host = with_rtt(peer("a", 8, split=True), {"b": 150.0})
+    # the model needs b (11 GB > 8); b already runs its rpc-server for the split: a spike to
+    # 150 ms (under 3 x 80) keeps it
+    host = with_rtt(peer("a", 8, model_gb=10), {"b": 150.0})
     for serving in (Serving.RPC, Serving.LOADING):
         plan = elect(view(host, peer("b", 4, serving=serving)), REQ)
         assert plan.state is PlanState.SPLIT and plan.includes("b"), serving
     # an idle peer at 150 ms is not pulled in, and an engaged one goes past 240 ms
     assert not elect(view(host, peer("b", 4, serving=Serving.IDLE)), REQ).includes("b")
-    far = with_rtt(peer("a", 8, split=True), {"b": 250.0})
+    far = with_rtt(peer("a", 8, model_gb=10), {"b": 250.0})
     assert not elect(view(far, peer("b", 4, serving=Serving.RPC)), REQ).includes("b")
 
 
