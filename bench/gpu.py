@@ -218,7 +218,7 @@ def solo(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> Non
     start = time.monotonic()
     node = Node("solo-mesh", [], "0", logs, common, args.threads)
     with stopping(node):
-        wait_ok(f"{node.base}/health", node.proc, timeout=300)
+        wait_ok(f"{node.base}/health", node.proc, timeout=150)
         mesh_load = time.monotonic() - start
         argv = node.argv()
         say(f"solo mesh node serving after {mesh_load:.1f} s: {' '.join(argv[1:])}")
@@ -241,7 +241,7 @@ def split(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> No
     common = ["--model", str(path), "--bin-dir", str(bin_dir), "--no-draft"]
     a = Node("split-A", ["--split"], "0", logs, common, args.threads)
     with stopping(a):
-        wait_ok(f"{a.base}/health", a.proc, timeout=300)
+        wait_ok(f"{a.base}/health", a.proc, timeout=150)
         say("split: A serves solo; starting B on GPU1")
         start = time.monotonic()
         b = Node("split-B", ["--join", a.token], "1", logs, common, args.threads)

@@ -109,8 +109,8 @@ def llama_server_argv(
             "-ngl", str(lay.ngl), "-t", str(threads)]
     if alias:
         argv += ["--alias", alias]
-    if no_mmap:
-        argv.append("--no-mmap")
+    if no_mmap:  # b11434 replaced --no-mmap (now rejected) with --load-mode
+        argv += ["--load-mode", "none"]
     if rpc_endpoints:
         argv += ["--rpc", ",".join(rpc_endpoints), "--tensor-split", fmt_split(lay.tensor_split)]
     if draft is not None:

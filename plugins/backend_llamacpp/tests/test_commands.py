@@ -76,7 +76,8 @@ def test_draft_flags_use_b11434_names() -> None:
                              draft_max=5, draft_devices="none", no_mmap=True, alias="m")
     text = " ".join(argv)
     assert "-md /d.gguf --spec-type draft-simple --spec-draft-n-max 5 -devd none" in text
-    assert "--draft-max" not in text and "--no-mmap" in argv
+    assert "--draft-max" not in text and "--no-mmap" not in argv
+    assert argv[argv.index("--load-mode") + 1] == "none"
     assert argv[argv.index("--alias") + 1] == "m"
 
 

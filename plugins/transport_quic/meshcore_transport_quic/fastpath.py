@@ -5,6 +5,8 @@ Negotiated over the QUIC connection: each side tells the other its TCP port and 
 TLS to the pinned certificate (the client checks the server's fingerprint), then the client
 sends ``key | u8 len | service name``; the server maps the key back to the peer that was given
 it, and relays the rest of the connection untouched. ``probe`` answers one byte and closes.
+This module is the dialing side (:class:`FastStream`, :func:`open_fast`); the listening side
+is :mod:`.fastserver`.
 """
 
 from __future__ import annotations
@@ -14,24 +16,20 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
 
 import anyio
 from anyio.abc import ByteStream, SocketAttribute, TaskStatus
 
+from meshcore_transport_quic.fastserver import PROBE, Lookup, serve_fast
 from meshcore_transport_quic.identity import Identity, fingerprint
 
 log = logging.getLogger("meshcore.transport.fast")
 
-KEY_BYTES = 32
-PROBE = "probe"
-HEADER_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 3.0
 DRAIN_TIMEOUT = 60.0
 RECEIVE_BYTES = 256 * 1024
 RECORD_BATCH = 256 * 1024
 
-Inbound = Callable[[str, str, ByteStream], Awaitable[None]]  # (peer id, service, stream)
 
 
 class FastPathError(ConnectionError):
@@ -182,56 +180,17 @@ class FastStream(ByteStream):
 
 
 class FastPathServer:
-    """Accepts fast-path connections; ``keys`` maps a key we issued to the peer holding it."""
+    """Accepts fast-path connections; ``keys`` maps a key we issued to the peer holding it,
+    ``lookup(peer, service)`` gives the local endpoint (or None to refuse)."""
 
-    def __init__(self, identity: Identity, keys: dict[bytes, str], inbound: Inbound) -> None:
+    def __init__(self, identity: Identity, keys: dict[bytes, str], lookup: Lookup) -> None:
         self.identity = identity
         self.keys = keys
-        self.inbound = inbound
+        self.lookup = lookup
 
     async def serve(self, port: int, *, task_status: TaskStatus[int]) -> None:
-        try:
-            listener = await anyio.create_tcp_listener(local_port=port)
-        except OSError:
-            listener = await anyio.create_tcp_listener(local_port=0)
-        ctx = server_context(self.identity)
-        async with listener:
-            task_status.started(listener.extra(SocketAttribute.local_port))
-            await listener.serve(lambda tcp: self._handle(tcp, ctx))
-
-    async def _handle(self, tcp: ByteStream, ctx: ssl.SSLContext) -> None:
-        try:
-            await self._handle_tls(tcp, ctx)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await tcp.aclose()
-            raise
-
-    async def _handle_tls(self, tcp: ByteStream, ctx: ssl.SSLContext) -> None:
-        _nodelay(tcp)
-        buffered = FastStream(tcp, ctx, server=True)
-        try:
-            with anyio.fail_after(HEADER_TIMEOUT):
-                await buffered.handshake()
-                key = await buffered.receive_exactly(KEY_BYTES)
-                size = (await buffered.receive_exactly(1))[0]
-                service = (await buffered.receive_exactly(size)).decode("ascii", "replace")
-        except (TimeoutError, anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError,
-                ssl.SSLError, OSError) as exc:
-            log.debug("fast path: dropped a connection before its header: %r", exc)
-            await tcp.aclose()
-            return
-        peer_id = self.keys.get(key)
-        if peer_id is None:
-            log.warning("fast path: refused a connection with an unknown key")
-            await buffered.aclose()
-            return
-        if service == PROBE:
-            with contextlib.suppress(Exception):
-                await buffered.send(b"\x00")
-            await buffered.aclose()
-            return
-        await self.inbound(peer_id, service, buffered)
+        await serve_fast(port, server_context(self.identity), self.keys, self.lookup,
+                         task_status.started)
 
 
 async def open_fast(host: str, port: int, fp: bytes, key: bytes, service: str) -> ByteStream:

@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 import anyio
-from anyio.abc import ByteStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from meshcore.state import Peer
@@ -73,11 +72,15 @@ class Gossip(TransportBase):
             return
         await self.node.serve_inbound(service, staple(reader, stream))
 
-    async def _fast_inbound(self, peer_id: str, service: str, stream: ByteStream) -> None:
+    def _fast_lookup(self, peer_id: str, service: str) -> tuple[str, int] | None:
+        """Where a fast-path tunnel from ``peer_id`` goes (the worker end of rpc tunnels)."""
         if peer_id not in self.links:
-            await stream.aclose()
-            return
-        await self.node.serve_inbound(service, stream)
+            return None
+        target: tuple[str, int] | None = self.node.services.get(service)
+        if target is None:
+            log.warning("fast-path tunnel from %s for unknown or stopped service %r refused",
+                        peer_id, service)
+        return target
 
     async def _handle_frame(self, link: PeerLink, frame: Frame) -> None:
         body = frame.body

@@ -72,7 +72,7 @@ class QuicTransport(Handshakes, Gossip):
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 if self.fast_enabled:
-                    server = FastPathServer(self.identity, self.fast_keys, self._fast_inbound)
+                    server = FastPathServer(self.identity, self.fast_keys, self._fast_lookup)
                     self.fast_port = await tg.start(server.serve, self.port)
                 addrs = self._my_addresses()
                 self.node.state.update_me(addresses=tuple(host_port(a, self.port) for a in addrs))

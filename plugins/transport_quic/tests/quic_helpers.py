@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
+from anyio.abc import TaskStatus
 
 FAST_TIMERS = {"quic_heartbeat_s": 0.2, "quic_dead_after_s": 1.0, "quic_reconnect_s": 1.5,
                "quic_addresses": ["127.0.0.1"]}
@@ -41,3 +44,26 @@ class QuicMesh:
         await self.tg.start(node.run)
         self.nodes.append(node)
         return node
+
+
+async def echo_server(*, task_status: TaskStatus[int]) -> None:
+    """An echo service on asyncio streams (their close() flushes; anyio's aclose() aborts)."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while chunk := await reader.read(1024 * 1024):
+                writer.write(chunk)
+                await writer.drain()
+            writer.write_eof()
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    async with server:
+        task_status.started(server.sockets[0].getsockname()[1])
+        await server.serve_forever()

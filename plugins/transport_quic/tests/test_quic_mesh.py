@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import socket
@@ -10,11 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 from meshcore_transport_quic.frames import HEADER, MAX_FRAME, Kind, StreamType, encode_frame
 from meshcore_transport_quic.token import decode_token
 from meshcore_transport_quic.transport import JoinRefused
-from quic_helpers import FAST_TIMERS, QuicMesh, wait_for
+from quic_helpers import FAST_TIMERS, QuicMesh, echo_server, wait_for
+
+from meshcore.state import Serving
 
 pytestmark = pytest.mark.anyio
 
@@ -148,9 +152,41 @@ async def test_hostile_input_leaves_the_node_running_and_connected(
     assert ids(a) == {a.id, b.id} and ids(b) == {a.id, b.id}
 
 
-async def test_the_core_harness_runs_quic_nodes(mesh_harness: Any) -> None:
+async def test_the_core_harness_runs_quic_nodes_and_streams_through_them(mesh_harness: Any
+                                                                         ) -> None:
     async with mesh_harness(transport="quic") as mesh:
         nodes = [await mesh.add(v) for v in (4, 12, 8)]
+        host = nodes[1]
         await mesh.wait_for(lambda: all(len(n.view().peers) == 3 for n in nodes), what="peers")
-        await mesh.wait_for(lambda: {n.plan.host_id for n in nodes} == {nodes[1].id},
+        await mesh.wait_for(lambda: {n.plan.host_id for n in nodes} == {host.id},
                             what="everyone elects the 12 GB node")
+        await mesh.wait_for(lambda: all((n.view().get(host.id) or host.state.me).serving
+                                        is Serving.READY for n in nodes), what="host ready")
+        body = {"messages": [{"role": "user", "content": "one two three"}], "stream": True}
+        async with httpx.AsyncClient() as client:
+            url = f"http://127.0.0.1:{nodes[0].api_port}/v1/chat/completions"
+            async with client.stream("POST", url, json=body) as r:
+                assert r.status_code == 200
+                events = [line async for line in r.aiter_lines() if line.startswith("data:")]
+        assert events[-1] == "data: [DONE]"
+        words = "".join(json.loads(e[5:])["choices"][0]["delta"].get("content", "")
+                        for e in events[:-1])
+        assert words == " one two three"
+        assert nodes[0].transport.link(host.id) == "TLS-TCP"
+
+
+async def test_an_unreachable_fast_path_falls_back_to_quic(quic_mesh: QuicMesh) -> None:
+    a = await quic_mesh.add()
+    b = await quic_mesh.add()
+    await wait_for(lambda: a.transport.link(b.id) == "TLS-TCP", 10, "fast link")
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    a.transport.links[b.id].fast_port = dead_port
+    b.services["echo"] = ("127.0.0.1", await quic_mesh.tg.start(echo_server))
+    stream = await a.transport.connect(b.id, "echo")
+    await stream.send(b"over quic")
+    assert await stream.receive() == b"over quic"
+    await stream.aclose()
+    assert a.transport.link(b.id) == "QUIC"
+    assert "cannot reach" in a.transport.links[b.id].fast_why

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import os
@@ -10,37 +9,14 @@ from typing import Any
 
 import anyio
 import pytest
-from anyio.abc import ByteStream, TaskStatus
-from quic_helpers import wait_for
+from anyio.abc import ByteStream
+from quic_helpers import echo_server, wait_for
 
 pytestmark = pytest.mark.anyio
 
 TOTAL = int(os.environ.get("MESH_TUNNEL_TEST_MB", "200")) * 1024 * 1024
 STREAMS = int(os.environ.get("MESH_TUNNEL_TEST_STREAMS", "16"))
 BLOCK = os.urandom(1024 * 1024 + 7)  # odd size: chunk edges never line up with the block
-
-
-async def echo_server(*, task_status: TaskStatus[int]) -> None:
-    """An echo service on asyncio streams (their close() flushes; anyio's aclose() aborts)."""
-
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while chunk := await reader.read(1024 * 1024):
-                writer.write(chunk)
-                await writer.drain()
-            writer.write_eof()
-            await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-    server = await asyncio.start_server(echo, "127.0.0.1", 0)
-    async with server:
-        task_status.started(server.sockets[0].getsockname()[1])
-        await server.serve_forever()
 
 
 async def pump_one(stream: ByteStream, size: int, seed: int) -> tuple[str, str]:
