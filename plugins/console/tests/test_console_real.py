@@ -93,9 +93,6 @@ async def test_joining_process_appears_live(nodes: list[NodeProcess], tmp_path: 
         assert await page.evaluate("window.meshConsole.firstLoad") is not None
 
 
-@pytest.mark.xfail(reason="transport_quic (11:05 UTC): after kill -9 the host logs 'peer X "
-                          "silent for N s: dropping its connection' every second but never "
-                          "removes the peer from the mesh state", strict=False)
 async def test_killed_process_goes_away(nodes: list[NodeProcess], tmp_path: Path) -> None:
     from playwright.async_api import expect
 
