@@ -238,6 +238,8 @@ def solo(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> Non
 
 
 def split(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> None:
+    """A on GPU0 with --split, B joins on GPU1. The election picks the host (equal cards: the
+    larger node id), so the raw side mirrors whichever GPU the mesh's host got."""
     common = ["--model", str(path), "--bin-dir", str(bin_dir), "--no-draft"]
     a = Node("split-A", ["--split"], "0", logs, common, args.threads)
     with stopping(a):
@@ -246,35 +248,53 @@ def split(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> No
         start = time.monotonic()
         b = Node("split-B", ["--join", a.token], "1", logs, common, args.threads)
         with stopping(b):
-            wait_for(lambda: a.status()["plan"]["state"] == "SPLIT" and "--rpc" in a.argv()
-                     and httpx.get(f"{a.base}/health", timeout=10).status_code == 200,
-                     "A to serve the split")
+            gpu_of = {id(a): "0", id(b): "1"}
+
+            def host() -> Node | None:
+                plan = a.status()["plan"]
+                if plan["state"] != "SPLIT":
+                    return None
+                return next(n for n in (a, b) if n.status()["id"] == plan["host_id"])
+
+            def serving() -> bool:
+                h = host()
+                return h is not None and "--rpc" in h.argv() and httpx.get(
+                    f"{h.base}/health", timeout=10).status_code == 200
+
+            wait_for(serving, "the mesh to serve the split", 240)
             mesh_load = time.monotonic() - start
-            status_a, status_b = a.status(), b.status()
-            argv = status_a["backend"]["llama_server"]["argv"]
-            say(f"split mesh serving after {mesh_load:.1f} s: {' '.join(argv[1:])}")
+            h = host()
+            assert h is not None
+            worker = b if h is a else a
+            status_h, status_w = h.status(), worker.status()
+            argv = status_h["backend"]["llama_server"]["argv"]
+            say(f"split mesh serving after {mesh_load:.1f} s, host on GPU{gpu_of[id(h)]}: "
+                f"{' '.join(argv[1:])}")
             mem_mesh = gpu_memory()
-            res = raw_split(argv, bin_dir, logs, args, a.base)
+            res = raw_split(argv, bin_dir, logs, args, h.base,
+                            (gpu_of[id(h)], gpu_of[id(worker)]))
     res["load_s"]["mesh"] = mesh_load
     res.update(argv=argv, ratio_load=mesh_load / res["load_s"]["raw"],
-               effective_shares=status_a["backend"].get("effective_shares"),
-               worker_seeded_bytes=status_b["backend"].get("seeded_bytes"),
-               gpu_memory_mesh_only=mem_mesh)
+               host_gpu=gpu_of[id(h)], effective_shares=status_h["backend"].get(
+                   "effective_shares"), worker_seeded_bytes=status_w["backend"].get(
+                   "seeded_bytes"), gpu_memory_mesh_only=mem_mesh)
     RESULTS["split"] = res
 
 
 def raw_split(argv: list[str], bin_dir: Path, logs: Path, args: argparse.Namespace,
-              mesh_base: str) -> dict[str, Any]:
-    """Raw ggml-rpc-server on GPU1 + raw llama-server on GPU0 with ``argv``; compare."""
+              mesh_base: str, gpus: tuple[str, str]) -> dict[str, Any]:
+    """Raw ggml-rpc-server on the worker's GPU + raw llama-server on the host's GPU with
+    ``argv``, ``--rpc`` straight at it; then compare with the mesh host's API."""
+    host_gpu, worker_gpu = gpus
     rpc_port, port = free_port(), free_port()
     start = time.monotonic()
     rpc = Proc("split-raw-rpc-server", [str(bin_dir / "ggml-rpc-server"), "-H", "127.0.0.1",
                                         "-p", str(rpc_port), "-t", str(args.threads)],
-               {**os.environ, "CUDA_VISIBLE_DEVICES": "1"}, logs)
+               {**os.environ, "CUDA_VISIBLE_DEVICES": worker_gpu}, logs)
     with stopping(rpc):
         wait_for(lambda: _listening(rpc_port), "the raw rpc-server", 60)
         server = Proc("split-raw-llama-server", with_port(argv, port, f"127.0.0.1:{rpc_port}"),
-                      {**os.environ, "CUDA_VISIBLE_DEVICES": "0"}, logs)
+                      {**os.environ, "CUDA_VISIBLE_DEVICES": host_gpu}, logs)
         with stopping(server):
             wait_ok(f"http://127.0.0.1:{port}/health", server.proc, timeout=300)
             raw_load = time.monotonic() - start

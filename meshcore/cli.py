@@ -94,6 +94,7 @@ def run(
             draft=draft, no_draft=no_draft, draft_max=draft_max, election=election,
             backend=backend, transport=transport, listen_all=listen_all, api_key=api_key,
             state_dir=state_dir or default_state_dir(), bin_dir=bin_dir,
+            options=_env_options(),
         )
     except ConfigError as exc:
         _fail(str(exc))
@@ -105,6 +106,23 @@ def run(
     from meshcore.runner import run_node
 
     raise typer.Exit(run_node(config))
+
+
+def _env_options() -> dict[str, Any]:
+    """``NodeConfig.options`` from ``MESH_LLM_OPTIONS`` (a JSON object), for tests and tuning:
+    e.g. ``{"quic_dead_after_s": 2, "quic_reconnect_s": 3}`` (docs/testing.md)."""
+    raw = os.environ.get("MESH_LLM_OPTIONS", "").strip()
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"MESH_LLM_OPTIONS is not valid JSON ({exc}); give an object such "
+                          'as {"quic_reconnect_s": 3}, or unset it') from None
+    if not isinstance(options, dict):
+        raise ConfigError(f"MESH_LLM_OPTIONS must be a JSON object, got {raw[:40]!r}; give "
+                          'an object such as {"quic_reconnect_s": 3}, or unset it')
+    return options
 
 
 @app.command()

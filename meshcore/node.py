@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -186,7 +187,10 @@ class Node:
                 async def open_remote() -> ByteStream:
                     return await self.transport.connect(peer_id, service)
 
-                self._forwards[key] = await self.task_group.start(serve_forward, open_remote)
+                raw = getattr(self.transport, "open_raw", None)  # optional: see components
+                open_raw = functools.partial(raw, peer_id, service) if raw else None
+                self._forwards[key] = await self.task_group.start(
+                    functools.partial(serve_forward, open_raw=open_raw), open_remote)
             return self._forwards[key]
 
     async def upstream(self) -> str | None:

@@ -1,39 +1,56 @@
-"""Byte relays: pipe two streams together, and local TCP listeners that open tunnels."""
+"""Byte relays: pipe two streams together, and local TCP listeners that open tunnels.
+
+Two ways to relay. ``relay()`` pipes two anyio ByteStreams with a task per direction (any
+transport's streams work). ``serve_forward(..., open_raw=...)`` splices two asyncio
+Transports with Protocol callbacks instead: each received chunk is written to the other side
+inside the socket callback (no task switch, no anyio stream), with pause/resume backpressure.
+It is used when the transport can hand a tunnel out as an asyncio Transport (the QUIC
+plugin's TLS-TCP fast path); otherwise it falls back to ``relay()``.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import socket
 from collections.abc import Awaitable, Callable
 
 import anyio
-from anyio.abc import ByteStream, SocketAttribute, TaskStatus
+from anyio.abc import ByteStream, SocketStream, TaskStatus
 
 CHUNK = 256 * 1024
 
 Opener = Callable[[], Awaitable[ByteStream]]
+# Given a Protocol factory, connect the tunnel to it and return its Transport; None when no
+# raw path is available right now (the caller then uses the stream opener).
+RawOpener = Callable[[Callable[[], asyncio.Protocol]], Awaitable["asyncio.Transport | None"]]
+_CLOSED = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
 
 async def _pump(src: ByteStream, dst: ByteStream) -> None:
     try:
         async for chunk in src:
             await dst.send(chunk)
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+    except _CLOSED:
         pass
-    closed = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
     try:
         await dst.send_eof()
     except (NotImplementedError, TypeError):
         # No half-close on TLS (anyio raises NotImplementedError, or TypeError once the
         # session is gone): close fully, or the peer never learns this side ended and e.g. a
         # sequential rpc-server keeps serving a dead connection forever.
-        with contextlib.suppress(*closed), anyio.move_on_after(5):
+        with contextlib.suppress(*_CLOSED), anyio.move_on_after(5):
             await dst.aclose()
-    except closed:
+    except _CLOSED:
         pass
 
 
 async def relay(a: ByteStream, b: ByteStream) -> None:
-    """Copy bytes both ways until both directions end; closes both streams."""
+    """Copy bytes both ways until both directions end; closes both streams.
+
+    Nothing is lost at the end: anyio's asyncio SocketStream sets a zero write-buffer limit,
+    so ``send`` returns only once the kernel has the bytes and its aborting ``aclose`` drops
+    nothing (tests/test_relay.py checks it with a slow reader)."""
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_pump, a, b)
@@ -44,20 +61,142 @@ async def relay(a: ByteStream, b: ByteStream) -> None:
             await b.aclose()
 
 
+def nodelay(sock: socket.socket | None) -> None:
+    """Small writes (one rpc command, one token) leave at once instead of waiting for Nagle."""
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class SpliceEnd(asyncio.Protocol):
+    """One end of a callback relay: what it receives goes to the other end's transport; EOF
+    is passed on as a half-close (or a graceful close where the other end has none)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.other: SpliceEnd | None = None
+        self.pending: list[bytes] = []
+        self.eof = False
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        nodelay(transport.get_extra_info("socket"))
+
+    def _target(self) -> asyncio.Transport | None:
+        return self.other.transport if self.other is not None else None
+
+    def data_received(self, data: bytes) -> None:
+        target = self._target()
+        if target is None:  # the other end is still connecting
+            self.pending.append(data)
+            if self.transport is not None:
+                self.transport.pause_reading()
+        else:
+            target.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        target = self._target()
+        if target is not None:
+            if target.can_write_eof():
+                target.write_eof()  # asyncio sends it after what is still buffered
+            else:
+                target.close()
+            if self.other is not None and self.other.eof:
+                self.close()
+        return True  # keep our own write side open
+
+    def pause_writing(self) -> None:
+        if (src := self._target()) is not None:
+            src.pause_reading()
+
+    def resume_writing(self) -> None:
+        if (src := self._target()) is not None and not src.is_closing():
+            src.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.close()  # graceful: flushes what it still holds
+
+    def close(self) -> None:
+        """Close both ends gracefully (asyncio's ``close`` sends buffered bytes first)."""
+        for end in (self, self.other):
+            if end is not None and end.transport is not None:
+                end.transport.close()
+
+
+def splice(a: SpliceEnd, b: SpliceEnd) -> None:
+    """Join two connected ends; bytes or EOF that arrived meanwhile are passed on now."""
+    a.other, b.other = b, a
+    for end in (a, b):
+        for chunk in end.pending:
+            end.other.transport.write(chunk)  # type: ignore[union-attr]
+        end.pending = []
+        if end.transport is not None and not end.transport.is_closing():
+            end.transport.resume_reading()
+    for end in (a, b):
+        if end.eof:
+            end.eof_received()
+
+
+async def _serve_raw(conn: socket.socket, remote: asyncio.Transport, far: SpliceEnd) -> None:
+    loop = asyncio.get_running_loop()
+    near = SpliceEnd()
+    try:
+        await loop.connect_accepted_socket(lambda: near, conn)
+    except OSError:
+        remote.close()
+        return
+    splice(near, far)
+    if far.lost.done() and near.transport is not None:  # the tunnel died while we connected
+        near.transport.close()
+    try:
+        await near.lost
+        await far.lost
+    finally:
+        # Cancelled (the node stops): drop the connection now.
+        for transport in (near.transport, remote):
+            if transport is not None and not transport.is_closing():
+                transport.abort()
+
+
+async def _handle(conn: socket.socket, open_remote: Opener, open_raw: RawOpener | None) -> None:
+    nodelay(conn)
+    if open_raw is not None:
+        far = SpliceEnd()
+        try:
+            remote = await open_raw(lambda: far)
+        except Exception:
+            remote = None
+            conn.close()
+            return
+        if remote is not None:
+            await _serve_raw(conn, remote, far)
+            return
+    try:
+        stream = await open_remote()
+    except Exception:
+        conn.close()
+        return
+    await relay(await SocketStream.from_socket(conn), stream)
+
+
 async def serve_forward(open_remote: Opener, *, host: str = "127.0.0.1",
+                        open_raw: RawOpener | None = None,
                         task_status: TaskStatus[int]) -> None:
     """Listen on ``host`` at a free port (reported through task_status); each accepted
-    connection is relayed to a fresh stream from ``open_remote``."""
-
-    async def handle(client: ByteStream) -> None:
-        try:
-            remote = await open_remote()
-        except Exception:
-            await client.aclose()
-            return
-        await relay(client, remote)
-
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=0)
-    async with listener:
-        task_status.started(listener.extra(SocketAttribute.local_port))
-        await listener.serve(handle)
+    connection is relayed to the tunnel from ``open_raw`` when it gives one (callback
+    splice), else to a fresh stream from ``open_remote`` (``relay()``)."""
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server((host, 0))
+    listener.setblocking(False)
+    with listener:
+        async with anyio.create_task_group() as tg:
+            task_status.started(listener.getsockname()[1])
+            while True:
+                conn, _ = await loop.sock_accept(listener)
+                tg.start_soon(_handle, conn, open_remote, open_raw)

@@ -131,7 +131,7 @@ def elect(view: MeshView, request: ElectionRequest) -> Plan:
     parts = tuple(Participant(p.id, p.vram, s, p is not host)
                   for p, s in zip(members, split, strict=True))
     return Plan(PlanState.SPLIT, participants=parts,
-                reason=f"split over {len(parts)} nodes", **common)
+                reason=f"split over {len(parts)} nodes{skipped}", **common)
 
 
 _hinted: weakref.WeakSet[Any] = weakref.WeakSet()

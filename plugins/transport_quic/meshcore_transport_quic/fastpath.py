@@ -31,7 +31,6 @@ RECEIVE_BYTES = 256 * 1024
 RECORD_BATCH = 256 * 1024
 
 
-
 class FastPathError(ConnectionError):
     pass
 

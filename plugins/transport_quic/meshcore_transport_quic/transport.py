@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from meshcore_transport_quic.base import (
     JoinRefused,
     log,
 )
+from meshcore_transport_quic.fastclient import open_fast_raw
 from meshcore_transport_quic.fastpath import FastPathError, FastPathServer, open_fast, probe
 from meshcore_transport_quic.frames import Kind, StreamType
 from meshcore_transport_quic.gossip import Gossip
@@ -86,7 +88,7 @@ class QuicTransport(Handshakes, Gossip):
                     tg.start_soon(self._heartbeat_loop)
                     if not joined:
                         await self._join(tokens)
-                    await anyio.sleep_forever()
+                    await self._rejoin_when_alone(tokens)
                 finally:
                     with anyio.CancelScope(shield=True):
                         await self._leave()
@@ -137,6 +139,22 @@ class QuicTransport(Handshakes, Gossip):
         name = service.encode("ascii")
         await stream.send(bytes([StreamType.TUNNEL, len(name)]) + name)
         return stream
+
+    async def open_raw(self, peer_id: str, service: str,
+                       protocol_factory: Callable[[], asyncio.Protocol]
+                       ) -> asyncio.Transport | None:
+        """The tunnel as an asyncio Transport on the TLS-TCP fast path (for callback relays);
+        None when the peer is reached over QUIC only (the caller then uses ``connect``)."""
+        link = self.links.get(peer_id)
+        if link is None or not self._use_fast(link):
+            return None
+        assert link.fast_port is not None and link.fast_key is not None
+        try:
+            return await open_fast_raw(link.host, link.fast_port, link.fp, link.fast_key,
+                                       service, protocol_factory)
+        except FastPathError as exc:
+            self._fast_failed(link, str(exc))
+            return None
 
     def link(self, peer_id: str) -> str:
         link = self.links.get(peer_id)
@@ -272,6 +290,17 @@ class QuicTransport(Handshakes, Gossip):
     async def _join(self, tokens: list[JoinToken]) -> None:
         while not await self._join_round(tokens):
             await anyio.sleep(2)
+
+    async def _rejoin_when_alone(self, tokens: list[JoinToken]) -> None:
+        """A joiner whose every peer was removed (e.g. a cut link, longer than the reconnect
+        window) dials its tokens again every 2 s, so the mesh heals when the path returns."""
+        while True:
+            await anyio.sleep(2)
+            if tokens and not self.links and not self.lost and not self.dialing:
+                try:
+                    await self._join_round(tokens)
+                except JoinRefused as exc:
+                    log.warning("rejoining failed: %s", exc)
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -1,0 +1,92 @@
+"""The impairment relay (meshcore.impair): UDP and TCP forwarding with delay and loss."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from meshcore.impair import Impairment, start_relay
+
+
+def udp_echo() -> tuple[socket.socket, threading.Thread]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                data, addr = sock.recvfrom(65536)
+            except OSError:
+                return
+            sock.sendto(data, addr)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return sock, thread
+
+
+def test_udp_relay_delays_both_ways_and_drops() -> None:
+    echo, thread = udp_echo()
+    try:
+        with start_relay("udp", echo.getsockname(), Impairment(delay_ms=40), seed=1) as relay:
+            client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            client.settimeout(5)
+            start = time.monotonic()
+            client.sendto(b"ping", ("127.0.0.1", relay.port))
+            data, _ = client.recvfrom(100)
+            rtt = time.monotonic() - start
+            assert data == b"ping" and rtt >= 0.08  # 40 ms each way: a floor, not a timing
+            assert relay.forwarded == 2 and relay.dropped == 0
+
+            relay.impairment = Impairment(loss=0.5)
+            client.settimeout(0.2)
+            answered = 0
+            for i in range(30):
+                client.sendto(b"x%d" % i, ("127.0.0.1", relay.port))
+                try:
+                    client.recvfrom(100)
+                    answered += 1
+                except TimeoutError:
+                    pass
+            assert relay.dropped > 5 and 0 < answered < 30, (relay.dropped, answered)
+            client.close()
+    finally:
+        echo.close()
+        thread.join(5)
+
+
+def test_tcp_relay_keeps_order_and_half_close() -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            got = b""
+            while chunk := conn.recv(65536):
+                got += chunk
+            conn.sendall(got[::-1])  # answer only after the client's EOF
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    payload = bytes(range(256)) * 4000
+    with start_relay("tcp", server.getsockname(), Impairment(delay_ms=5, jitter_ms=5)) as relay:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as conn:
+            conn.sendall(payload)
+            conn.shutdown(socket.SHUT_WR)
+            back = b""
+            while chunk := conn.recv(65536):
+                back += chunk
+    thread.join(5)
+    server.close()
+    assert back == payload[::-1]
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="probability"):
+        Impairment(loss=2)
+    with pytest.raises(ValueError, match="unknown"):
+        with start_relay("sctp", ("127.0.0.1", 1)):  # type: ignore[arg-type]
+            pass
