@@ -21,7 +21,7 @@ from typing import Any
 from meshcore import hookimpl
 from meshcore.config import GB
 from meshcore.plan import ElectionRequest, Participant, Plan, PlanState, shares
-from meshcore.state import MeshView, Peer, Serving
+from meshcore.state import MeshView, Peer, Role, Serving
 
 log = logging.getLogger("meshcore.election.vram")
 
@@ -56,9 +56,16 @@ def host_rtt(host: Peer, peer: Peer) -> float | None:
 
 
 def pick_host(nodes: Sequence[Peer]) -> Peer | None:
-    """Highest VRAM among the nodes that have a model to serve; tie -> larger node id."""
+    """Highest VRAM among the nodes that have a model to serve; tie -> the node already
+    hosting (its announced role is HOST), then the larger node id.
+
+    The incumbent rule matters: without it a node of equal VRAM joining with a larger id
+    took the host role away and the mesh had no model for ~46 s (8B model on H100s).
+    """
     serving = [p for p in nodes if p.model]
-    return max(serving, key=lambda p: (p.vram, p.id)) if serving else None
+    if not serving:
+        return None
+    return max(serving, key=lambda p: (p.vram, p.role is Role.HOST, p.id))
 
 
 def rtt_limit(peer: Peer, max_rtt_ms: float) -> float:

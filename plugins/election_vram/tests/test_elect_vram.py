@@ -84,6 +84,17 @@ def test_tie_goes_to_larger_id() -> None:
     assert elect(view(peer("z", 8), peer("y", 8), peer("x", 8)), REQ).host_id == "z"
 
 
+def test_tie_keeps_the_incumbent_host() -> None:
+    # an equal node joining with a larger id must not move the model off the serving host
+    incumbent = peer("node-a", 8, role=Role.HOST, serving=Serving.READY)
+    assert elect(view(incumbent, peer("node-b", 8)), REQ).host_id == "node-a"
+    # strictly more VRAM still wins over the incumbent
+    assert elect(view(incumbent, peer("node-b", 9)), REQ).host_id == "node-b"
+    # two claimants (e.g. after a partition heals): back to the larger id
+    both = view(incumbent, peer("node-b", 8, role=Role.HOST))
+    assert elect(both, REQ).host_id == "node-b"
+
+
 def test_node_without_model_never_hosts_but_can_work() -> None:
     # b has more VRAM but no model file: it cannot run llama-server, so a hosts and b works.
     plan = elect(view(peer("a", 1), peer("b", 24, model_gb=None)), REQ)
