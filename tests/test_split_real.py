@@ -64,7 +64,9 @@ def wait_ready(node: MeshProcess, what: str, timeout: float = 240) -> dict[str, 
         return httpx.get(f"http://127.0.0.1:{node.api_port}/health",
                          timeout=10).status_code == 200
 
-    return wait_status(node, ok, what, timeout)
+    wait_status(node, ok, what, timeout)
+    # the status wait_status returns was read before /health answered: read it again
+    return mesh_status(node)
 
 
 def start(mesh_process: Callable[..., MeshProcess], *args: str) -> MeshProcess:
