@@ -1,22 +1,29 @@
 """Tunnel benchmark: bulk MB/s and request/response round trip over raw TCP, the TLS-TCP fast
 path and the QUIC fallback, measured in one run, with the ratios.
 
-Two processes on loopback, like two machines: this one runs node A (the client side), a child
-runs node B with an echo and a sink service. Raw TCP goes straight to B's services; the
-tunnels go A -> B -> service. Usage: ``.venv/bin/python bench/tunnel.py [--mb 200]``.
+Four processes on loopback, like the real thing: S runs the services (a sink that counts bytes
+and answers the count, an echo), B is the worker node (its fast-path server and inbound
+tunnels lead to S), A is the host node (``node.forward_port``: the local port llama-server
+dials), and this process is the client (blocking sockets, like llama-server's C++ client).
+Raw TCP goes client -> S; tunnels go client -> A -> B -> S. Two plain-TCP rows isolate one
+relay hop in B without crypto: the anyio stream relay and the callback splice.
+Usage: ``.venv/bin/python bench/tunnel.py [--mb 200] [--rounds 2000]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +34,7 @@ CHUNK = 256 * 1024
 PING = b"x" * 64
 
 
-# ---------------------------------------------------------------- services (child side)
+# ---------------------------------------------------------------- child processes
 
 async def _sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     total = 0
@@ -53,118 +60,153 @@ def _config(home: Path, node_id: str, joins: tuple[str, ...], fast: bool) -> Any
                       options={"quic_fast_path": fast, "quic_addresses": ["127.0.0.1"]})
 
 
-async def serve_child(home: Path) -> None:
-    """Node B (twice: with and without the fast path) plus echo and sink; prints JSON."""
-    from meshcore.node import Node
+async def _until_stdin_closes() -> None:
+    await anyio.to_thread.run_sync(sys.stdin.read)
 
+
+async def serve_services(_: dict[str, Any]) -> dict[str, Any]:
     sink = await asyncio.start_server(_sink, "127.0.0.1", 0)
     echo = await asyncio.start_server(_echo, "127.0.0.1", 0)
-    ports = {"sink": sink.sockets[0].getsockname()[1], "echo": echo.sockets[0].getsockname()[1]}
-    async with anyio.create_task_group() as tg:
-        from meshcore.relay import serve_forward
+    print(json.dumps({"sink": sink.sockets[0].getsockname()[1],
+                      "echo": echo.sockets[0].getsockname()[1]}), flush=True)
+    await _until_stdin_closes()
+    return {}
 
-        for name in ("sink", "echo"):  # the relay hop alone: plain TCP through meshcore.relay
-            async def opener(port: int = ports[name]) -> ByteStream:
+
+async def serve_worker(args: dict[str, Any]) -> dict[str, Any]:
+    """Node B (with and without the fast path) and the plain relay hops, all towards S."""
+    from meshcore.node import Node
+    from meshcore.relay import serve_forward
+
+    home, services = Path(args["home"]), args["services"]
+    loop = asyncio.get_running_loop()
+    out: dict[str, Any] = {"relay": {}, "splice": {}, "tokens": {}}
+    async with anyio.create_task_group() as tg:
+        for name, port in services.items():
+            async def opener(port: int = port) -> ByteStream:
                 return await anyio.connect_tcp("127.0.0.1", port)
 
-            ports[f"relay-{name}"] = await tg.start(serve_forward, opener)
-        tokens = {}
-        for fast in (True, False):
-            node = Node(_config(home, f"b-{'fast' if fast else 'quic'}", (), fast))
+            async def raw(factory: Callable[[], asyncio.Protocol], port: int = port) -> Any:
+                return (await loop.create_connection(factory, "127.0.0.1", port))[0]
+
+            out["relay"][name] = await tg.start(serve_forward, opener)
+            out["splice"][name] = await tg.start(
+                functools.partial(serve_forward, open_raw=raw), opener)
+        for kind in ("fast", "quic"):
+            node = Node(_config(home, f"b-{kind}", (), kind == "fast"))
             await tg.start(node.run)
-            node.services.update({k: ("127.0.0.1", v) for k, v in ports.items()})
-            tokens["fast" if fast else "quic"] = node.transport.invite_token()
-        print(json.dumps({"ports": ports, "tokens": tokens}), flush=True)
-        await anyio.to_thread.run_sync(sys.stdin.read)  # until the parent closes our stdin
+            node.services.update({k: ("127.0.0.1", v) for k, v in services.items()})
+            out["tokens"][kind] = node.transport.invite_token()
+        print(json.dumps(out), flush=True)
+        await _until_stdin_closes()
         tg.cancel_scope.cancel()
+    return {}
 
 
-# ---------------------------------------------------------------- measurements (parent side)
+async def serve_host(args: dict[str, Any]) -> dict[str, Any]:
+    """Node A joined to each B; prints its forward ports (what llama-server would dial)."""
+    from meshcore.node import Node
 
-async def bulk(stream: ByteStream, size: int) -> float:
+    home, tokens = Path(args["home"]), args["tokens"]
+    out: dict[str, dict[str, int]] = {}
+    async with anyio.create_task_group() as tg:
+        for kind in ("fast", "quic"):
+            node = Node(_config(home, f"a-{kind}", (tokens[kind],), kind == "fast"))
+            await tg.start(node.run)
+            peer, want = f"b-{kind}", "TLS-TCP" if kind == "fast" else "QUIC"
+            with anyio.fail_after(20):
+                while node.transport.link(peer) != want:
+                    await anyio.sleep(0.05)
+            out[kind] = {s: await node.forward_port(peer, s) for s in ("sink", "echo")}
+        print(json.dumps(out), flush=True)
+        await _until_stdin_closes()
+        tg.cancel_scope.cancel()
+    return {}
+
+
+ROLES = {"services": serve_services, "worker": serve_worker, "host": serve_host}
+
+
+def child(role: str, args: dict[str, Any], loop: str
+          ) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    proc = subprocess.Popen([sys.executable, __file__, "--loop", loop, "--role", role,
+                             json.dumps(args)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise SystemExit(f"the {role} process failed to start (exit {proc.wait()})")
+    return proc, json.loads(line)
+
+
+# ---------------------------------------------------------------- measurements (client)
+
+def _connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def bulk(port: int, size: int) -> float:
     """MB/s to send ``size`` bytes and get the sink's byte count back."""
     block = os.urandom(CHUNK)
-    start = time.perf_counter()
-    left = size
-    while left:
-        await stream.send(block[:min(left, CHUNK)])
-        left -= min(left, CHUNK)
-    await stream.send_eof()
-    got = b""
-    while len(got) < 8:
-        got += await stream.receive()
-    elapsed = time.perf_counter() - start
+    with _connect(port) as sock:
+        start = time.perf_counter()
+        left = size
+        while left:
+            sock.sendall(block[:min(left, CHUNK)])
+            left -= min(left, CHUNK)
+        sock.shutdown(socket.SHUT_WR)
+        got = b""
+        while len(got) < 8 and (chunk := sock.recv(8)):
+            got += chunk
+        elapsed = time.perf_counter() - start
     assert int.from_bytes(got[:8], "big") == size, "the sink did not get every byte"
-    await stream.aclose()
     return size / elapsed / 1e6
 
 
-async def rtt(stream: ByteStream, rounds: int) -> float:
+def rtt(port: int, rounds: int) -> float:
     """Median microseconds for a 64-byte request and its echo."""
     samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        await stream.send(PING)
-        got = b""
-        while len(got) < len(PING):
-            got += await stream.receive()
-        samples.append((time.perf_counter() - start) * 1e6)
-    await stream.aclose()
+    with _connect(port) as sock:
+        for _ in range(rounds):
+            start = time.perf_counter()
+            sock.sendall(PING)
+            got = 0
+            while got < len(PING):
+                got += len(sock.recv(65536))
+            samples.append((time.perf_counter() - start) * 1e6)
     return statistics.median(samples[rounds // 10:])
 
 
-async def measure(opener: Any, size: int, rounds: int) -> tuple[float, float]:
-    return await bulk(await opener("sink"), size), await rtt(await opener("echo"), rounds)
-
-
-async def main(size_mb: int, rounds: int) -> None:
-    from meshcore.node import Node
-
-    with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp)
-        child = subprocess.Popen([sys.executable, __file__, "--serve", str(home)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+def main(size_mb: int, rounds: int, loop: str) -> None:
+    procs: list[subprocess.Popen[str]] = []
+    with tempfile.TemporaryDirectory() as home:
         try:
-            assert child.stdout is not None and child.stdin is not None
-            info = json.loads(await anyio.to_thread.run_sync(child.stdout.readline))
-            results: dict[str, tuple[float, float]] = {}
-
-            async def raw(service: str) -> ByteStream:
-                return await anyio.connect_tcp("127.0.0.1", info["ports"][service])
-
-            async def relayed(service: str) -> ByteStream:
-                return await anyio.connect_tcp("127.0.0.1", info["ports"][f"relay-{service}"])
-
-            results["raw TCP"] = await measure(raw, size_mb * 10**6, rounds)
-            results["TCP + relay hop"] = await measure(relayed, size_mb * 10**6, rounds)
-            async with anyio.create_task_group() as tg:
-                for kind, label in (("fast", "fast path (TLS-TCP)"), ("quic", "QUIC fallback")):
-                    node = Node(_config(home, f"a-{kind}", (info["tokens"][kind],),
-                                        kind == "fast"))
-                    await tg.start(node.run)
-                    peer = f"b-{kind}"
-                    want = "TLS-TCP" if kind == "fast" else "QUIC"
-                    with anyio.fail_after(20):
-                        while node.transport.link(peer) != want:
-                            await anyio.sleep(0.05)
-
-                    async def tunnel(service: str, node: Any = node, peer: str = peer
-                                     ) -> ByteStream:
-                        return await node.transport.connect(peer, service)
-
-                    results[label] = await measure(tunnel, size_mb * 10**6, rounds)
-                    node.stop()
+            proc, services = child("services", {}, "asyncio")  # the same baseline for both loops
+            procs.append(proc)
+            proc, worker = child("worker", {"home": home, "services": services}, loop)
+            procs.append(proc)
+            proc, host = child("host", {"home": home, "tokens": worker["tokens"]}, loop)
+            procs.append(proc)
+            paths = {"raw TCP": services, "TCP + stream relay": worker["relay"],
+                     "TCP + splice relay": worker["splice"],
+                     "fast path (TLS-TCP)": host["fast"], "QUIC fallback": host["quic"]}
+            results = {name: (bulk(ports["sink"], size_mb * 10**6), rtt(ports["echo"], rounds))
+                       for name, ports in paths.items()}
         finally:
-            if child.stdin is not None:
-                child.stdin.close()
-            child.wait(20)
-    report(results, size_mb, rounds)
+            for proc in reversed(procs):
+                assert proc.stdin is not None
+                proc.stdin.close()
+                proc.wait(20)
+    report(results, size_mb, rounds, loop)
 
 
-def report(results: dict[str, tuple[float, float]], size_mb: int, rounds: int) -> None:
+def report(results: dict[str, tuple[float, float]], size_mb: int, rounds: int,
+           loop: str) -> None:
     base_bulk, base_rtt = results["raw TCP"]
     print(f"tunnel benchmark: {size_mb} MB bulk, {rounds} x 64-byte round trips, loopback, "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, {loop} event loop")
     print(f"{'path':22} {'bulk MB/s':>10} {'x raw':>7} {'RTT us':>8} {'added us':>9}")
     for name, (mbps, us) in results.items():
         print(f"{name:22} {mbps:10.1f} {mbps / base_bulk:7.2f} {us:8.0f} {us - base_rtt:9.0f}")
@@ -178,9 +220,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=200, help="bulk size in MB (default 200)")
     parser.add_argument("--rounds", type=int, default=2000, help="round trips (default 2000)")
-    parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.serve:
-        anyio.run(serve_child, args.serve)
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
+                        help="event loop of the node processes (default asyncio)")
+    parser.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
+    parser.add_argument("args", nargs="?", default="{}", help=argparse.SUPPRESS)
+    ns = parser.parse_args()
+    if ns.role:
+        anyio.run(ROLES[ns.role], json.loads(ns.args),
+                  backend_options={"use_uvloop": ns.loop == "uvloop"})
     else:
-        anyio.run(main, args.mb, args.rounds)
+        main(ns.mb, ns.rounds, ns.loop)

@@ -44,6 +44,12 @@ class Transport(Protocol):
     def link(self, peer_id: str) -> str:
         """What carries traffic to this peer, for humans: ``QUIC``, ``TLS-TCP``, ..."""
 
+    # Optional (looked up with getattr, so not part of the Protocol): ``async
+    # open_raw(peer_id, service, protocol_factory) -> asyncio.Transport | None`` connects the
+    # tunnel to ``protocol_factory()`` and returns its asyncio Transport (half-close through
+    # ``write_eof``), or None when no such path exists now. ``node.forward_port`` then splices
+    # it to local connections in Protocol callbacks (meshcore.relay), skipping anyio streams.
+
 
 class Backend(Protocol):
     """Runs inference processes according to the plan."""

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 import anyio
 from anyio.abc import ByteStream, SocketStream, TaskStatus
@@ -80,8 +81,7 @@ class SpliceEnd(asyncio.Protocol):
         self.lost = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         nodelay(transport.get_extra_info("socket"))
 
     def _target(self) -> asyncio.Transport | None:

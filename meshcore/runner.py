@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
+import os
 import signal
 import sys
 
@@ -59,6 +61,14 @@ def leaf_exceptions(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
+def use_uvloop() -> bool:
+    """uvloop when installed (tunnel relays run ~1.5x faster on it, docs/benchmarks.md),
+    unless ``MESH_LLM_UVLOOP=0``."""
+    if os.environ.get("MESH_LLM_UVLOOP", "1") == "0":
+        return False
+    return importlib.util.find_spec("uvloop") is not None
+
+
 def run_node(config: NodeConfig) -> int:
     """Run until SIGINT/SIGTERM; returns the process exit code (0 after a signal).
 
@@ -66,7 +76,7 @@ def run_node(config: NodeConfig) -> int:
     sees one line for the first real error (the traceback only with ``--verbose``).
     """
     try:
-        anyio.run(_main, config)
+        anyio.run(_main, config, backend_options={"use_uvloop": use_uvloop()})
     except BaseException as exc:
         leaves = [e for e in leaf_exceptions(exc)
                   if not isinstance(e, KeyboardInterrupt | asyncio.CancelledError)]

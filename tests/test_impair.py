@@ -72,13 +72,14 @@ def test_tcp_relay_keeps_order_and_half_close() -> None:
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     payload = bytes(range(256)) * 4000
-    with start_relay("tcp", server.getsockname(), Impairment(delay_ms=5, jitter_ms=5)) as relay:
-        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as conn:
-            conn.sendall(payload)
-            conn.shutdown(socket.SHUT_WR)
-            back = b""
-            while chunk := conn.recv(65536):
-                back += chunk
+    impairment = Impairment(delay_ms=5, jitter_ms=5)
+    with start_relay("tcp", server.getsockname(), impairment) as relay, \
+            socket.create_connection(("127.0.0.1", relay.port), timeout=10) as conn:
+        conn.sendall(payload)
+        conn.shutdown(socket.SHUT_WR)
+        back = b""
+        while chunk := conn.recv(65536):
+            back += chunk
     thread.join(5)
     server.close()
     assert back == payload[::-1]
@@ -87,6 +88,6 @@ def test_tcp_relay_keeps_order_and_half_close() -> None:
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="probability"):
         Impairment(loss=2)
-    with pytest.raises(ValueError, match="unknown"):
-        with start_relay("sctp", ("127.0.0.1", 1)):  # type: ignore[arg-type]
-            pass
+    with pytest.raises(ValueError, match="unknown"), \
+            start_relay("sctp", ("127.0.0.1", 1)):  # type: ignore[arg-type]
+        pass

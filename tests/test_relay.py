@@ -129,7 +129,6 @@ async def test_forward_flushes_the_tail_before_closing(size: int) -> None:
 
 
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("size", SIZES)
 async def test_splice_flushes_the_tail_before_closing(size: int) -> None:
     """The callback splice (``open_raw``) closes gracefully: buffered bytes still leave."""
     service = SlowService()
@@ -145,6 +144,7 @@ async def test_splice_flushes_the_tail_before_closing(size: int) -> None:
         service.close()
 
 
+@pytest.mark.parametrize("size", SIZES)
 async def test_relay_flushes_the_tail_before_closing(size: int) -> None:
     """relay() itself (the serve_inbound path, anyio streams on both sides)."""
     service = SlowService()

@@ -255,7 +255,7 @@ class LlamaCppBackend:
                 self.ready, self.error = True, None
                 node.services["llama"] = ("127.0.0.1", port)
                 node.set_serving(Serving.READY, error=None)
-                await self._race([child])
+                await self._race([child], functools.partial(self._worker_lost, lay.rpc_peers))
             finally:
                 self.ready = False
                 node.services.pop("llama", None)
@@ -278,6 +278,24 @@ class LlamaCppBackend:
             with anyio.move_on_after(1):
                 gen = await state.changed(gen)
         return [f"127.0.0.1:{await self.node.forward_port(p, 'rpc')}" for p in peers]
+
+    async def _worker_lost(self, peers: Sequence[str]) -> None:
+        """Return once a worker of the running split stops announcing a live rpc-server (it
+        died and restarts, or left): llama-server's connection to it is dead and would fail
+        the next request, so the host restarts llama-server now (the plan is re-applied)."""
+        if not peers:
+            await anyio.sleep_forever()
+        state, gen = self.node.state, -1
+        while True:
+            view = state.view()
+            lost = [p for p in peers if (peer := view.get(p)) is None
+                    or peer.serving is not Serving.RPC]
+            if lost:
+                log.warning("the rpc-server of %s went away; restarting llama-server to "
+                            "re-apply the split", ", ".join(lost))
+                return
+            with anyio.move_on_after(1):
+                gen = await state.changed(gen)
 
     # ------------------------------------------------------------------ worker
 

@@ -10,6 +10,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
+from typing import cast
 
 log = logging.getLogger("meshcore.transport.fast")
 
@@ -82,8 +83,7 @@ class FastConnection(asyncio.Protocol):
 
     # ---------------------------------------------------------------- remote (TLS) side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.tcp = transport
+        self.tcp = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.live.add(self)
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -195,7 +195,6 @@ class FastConnection(asyncio.Protocol):
         if self.state == "closed":
             local.close()
             return
-        assert isinstance(local, asyncio.Transport)
         self.local = local
         sock = local.get_extra_info("socket")
         if sock is not None:
