@@ -18,12 +18,12 @@ import anyio
 
 from meshcore_transport_quic.fastpath import (
     CONNECT_TIMEOUT,
-    RECEIVE_BYTES,
     RECORD_BATCH,
     FastPathError,
     client_context,
     log,
 )
+from meshcore_transport_quic.fastserver import read_plaintext
 from meshcore_transport_quic.identity import fingerprint
 
 
@@ -79,20 +79,11 @@ class FastTransport(asyncio.Protocol, asyncio.Transport):
             self.upper.data_received(plain)
 
     def _decrypt(self) -> bytes:
-        parts = []
-        while True:
-            try:
-                data = self.ssl.read(RECEIVE_BYTES)
-            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
-                break
-            except ssl.SSLError as exc:
-                log.debug("fast path: TLS error: %s", exc)
-                self.abort()
-                break
-            if not data:
-                break
-            parts.append(data)
-        return b"".join(parts)
+        plain, error = read_plaintext(self.ssl)
+        if error is not None:
+            log.debug("fast path: TLS error: %s", error)
+            self.abort()
+        return plain
 
     def eof_received(self) -> bool:
         self._eof = True

@@ -20,14 +20,13 @@ import ssl
 import anyio
 from anyio.abc import ByteStream, SocketAttribute, TaskStatus
 
-from meshcore_transport_quic.fastserver import PROBE, Lookup, serve_fast
+from meshcore_transport_quic.fastserver import PROBE, RECEIVE_BYTES, Lookup, serve_fast
 from meshcore_transport_quic.identity import Identity, fingerprint
 
 log = logging.getLogger("meshcore.transport.fast")
 
 CONNECT_TIMEOUT = 3.0
 DRAIN_TIMEOUT = 60.0
-RECEIVE_BYTES = 256 * 1024
 RECORD_BATCH = 256 * 1024
 
 

@@ -17,9 +17,27 @@ log = logging.getLogger("meshcore.transport.fast")
 KEY_BYTES = 32
 PROBE = "probe"
 HEADER_TIMEOUT = 5.0
+RECEIVE_BYTES = 256 * 1024
 
 # (peer id, service) -> local (host, port), or None when refused
 Lookup = Callable[[str, str], "tuple[str, int] | None"]
+
+
+def read_plaintext(tls: ssl.SSLObject) -> tuple[bytes, ssl.SSLError | None]:
+    """Everything the MemoryBIO-backed ``tls`` can decrypt now, and the TLS error that stopped
+    it (the caller closes the connection on an error)."""
+    parts: list[bytes] = []
+    while True:
+        try:
+            data = tls.read(RECEIVE_BYTES)
+        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+            break
+        except ssl.SSLError as exc:
+            return b"".join(parts), exc
+        if not data:
+            break
+        parts.append(data)
+    return b"".join(parts), None
 
 
 def listen_socket(port: int) -> socket.socket:
@@ -128,22 +146,11 @@ class FastConnection(asyncio.Protocol):
 
     # ---------------------------------------------------------------- plumbing
     def _decrypt(self) -> bytes:
-        parts = []
-        while True:
-            try:
-                data = self.ssl.read(256 * 1024)
-            except ssl.SSLWantReadError:
-                break
-            except ssl.SSLZeroReturnError:
-                break
-            except ssl.SSLError as exc:
-                log.debug("fast path: TLS error: %s", exc)
-                self.close()
-                break
-            if not data:
-                break
-            parts.append(data)
-        return b"".join(parts)
+        plain, error = read_plaintext(self.ssl)
+        if error is not None:
+            log.debug("fast path: TLS error: %s", error)
+            self.close()
+        return plain
 
     def _flush(self) -> None:
         data = self._out.read()
