@@ -23,7 +23,9 @@ def banner(node: object) -> str:
     assert isinstance(node, Node)
     cfg = node.config
     host = "127.0.0.1" if not cfg.listen_all else "0.0.0.0 (all interfaces)"
-    lines = [f"mesh-llm node {node.id} ({node.state.me.role.value.lower()})",
+    # the role is elected after start-up: only a client knows what it is at this point
+    kind = "client" if node.state.me.is_client else "electing a host"
+    lines = [f"mesh-llm node {node.id} ({kind})",
              f"  API      http://{host}:{node.api_port}/v1"]
     console = node.uis.get("console")
     if console is not None and getattr(console, "port", None):
