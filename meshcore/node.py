@@ -18,7 +18,7 @@ from meshcore.identity import load_node_id
 from meshcore.plan import WAITING_FOR_PEERS, ElectionRequest, Plan, PlanState
 from meshcore.plugins import get_plugin_manager
 from meshcore.registry import Registry, collect
-from meshcore.relay import relay, serve_forward
+from meshcore.relay import Tally, relay, serve_forward
 from meshcore.state import MeshState, MeshView, Peer, Role, Serving
 
 log = logging.getLogger("meshcore.node")
@@ -52,6 +52,7 @@ class Node:
         self.api_port: int | None = None
         self.plan_changed = anyio.Event()  # set and replaced on every plan change
         self._forwards: dict[tuple[str, str], int] = {}
+        self.tunnels: dict[tuple[str, str], Tally] = {}  # (peer, service) -> bytes forwarded
         self._forward_lock = anyio.Lock()
         self._tg: TaskGroup | None = None
         self._stop = anyio.Event()
@@ -189,8 +190,9 @@ class Node:
 
                 raw = getattr(self.transport, "open_raw", None)  # optional: see components
                 open_raw = functools.partial(raw, peer_id, service) if raw else None
+                tally = self.tunnels.setdefault(key, Tally())
                 self._forwards[key] = await self.task_group.start(
-                    functools.partial(serve_forward, open_raw=open_raw), open_remote)
+                    functools.partial(serve_forward, open_raw=open_raw, tally=tally), open_remote)
             return self._forwards[key]
 
     async def upstream(self) -> str | None:
@@ -237,4 +239,10 @@ class Node:
             "me": me.to_dict(),
             "backend": self.backend.status() if self.backend is not None else {},
             "generation": view.generation,
+            "tunnels": self.tunnel_status(),
         }
+
+    def tunnel_status(self) -> list[dict[str, Any]]:
+        """Every host-side forward: its peer, service, local port and bytes each way."""
+        return [{"peer": peer, "service": service, "port": self._forwards.get((peer, service)),
+                 **tally.to_dict()} for (peer, service), tally in self.tunnels.items()]

@@ -5,7 +5,8 @@ transport's streams work). ``serve_forward(..., open_raw=...)`` splices two asyn
 Transports with Protocol callbacks instead: each received chunk is written to the other side
 inside the socket callback (no task switch, no anyio stream), with pause/resume backpressure.
 It is used when the transport can hand a tunnel out as an asyncio Transport (the QUIC
-plugin's TLS-TCP fast path); otherwise it falls back to ``relay()``.
+plugin's TLS-TCP fast path); otherwise it falls back to ``relay()``. Either way a
+``Tally`` passed to ``serve_forward`` counts the bytes each direction carried.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import Any, cast
 
 import anyio
 from anyio.abc import ByteStream, SocketStream, TaskStatus
@@ -26,11 +27,36 @@ Opener = Callable[[], Awaitable[ByteStream]]
 # raw path is available right now (the caller then uses the stream opener).
 RawOpener = Callable[[Callable[[], asyncio.Protocol]], Awaitable["asyncio.Transport | None"]]
 _CLOSED = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+Count = Callable[[int], None]
 
 
-async def _pump(src: ByteStream, dst: ByteStream) -> None:
+class Tally:
+    """Bytes a forward carried: ``sent`` towards the peer, ``received`` back from it, and
+    how many connections it relayed. Plain int adds in the relay callbacks and pumps."""
+
+    __slots__ = ("connections", "received", "sent")
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.received = 0
+        self.connections = 0
+
+    def add_sent(self, n: int) -> None:
+        self.sent += n
+
+    def add_received(self, n: int) -> None:
+        self.received += n
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bytes_to_peer": self.sent, "bytes_from_peer": self.received,
+                "connections": self.connections}
+
+
+async def _pump(src: ByteStream, dst: ByteStream, count: Count | None = None) -> None:
     try:
         async for chunk in src:
+            if count is not None:
+                count(len(chunk))
             await dst.send(chunk)
     except _CLOSED:
         pass
@@ -46,16 +72,17 @@ async def _pump(src: ByteStream, dst: ByteStream) -> None:
         pass
 
 
-async def relay(a: ByteStream, b: ByteStream) -> None:
-    """Copy bytes both ways until both directions end; closes both streams.
+async def relay(a: ByteStream, b: ByteStream, tally: Tally | None = None) -> None:
+    """Copy bytes both ways until both directions end; closes both streams. ``tally``, if
+    given, counts a -> b as sent and b -> a as received.
 
     Nothing is lost at the end: anyio's asyncio SocketStream sets a zero write-buffer limit,
     so ``send`` returns only once the kernel has the bytes and its aborting ``aclose`` drops
     nothing (tests/test_relay.py checks it with a slow reader)."""
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_pump, a, b)
-            tg.start_soon(_pump, b, a)
+            tg.start_soon(_pump, a, b, tally.add_sent if tally else None)
+            tg.start_soon(_pump, b, a, tally.add_received if tally else None)
     finally:
         with anyio.CancelScope(shield=True):
             await a.aclose()
@@ -71,9 +98,11 @@ def nodelay(sock: socket.socket | None) -> None:
 
 class SpliceEnd(asyncio.Protocol):
     """One end of a callback relay: what it receives goes to the other end's transport; EOF
-    is passed on as a half-close (or a graceful close where the other end has none)."""
+    is passed on as a half-close (or a graceful close where the other end has none).
+    ``count``, if given, is told the size of every chunk this end receives."""
 
-    def __init__(self) -> None:
+    def __init__(self, count: Count | None = None) -> None:
+        self.count = count
         self.transport: asyncio.Transport | None = None
         self.other: SpliceEnd | None = None
         self.pending: list[bytes] = []
@@ -88,6 +117,8 @@ class SpliceEnd(asyncio.Protocol):
         return self.other.transport if self.other is not None else None
 
     def data_received(self, data: bytes) -> None:
+        if self.count is not None:
+            self.count(len(data))
         target = self._target()
         if target is None:  # the other end is still connecting
             self.pending.append(data)
@@ -143,9 +174,10 @@ def splice(a: SpliceEnd, b: SpliceEnd) -> None:
             end.eof_received()
 
 
-async def _serve_raw(conn: socket.socket, remote: asyncio.Transport, far: SpliceEnd) -> None:
+async def _serve_raw(conn: socket.socket, remote: asyncio.Transport, far: SpliceEnd,
+                     tally: Tally | None) -> None:
     loop = asyncio.get_running_loop()
-    near = SpliceEnd()
+    near = SpliceEnd(tally.add_sent if tally else None)
     try:
         await loop.connect_accepted_socket(lambda: near, conn)
     except OSError:
@@ -164,10 +196,13 @@ async def _serve_raw(conn: socket.socket, remote: asyncio.Transport, far: Splice
                 transport.abort()
 
 
-async def _handle(conn: socket.socket, open_remote: Opener, open_raw: RawOpener | None) -> None:
+async def _handle(conn: socket.socket, open_remote: Opener, open_raw: RawOpener | None,
+                  tally: Tally | None) -> None:
     nodelay(conn)
+    if tally is not None:
+        tally.connections += 1
     if open_raw is not None:
-        far = SpliceEnd()
+        far = SpliceEnd(tally.add_received if tally else None)
         try:
             remote = await open_raw(lambda: far)
         except Exception:
@@ -175,22 +210,23 @@ async def _handle(conn: socket.socket, open_remote: Opener, open_raw: RawOpener 
             conn.close()
             return
         if remote is not None:
-            await _serve_raw(conn, remote, far)
+            await _serve_raw(conn, remote, far, tally)
             return
     try:
         stream = await open_remote()
     except Exception:
         conn.close()
         return
-    await relay(await SocketStream.from_socket(conn), stream)
+    await relay(await SocketStream.from_socket(conn), stream, tally)
 
 
 async def serve_forward(open_remote: Opener, *, host: str = "127.0.0.1",
-                        open_raw: RawOpener | None = None,
+                        open_raw: RawOpener | None = None, tally: Tally | None = None,
                         task_status: TaskStatus[int]) -> None:
     """Listen on ``host`` at a free port (reported through task_status); each accepted
     connection is relayed to the tunnel from ``open_raw`` when it gives one (callback
-    splice), else to a fresh stream from ``open_remote`` (``relay()``)."""
+    splice), else to a fresh stream from ``open_remote`` (``relay()``); ``tally`` counts
+    the bytes of every connection."""
     loop = asyncio.get_running_loop()
     listener = socket.create_server((host, 0))
     listener.setblocking(False)
@@ -199,4 +235,4 @@ async def serve_forward(open_remote: Opener, *, host: str = "127.0.0.1",
             task_status.started(listener.getsockname()[1])
             while True:
                 conn, _ = await loop.sock_accept(listener)
-                tg.start_soon(_handle, conn, open_remote, open_raw)
+                tg.start_soon(_handle, conn, open_remote, open_raw, tally)

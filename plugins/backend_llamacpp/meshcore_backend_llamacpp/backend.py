@@ -64,6 +64,7 @@ class LlamaCppBackend:
         self.restarts = 0
         self.error: str | None = None
         self.seeded_bytes: int | None = None
+        self.load_tunneled_bytes: int | None = None  # sent to workers while llama-server loaded
 
     @property
     def log_dir(self) -> Path:
@@ -124,6 +125,7 @@ class LlamaCppBackend:
             "restarts": self.restarts,
             "error": self.error,
             "seeded_bytes": self.seeded_bytes,
+            "load_tunneled_bytes": self.load_tunneled_bytes,
             "log_dir": str(self.log_dir),
         }
 
@@ -245,6 +247,8 @@ class LlamaCppBackend:
             if endpoints else None,
             alias=plan.model, extra=list(node.config.options.get("llama_args", ())))
         timeout = float(node.config.options.get("load_timeout_s", 900))
+        self.load_tunneled_bytes, began = None, time.monotonic()
+        sent_before = self._sent_to_workers(lay.rpc_peers)
         async with supervised("llama-server", argv, self.log_dir) as child:
             self.server, self.port = child, port
             try:
@@ -252,6 +256,7 @@ class LlamaCppBackend:
                     [child], functools.partial(wait_healthy, child, port, timeout))
                 if not done:
                     return
+                self._loaded(lay.rpc_peers, sent_before, time.monotonic() - began)
                 self.ready, self.error = True, None
                 node.services["llama"] = ("127.0.0.1", port)
                 node.set_serving(Serving.READY, error=None)
@@ -261,6 +266,21 @@ class LlamaCppBackend:
                 node.services.pop("llama", None)
                 if self.node.state.me.serving is Serving.READY:
                     node.set_serving(Serving.LOADING)
+
+    def _sent_to_workers(self, peers: Sequence[str]) -> int:
+        """Bytes the host's rpc tunnels to ``peers`` have carried towards them so far."""
+        tunnels = getattr(self.node, "tunnels", {})
+        return sum(t.sent for p in peers if (t := tunnels.get((p, "rpc"))) is not None)
+
+    def _loaded(self, peers: Sequence[str], sent_before: int, seconds: float) -> None:
+        """Record and log what loading cost: with workers that seeded their rpc hash cache,
+        only the tensors under llama.cpp's 10 MiB hash threshold should have crossed."""
+        if not peers:
+            log.info("llama-server loaded in %.1f s", seconds)
+            return
+        self.load_tunneled_bytes = self._sent_to_workers(peers) - sent_before
+        log.info("llama-server loaded in %.1f s; %d bytes tunneled to %d worker(s) during "
+                 "load", seconds, self.load_tunneled_bytes, len(peers))
 
     async def _worker_endpoints(self, peers: Sequence[str]) -> list[str]:
         """``127.0.0.1:port`` tunnels to each worker's rpc-server, once every one is up."""
