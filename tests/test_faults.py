@@ -130,7 +130,8 @@ def quic_port(token: str) -> int:
 
 
 def same_plan(x: dict[str, Any], y: dict[str, Any]) -> bool:
-    """Plans equal but for their reason (which quotes RTTs as they move)."""
+    """Plans equal but for their reason (which quotes RTTs as they move). Compare with the
+    host's current plan: worker order follows RTT bands, which move on a loaded machine."""
     return {**x, "reason": None} == {**y, "reason": None}
 
 
@@ -169,9 +170,9 @@ def test_slow_node_left_out_of_automatic_split_but_forced_by_split(node: Start) 
         assert [p["peer_id"] for p in plan["participants"]] == [b_id, a_id]
         print(f"c's RTT seen by a: {status['me']['extra']['rtt_ms'][c_id]} ms; "
               f"plan: {plan['reason']}")
-        for p in (b, c):  # the reason carries C's RTT, which moves: compare the rest
-            wait_status(p, lambda s: same_plan(s["plan"], plan) and c_id in s["plan"]["reason"],
-                        "b and c to agree on a's plan", 30)
+        for p in (b, c):
+            wait_status(p, lambda s: same_plan(s["plan"], mesh_status(a)["plan"])
+                        and c_id in s["plan"]["reason"], "b and c to agree on a's plan", 30)
 
         d = node("d", *FAKE, "--max-vram", "0.1", "--split", "--join", a.token)
         everyone = {a_id, b_id, c_id, mesh_status(d)["id"]}
@@ -181,7 +182,8 @@ def test_slow_node_left_out_of_automatic_split_but_forced_by_split(node: Start) 
         plan = status["plan"]
         assert plan["participants"][-1]["peer_id"] == a_id  # the host's device comes last
         for p in (b, c, d):
-            wait_status(p, lambda s: same_plan(s["plan"], plan) and len(s["peers"]) == 3,
+            wait_status(p, lambda s: same_plan(s["plan"], mesh_status(a)["plan"])
+                        and len(s["peers"]) == 3,
                         "every node to converge on the forced plan despite the loss", 60)
         assert relay.dropped > 0 and relay.forwarded > 0, "the relay lost nothing: no test"
         print(f"relay: {relay.forwarded} datagrams forwarded, {relay.dropped} dropped")

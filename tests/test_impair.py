@@ -14,11 +14,14 @@ from meshcore.impair import Impairment, start_relay
 def udp_echo() -> tuple[socket.socket, threading.Thread]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.1)  # close() does not wake a blocked recvfrom: poll instead
 
     def serve() -> None:
-        while True:
+        while sock.fileno() != -1:
             try:
                 data, addr = sock.recvfrom(65536)
+            except TimeoutError:
+                continue
             except OSError:
                 return
             sock.sendto(data, addr)
@@ -42,7 +45,7 @@ def test_udp_relay_delays_both_ways_and_drops() -> None:
             assert relay.forwarded == 2 and relay.dropped == 0
 
             relay.impairment = Impairment(loss=0.5)
-            client.settimeout(0.2)
+            client.settimeout(0.1)
             answered = 0
             for i in range(30):
                 client.sendto(b"x%d" % i, ("127.0.0.1", relay.port))
