@@ -281,6 +281,16 @@ def meshcore_register_transports(register: Callable[..., None]) -> None:
 # ---------------------------------------------------------------- node factory
 
 
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10,
+                     what: str = "condition") -> None:
+    """Poll ``predicate`` until true; fails the test naming ``what`` on timeout."""
+    with anyio.move_on_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.02)
+    if not predicate():
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 class MeshHarness:
     """Runs many Nodes in one process on a shared MemoryHub (or any transport)."""
 
@@ -328,11 +338,7 @@ class MeshHarness:
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10,
                        what: str = "condition") -> None:
         """Poll ``predicate`` until true; fails the test naming ``what`` on timeout."""
-        with anyio.move_on_after(timeout):
-            while not predicate():
-                await anyio.sleep(0.02)
-        if not predicate():
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await wait_until(predicate, timeout, what)
 
     def stop_all(self) -> None:
         for node in self.nodes:

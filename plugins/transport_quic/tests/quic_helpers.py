@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import anyio
 from anyio.abc import TaskStatus
+
+from meshcore.testing import wait_until
 
 FAST_TIMERS = {"quic_heartbeat_s": 0.2, "quic_dead_after_s": 1.0, "quic_reconnect_s": 1.5,
                "quic_addresses": ["127.0.0.1"]}
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 10,
-                   what: str = "condition") -> None:
-    with anyio.move_on_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.02)
-    if not predicate():
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+wait_for = wait_until  # the harness's poller, under the name these tests use
 
 
 class QuicMesh:
