@@ -54,7 +54,13 @@ def peer_fingerprint(proto: MeshProtocol) -> bytes | None:
 
 
 def udp_socket(port: int) -> tuple[socket.socket, bool]:
-    """A UDP socket on every interface (dual-stack when IPv6 exists); (socket, is_ipv6)."""
+    """A UDP socket on every interface (dual-stack when IPv6 exists); (socket, is_ipv6).
+
+    The mesh port is the one listener that faces the network on purpose: other machines join
+    through it, and a connection gets nothing (no gossip, no tunnel) until it passes the pinned
+    certificate and mesh-secret checks. The API, console, llama-server and rpc-server stay on
+    127.0.0.1 (the first two unless --listen-all).
+    """
     try:
         sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         try:
