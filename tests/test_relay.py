@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 import pytest
@@ -114,28 +115,23 @@ def check(service: SlowService, rounds: int, size: int) -> None:
         assert hashlib.sha256(got).digest() == hashlib.sha256(payload(size)).digest()
 
 
+def forward_starter(path: str, service_port: int) -> Any:
+    """``serve_forward`` set up for one host-side path: anyio streams, or the callback splice
+    (``open_raw``); the splice path gets a stream opener that fails if it is ever used."""
+    if path == "streams":
+        return functools.partial(serve_forward, small_sndbuf_opener(service_port))
+    return functools.partial(serve_forward, no_stream,
+                             open_raw=small_sndbuf_raw_opener(service_port))
+
+
+@pytest.mark.parametrize("path", ["streams", "splice"])
 @pytest.mark.parametrize("size", SIZES)
-async def test_forward_flushes_the_tail_before_closing(size: int) -> None:
+async def test_forward_flushes_the_tail_before_closing(path: str, size: int) -> None:
+    """Both host-side paths close gracefully: bytes still buffered in the relay leave."""
     service = SlowService()
     try:
         async with anyio.create_task_group() as tg:
-            port = await tg.start(serve_forward, small_sndbuf_opener(service.port))
-            for _ in range(2):
-                assert await anyio.to_thread.run_sync(upload, port, size) == b""
-            await anyio.to_thread.run_sync(check, service, 2, size)
-            tg.cancel_scope.cancel()
-    finally:
-        service.close()
-
-
-@pytest.mark.parametrize("size", SIZES)
-async def test_splice_flushes_the_tail_before_closing(size: int) -> None:
-    """The callback splice (``open_raw``) closes gracefully: buffered bytes still leave."""
-    service = SlowService()
-    try:
-        async with anyio.create_task_group() as tg:
-            port = await tg.start(functools.partial(
-                serve_forward, open_raw=small_sndbuf_raw_opener(service.port)), no_stream)
+            port = await tg.start(forward_starter(path, service.port))
             for _ in range(2):
                 assert await anyio.to_thread.run_sync(upload, port, size) == b""
             await anyio.to_thread.run_sync(check, service, 2, size)
