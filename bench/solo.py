@@ -128,13 +128,18 @@ def _one_run(client: httpx.Client, base: str, tokens: int) -> Run:
     return first - start, (count - 1) / (last - first), server_tps
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def cpu_bench_args(doc: str) -> argparse.Namespace:
+    """The options every CPU bench script takes (solo.py, split.py)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-draft", action="store_true", help="pass --no-draft to mesh-llm")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = cpu_bench_args(__doc__ or "")
     extra = ["--no-draft"] if args.no_draft else []
     with mesh_node(args.threads, extra) as (mesh, argv, pid), raw_server(argv) as raw, \
             httpx.Client(timeout=300) as client:

@@ -13,7 +13,6 @@ B seeds it. Nothing here is asserted by the test suite.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import re
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from solo import Run, free_port, one_run, wait_ok
+from solo import Run, cpu_bench_args, free_port, one_run, wait_ok
 
 MODEL = "SmolLM2-135M"
 
@@ -167,12 +166,7 @@ def load_bytes(argv: list[str], bin_dir: Path, model: Path, *, seeded: bool) -> 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--no-draft", action="store_true", help="pass --no-draft to mesh-llm")
-    args = ap.parse_args()
+    args = cpu_bench_args(__doc__ or "")
     extra = ["--no-draft"] if args.no_draft else []
     with mesh_split(args.threads, extra) as (a, b):
         status_a, status_b = a.status(), b.status()
