@@ -11,7 +11,7 @@ Phases, each skipped when the budget left is too small for it:
    command line; load time (start to /health 200), then alternating streamed requests:
    tok/s after the first token and time to first token, medians, ratio mesh/raw.
 4. split (GPU0 + GPU1, needs 2 GPUs): node A ``--split`` on GPU0, node B ``--join`` on GPU1, so
-   llama.cpp's rpc traffic crosses the mesh tunnel (TLS-TCP fast path); then a raw
+   llama.cpp's rpc traffic crosses the mesh tunnel (TCP+AES-GCM fast path); then a raw
    ``ggml-rpc-server`` on GPU1 and a raw llama-server with A's command line, ``--rpc`` straight
    at it. Load time (B's start to A serving the split; raw: start to /health), tok/s, ratio.
 

@@ -42,7 +42,7 @@ class Transport(Protocol):
         """Open a byte stream to ``service`` on ``peer_id`` (e.g. ``rpc``, ``llama``)."""
 
     def link(self, peer_id: str) -> str:
-        """What carries traffic to this peer, for humans: ``QUIC``, ``TLS-TCP``, ..."""
+        """What carries traffic to this peer, for humans: ``QUIC``, ``TCP+AES-GCM``, ..."""
 
     # Optional (looked up with getattr, so not part of the Protocol): ``async
     # open_raw(peer_id, service, protocol_factory) -> asyncio.Transport | None`` connects the

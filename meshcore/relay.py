@@ -5,7 +5,7 @@ transport's streams work). ``serve_forward(..., open_raw=...)`` splices two asyn
 Transports with Protocol callbacks instead: each received chunk is written to the other side
 inside the socket callback (no task switch, no anyio stream), with pause/resume backpressure.
 It is used when the transport can hand a tunnel out as an asyncio Transport (the QUIC
-plugin's TLS-TCP fast path); otherwise it falls back to ``relay()``. Either way a
+plugin's TCP fast path); otherwise it falls back to ``relay()``. Either way a
 ``Tally`` passed to ``serve_forward`` counts the bytes each direction carried.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -96,6 +97,18 @@ def nodelay(sock: socket.socket | None) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def reset(transport: asyncio.BaseTransport | None) -> None:
+    """Drop a connection with a TCP reset, so the far end sees an error, not a clean end
+    (asyncio's ``abort`` alone still sends FIN when nothing is left unread)."""
+    if transport is None or transport.is_closing():
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()  # type: ignore[attr-defined]
+
+
 class SpliceEnd(asyncio.Protocol):
     """One end of a callback relay: what it receives goes to the other end's transport; EOF
     is passed on as a half-close (or a graceful close where the other end has none).
@@ -151,7 +164,10 @@ class SpliceEnd(asyncio.Protocol):
         if not self.lost.done():
             self.lost.set_result(None)
         if self.other is not None and self.other.transport is not None:
-            self.other.transport.close()  # graceful: flushes what it still holds
+            if exc is None:
+                self.other.transport.close()  # graceful: flushes what it still holds
+            else:
+                reset(self.other.transport)  # broken or cut: do not pass it on as an end
 
     def close(self) -> None:
         """Close both ends gracefully (asyncio's ``close`` sends buffered bytes first)."""

@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+from meshcore_transport_quic.fastpath import FastPathServer
 from meshcore_transport_quic.frames import FrameError, Kind
 from meshcore_transport_quic.identity import Identity
 from meshcore_transport_quic.links import PeerLink, local_addresses
@@ -52,6 +53,7 @@ class TransportBase:
         self.secret = b""
         self.port: int | None = None
         self.fast_port: int | None = None
+        self.fast_server: FastPathServer | None = None
         self.v6 = True
         self.links: dict[str, PeerLink] = {}
         self.bindings: dict[str, bytes] = {}  # node id -> certificate fingerprint

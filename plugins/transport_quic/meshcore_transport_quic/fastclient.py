@@ -1,96 +1,96 @@
 """The fast path's dialing side as asyncio callbacks, for relays that splice transports.
 
-:func:`open_fast_raw` does what :func:`.fastpath.open_fast` does (TLS to the pinned
-certificate, key, service name) but hands the tunnel to a Protocol as an asyncio Transport,
-so a host-side relay moves each chunk inside the socket callbacks with no task switch and no
-anyio stream in between (``Transport.open_raw`` in meshcore.components).
+:func:`open_fast_raw` does what :func:`.fastpath.open_fast` does (hello, keys, OPEN record;
+see :mod:`.seal`) but hands the tunnel to a Protocol as an asyncio Transport, so a host-side
+relay moves each chunk inside the socket callbacks with no task switch and no anyio stream in
+between (``Transport.open_raw`` in meshcore.components).
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
-import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
 import anyio
 
-from meshcore_transport_quic.fastpath import (
-    CONNECT_TIMEOUT,
-    RECORD_BATCH,
-    FastPathError,
-    client_context,
-    log,
-)
-from meshcore_transport_quic.fastserver import read_plaintext
-from meshcore_transport_quic.identity import fingerprint
+from meshcore.relay import reset
+from meshcore_transport_quic import seal
+from meshcore_transport_quic.fastpath import CONNECT_TIMEOUT, FastPathError, log
+from meshcore_transport_quic.fastserver import nodelay
 
 
-class FastTransport(asyncio.Protocol, asyncio.Transport):
-    """The dialing side as asyncio callbacks (no task per chunk): the Protocol of the TCP
-    connection, TLS through a MemoryBIO, and to the layer above an asyncio Transport with
-    real half-close (``write_eof`` shuts the TCP write side, like :class:`FastStream`)."""
+class FastTransport(asyncio.BufferedProtocol, asyncio.Transport):
+    """The dialing side as asyncio callbacks (no task per chunk): the BufferedProtocol of the
+    TCP connection, sealed records, and to the layer above an asyncio Transport with real
+    half-close (``write_eof`` sends a sealed EOF, then shuts the TCP write side)."""
 
-    def __init__(self, ctx: ssl.SSLContext) -> None:
+    def __init__(self, key: bytes, service: str) -> None:
         super().__init__()
-        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.ssl = ctx.wrap_bio(self._in, self._out, server_side=False)
+        self.key, self.service = key, service
+        self.client_random = seal.new_random()
+        self.opener = seal.Opener()
+        self.sealer: seal.Sealer | None = None
         self.tcp: asyncio.Transport | None = None
         self.upper: asyncio.Protocol | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._early: list[bytes] = []
         self._eof = False
+        self._sent_eof = False
+        self._broken: Exception | None = None
 
     # ---------------------------------------------------------------- TCP side (Protocol)
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.tcp = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._handshake()
+        nodelay(transport)
+        self.tcp.write(seal.hello(self.key, self.client_random))
 
-    def _handshake(self) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.opener.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.opener.buffer_updated(nbytes)
         try:
-            self.ssl.do_handshake()
-        except ssl.SSLWantReadError:
-            self._flush()
+            if self.sealer is None:
+                server_random = self.opener.take_clear(seal.RANDOM_BYTES)
+                if server_random is None:
+                    return
+                c2s, s2c = seal.derive(self.key, self.client_random, server_random)
+                self.sealer = seal.Sealer(c2s)
+                self.opener.set_key(s2c)
+                assert self.tcp is not None
+                self.tcp.write(self.sealer.seal(seal.OPEN, self.service.encode("ascii")))
+                self.ready.set_result(None)
+            records = self.opener.records()
+        except seal.SealError as exc:
+            log.warning("fast path: %s", exc)
+            self._fail(exc)
             return
-        except ssl.SSLError as exc:
-            if not self.ready.done():
-                self.ready.set_exception(exc)
-            return
-        self._flush()
-        if not self.ready.done():
-            self.ready.set_result(None)
-
-    def data_received(self, data: bytes) -> None:
-        self._in.write(data)
-        if not self.ready.done():
-            self._handshake()
-            if not self.ready.done():
+        for kind, data in records:
+            if kind == seal.DATA and not self._eof:
+                if self.upper is None:
+                    self._early.append(data)
+                else:
+                    self.upper.data_received(data)
+            elif kind == seal.EOF and not self._eof:
+                self._eof = True
+                if self.upper is not None:
+                    self.upper.eof_received()
+            else:
+                self._fail(seal.SealError(f"unexpected record {kind}"))
                 return
-        plain = self._decrypt()
-        if not plain:
-            return
-        if self.upper is None:
-            self._early.append(plain)
-        else:
-            self.upper.data_received(plain)
 
-    def _decrypt(self) -> bytes:
-        plain, error = read_plaintext(self.ssl)
-        if error is not None:
-            log.debug("fast path: TLS error: %s", error)
-            self.abort()
-        return plain
+    def _fail(self, exc: Exception) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+        self._broken = exc
+        reset(self.tcp)
 
     def eof_received(self) -> bool:
-        self._eof = True
         if not self.ready.done():
-            self.ready.set_exception(ConnectionError("closed during the TLS handshake"))
-        elif self.upper is not None:
-            self.upper.eof_received()
+            self.ready.set_exception(ConnectionError("closed during the handshake"))
+        elif not self._eof:  # TCP closed without a sealed EOF: truncated
+            self._fail(ConnectionResetError("the peer closed without a sealed EOF"))
         return True  # keep our write side open (half-close)
 
     def pause_writing(self) -> None:
@@ -105,7 +105,7 @@ class FastTransport(asyncio.Protocol, asyncio.Transport):
         if not self.ready.done():
             self.ready.set_exception(exc or ConnectionError("connection lost"))
         elif self.upper is not None:
-            self.upper.connection_lost(exc)
+            self.upper.connection_lost(exc or self._broken)
 
     # ---------------------------------------------------------------- upper side (Transport)
     def attach(self, upper: asyncio.Protocol) -> None:
@@ -117,24 +117,21 @@ class FastTransport(asyncio.Protocol, asyncio.Transport):
         if self._eof:
             upper.eof_received()
 
-    def _flush(self) -> None:
-        data = self._out.read()
-        if data and self.tcp is not None and not self.tcp.is_closing():
-            self.tcp.write(data)
-
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            written = self.ssl.write(view[:RECORD_BATCH])
-            view = view[written:]
-        self._flush()
+        tcp = self.tcp
+        if tcp is None or tcp.is_closing() or self.sealer is None or self._sent_eof:
+            return
+        for record in self.sealer.seal_data(data):
+            tcp.write(record)
 
     def can_write_eof(self) -> bool:
         return True
 
     def write_eof(self) -> None:
-        self._flush()
-        if self.tcp is not None and not self.tcp.is_closing():
+        if self.tcp is not None and not self.tcp.is_closing() and self.sealer is not None \
+                and not self._sent_eof:
+            self._sent_eof = True
+            self.tcp.write(self.sealer.seal(seal.EOF))
             self.tcp.write_eof()  # asyncio sends it after the buffered bytes
 
     def get_write_buffer_size(self) -> int:
@@ -170,26 +167,20 @@ class FastTransport(asyncio.Protocol, asyncio.Transport):
 ProtocolFactory = Callable[[], asyncio.Protocol]
 
 
-async def open_fast_raw(host: str, port: int, fp: bytes, key: bytes, service: str,
+async def open_fast_raw(host: str, port: int, key: bytes, service: str,
                         protocol_factory: ProtocolFactory) -> asyncio.Transport:
-    """Like :func:`open_fast`, but the tunnel is handed to ``protocol_factory()``'s Protocol
-    as an asyncio Transport (see ``Transport.open_raw`` in meshcore.components)."""
+    """Like :func:`.fastpath.open_fast`, but the tunnel is handed to ``protocol_factory()``'s
+    Protocol as an asyncio Transport (see ``Transport.open_raw`` in meshcore.components)."""
     loop = asyncio.get_running_loop()
-    tls: FastTransport | None = None
+    fast: FastTransport | None = None
     try:
         with anyio.fail_after(CONNECT_TIMEOUT):
-            _, tls = await loop.create_connection(lambda: FastTransport(client_context()),
-                                                  host, port)
-            await tls.ready
-    except (OSError, TimeoutError, ssl.SSLError) as exc:
-        if tls is not None:
-            tls.abort()
+            _, fast = await loop.create_connection(lambda: FastTransport(key, service),
+                                                   host, port)
+            await fast.ready
+    except (OSError, TimeoutError, seal.SealError) as exc:
+        if fast is not None:
+            fast.abort()
         raise FastPathError(f"cannot reach {host}:{port}: {exc!r}") from exc
-    der = tls.ssl.getpeercert(binary_form=True)
-    if der is None or fingerprint(der) != fp:
-        tls.abort()
-        raise FastPathError(f"{host}:{port} presented another certificate than the peer's")
-    name = service.encode("ascii")
-    tls.write(key + bytes([len(name)]) + name)
-    tls.attach(protocol_factory())
-    return tls
+    fast.attach(protocol_factory())
+    return fast

@@ -1,43 +1,27 @@
-"""The fast path's listening side, written as asyncio Protocols: TLS through a MemoryBIO, then
-every decrypted chunk goes straight to the local service's transport (and back) inside the
-socket callbacks, without a task switch per chunk. This is the worker end of every rpc tunnel,
-so it sits on the per-token round trip."""
+"""The fast path's listening side, written as asyncio Protocols: the sealed-record handshake
+(:mod:`.seal`), then every opened record goes straight to the local service's transport (and
+back, sealed) inside the socket callbacks, without a task switch per chunk. This is the
+worker end of every rpc tunnel, so it sits on the per-token round trip."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import socket
-import ssl
 from collections.abc import Callable
 from typing import cast
+
+from meshcore.relay import reset
+from meshcore_transport_quic import seal
 
 log = logging.getLogger("meshcore.transport.fast")
 
 KEY_BYTES = 32
 PROBE = "probe"
 HEADER_TIMEOUT = 5.0
-RECEIVE_BYTES = 256 * 1024
 
 # (peer id, service) -> local (host, port), or None when refused
 Lookup = Callable[[str, str], "tuple[str, int] | None"]
-
-
-def read_plaintext(tls: ssl.SSLObject) -> tuple[bytes, ssl.SSLError | None]:
-    """Everything the MemoryBIO-backed ``tls`` can decrypt now, and the TLS error that stopped
-    it (the caller closes the connection on an error)."""
-    parts: list[bytes] = []
-    while True:
-        try:
-            data = tls.read(RECEIVE_BYTES)
-        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
-            break
-        except ssl.SSLError as exc:
-            return b"".join(parts), exc
-        if not data:
-            break
-        parts.append(data)
-    return b"".join(parts), None
 
 
 def listen_socket(port: int) -> socket.socket:
@@ -57,6 +41,12 @@ def listen_socket(port: int) -> socket.socket:
             if family == socket.AF_INET:
                 raise
     raise OSError("no address family could listen")  # pragma: no cover
+
+
+def nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class _Local(asyncio.Protocol):
@@ -82,55 +72,81 @@ class _Local(asyncio.Protocol):
         self.owner.close()
 
 
-class FastConnection(asyncio.Protocol):
-    """One accepted fast-path connection: handshake, header, then a two-way relay."""
+class FastConnection(asyncio.BufferedProtocol):
+    """One accepted fast-path connection: hello, keys, OPEN record, then a two-way relay."""
 
-    def __init__(self, ctx: ssl.SSLContext, keys: dict[bytes, str], lookup: Lookup,
+    def __init__(self, keys: dict[bytes, str], lookup: Lookup,
                  live: set[FastConnection]) -> None:
         self.keys, self.lookup, self.live = keys, lookup, live
-        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.ssl = ctx.wrap_bio(self._in, self._out, server_side=True)
+        self.opener = seal.Opener()
+        self.sealer: seal.Sealer | None = None
+        self.peer_id = ""
         self.tcp: asyncio.Transport | None = None
         self.local: asyncio.Transport | None = None
-        self.state = "handshake"  # -> header -> connecting -> relay -> closed
-        self.header = b""
+        self.state = "hello"  # -> open -> connecting -> relay -> closed
         self.pending: list[bytes] = []
         self.remote_done = self.local_done = False
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
 
-    # ---------------------------------------------------------------- remote (TLS) side
+    # ---------------------------------------------------------------- remote (sealed) side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.tcp = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.live.add(self)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        nodelay(transport)
         self.timer = asyncio.get_running_loop().call_later(HEADER_TIMEOUT, self.close)
 
-    def data_received(self, data: bytes) -> None:
-        self._in.write(data)
-        if self.state == "handshake":
-            try:
-                self.ssl.do_handshake()
-            except ssl.SSLWantReadError:
-                self._flush()
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.opener.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.opener.buffer_updated(nbytes)
+        try:
+            if self.state == "hello" and not self._on_hello():
                 return
-            except ssl.SSLError as exc:
-                log.debug("fast path: TLS handshake failed: %s", exc)
-                self.close()
+            records = self.opener.records()
+        except seal.SealError as exc:
+            log.warning("fast path: dropped a connection: %s", exc)
+            self.abort()
+            return
+        for kind, data in records:
+            if self.state == "closed":
                 return
-            self._flush()
-            self.state = "header"
-        plain = self._decrypt()
-        if plain:
-            self._on_plain(plain)
+            if kind == seal.DATA:
+                self._on_data(data)
+            elif kind == seal.OPEN and self.state == "open":
+                self._on_open(data.decode("ascii", "replace"))
+            elif kind == seal.EOF and not self.remote_done:
+                self._on_eof()
+            else:
+                log.warning("fast path: unexpected record %d in state %s", kind, self.state)
+                self.abort()
+                return
+
+    def _on_hello(self) -> bool:
+        data = self.opener.take_clear(seal.HELLO_BYTES)
+        if data is None:
+            return False
+        ident, client_random = seal.parse_hello(data)
+        found = [(k, p) for k, p in list(self.keys.items()) if seal.key_id(k) == ident]
+        if not found:
+            raise seal.SealError("unknown key (not issued to a connected peer)")
+        key, peer_id = found[0]
+        server_random = seal.new_random()
+        c2s, s2c = seal.derive(key, client_random, server_random)
+        self.opener.set_key(c2s)
+        self.sealer = seal.Sealer(s2c)
+        self.peer_id = peer_id
+        self.state = "open"
+        assert self.tcp is not None
+        self.tcp.write(server_random)
+        return True
 
     def eof_received(self) -> bool:
-        self.remote_done = True
-        if self.state == "relay" and self.local is not None and self.local.can_write_eof():
-            self.local.write_eof()
-        self._close_when_done()
+        if not self.remote_done:  # a TCP close without a sealed EOF: truncated
+            if self.state != "closed":
+                log.debug("fast path: peer closed without a sealed EOF")
+            self.abort()
         return True
 
     def pause_writing(self) -> None:
@@ -145,54 +161,43 @@ class FastConnection(asyncio.Protocol):
         self.close()
 
     # ---------------------------------------------------------------- plumbing
-    def _decrypt(self) -> bytes:
-        plain, error = read_plaintext(self.ssl)
-        if error is not None:
-            log.debug("fast path: TLS error: %s", error)
-            self.close()
-        return plain
+    def _send(self, kind: int, data: bytes = b"") -> None:
+        if self.tcp is not None and not self.tcp.is_closing() and self.sealer is not None:
+            self.tcp.write(self.sealer.seal(kind, data))
 
-    def _flush(self) -> None:
-        data = self._out.read()
-        if data and self.tcp is not None and not self.tcp.is_closing():
-            self.tcp.write(data)
-
-    def _on_plain(self, data: bytes) -> None:
+    def _on_data(self, data: bytes) -> None:
         if self.state == "relay" and self.local is not None:
             self.local.write(data)
         elif self.state == "connecting":
             self.pending.append(data)
-        elif self.state == "header":
-            self.header += data
-            if len(self.header) > KEY_BYTES and len(self.header) > KEY_BYTES + self.header[32]:
-                self._on_header()
+        else:
+            log.warning("fast path: data before the OPEN record")
+            self.abort()
 
-    def _on_header(self) -> None:
-        key, size = self.header[:KEY_BYTES], self.header[KEY_BYTES]
-        service = self.header[KEY_BYTES + 1:KEY_BYTES + 1 + size].decode("ascii", "replace")
-        rest = self.header[KEY_BYTES + 1 + size:]
-        peer_id = self.keys.get(key)
-        if peer_id is None:
-            log.warning("fast path: refused a connection with an unknown key")
-            self.close()
-            return
+    def _on_eof(self) -> None:
+        self.remote_done = True
+        if self.state == "relay" and self.local is not None and self.local.can_write_eof():
+            self.local.write_eof()
+        self._close_when_done()
+
+    def _on_open(self, service: str) -> None:
         if service == PROBE:
-            self.ssl.write(b"\x00")
-            self._flush()
+            self._send(seal.DATA, b"\x00")
+            self._send(seal.EOF)
             self.close()
             return
-        target = self.lookup(peer_id, service)
+        target = self.lookup(self.peer_id, service)
         if target is None:
+            log.warning("fast path: %s asked for unknown service %r", self.peer_id, service)
             self.close()
             return
         self.state = "connecting"
-        self.pending = [rest] if rest else []
-        assert self.tcp is not None
-        self.tcp.pause_reading()
         self.task = asyncio.get_running_loop().create_task(self._connect(target))
 
     async def _connect(self, target: tuple[str, int]) -> None:
         loop = asyncio.get_running_loop()
+        assert self.tcp is not None
+        self.tcp.pause_reading()
         try:
             local, _ = await loop.create_connection(lambda: _Local(self), *target)
         except OSError as exc:
@@ -203,9 +208,7 @@ class FastConnection(asyncio.Protocol):
             local.close()
             return
         self.local = local
-        sock = local.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        nodelay(local)
         if self.timer is not None:
             self.timer.cancel()
         for chunk in self.pending:
@@ -214,22 +217,18 @@ class FastConnection(asyncio.Protocol):
         self.state = "relay"
         if self.remote_done and local.can_write_eof():
             local.write_eof()
-        elif self.tcp is not None:
+        elif not self.tcp.is_closing():
             self.tcp.resume_reading()
 
     # ---------------------------------------------------------------- local side
     def from_local(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            written = self.ssl.write(view[:256 * 1024])
-            view = view[written:]
-        self._flush()
+        if self.tcp is not None and not self.tcp.is_closing() and self.sealer is not None:
+            for record in self.sealer.seal_data(data):
+                self.tcp.write(record)
 
     def local_eof(self) -> None:
         self.local_done = True
-        self._flush()
-        if self.tcp is not None and not self.tcp.is_closing() and self.tcp.can_write_eof():
-            self.tcp.write_eof()
+        self._send(seal.EOF)
         self._close_when_done()
 
     def set_remote_reading(self, on: bool) -> None:
@@ -252,28 +251,32 @@ class FastConnection(asyncio.Protocol):
             if transport is not None:
                 transport.close()
 
+    def abort(self) -> None:
+        """Broken or truncated: both ends see a reset, not a clean end."""
+        self.state = "closed"
+        self.live.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.task is not None:
+            self.task.cancel()
+        for transport in (self.tcp, self.local):
+            reset(transport)
 
-async def serve_fast(port: int, ctx: ssl.SSLContext, keys: dict[bytes, str], lookup: Lookup,
-                     started: Callable[[int], None]) -> None:
+
+async def serve_fast(port: int, keys: dict[bytes, str], lookup: Lookup,
+                     live: set[FastConnection], started: Callable[[int], None]) -> None:
     """Listen (``port``, or any port when it is taken) and serve until cancelled."""
     try:
         sock = listen_socket(port)
     except OSError:
         sock = listen_socket(0)
-    live: set[FastConnection] = set()
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: FastConnection(ctx, keys, lookup, live), sock=sock)
+    server = await loop.create_server(lambda: FastConnection(keys, lookup, live), sock=sock)
     try:
         started(sock.getsockname()[1])
         await server.serve_forever()
     finally:
         server.close()
         for conn in list(live):
-            if conn.task is not None:
-                conn.task.cancel()
-            if conn.tcp is not None:
-                conn.tcp.abort()
-            if conn.local is not None:
-                conn.local.abort()
-            conn.state = "closed"
+            conn.abort()
         live.clear()

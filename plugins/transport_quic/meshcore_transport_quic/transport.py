@@ -1,7 +1,7 @@
 """QuicTransport: the mesh over aioquic: join, authenticate, gossip, liveness and tunnels.
 
 One QUIC connection per peer pair carries control frames and, as a fallback, tunnels; tunnels
-prefer the direct TLS-over-TCP fast path (see :mod:`.fastpath`). Timings can be overridden via
+prefer the direct TCP fast path, AES-GCM records (see :mod:`.fastpath`). Timings can be set in
 ``NodeConfig.options``: ``quic_heartbeat_s`` (1), ``quic_dead_after_s`` (5),
 ``quic_reconnect_s`` (10), ``quic_fast_path`` (True), ``quic_addresses`` (advertised IPs),
 ``quic_max_datagram`` (1350; loopback peers use 16 KiB). The parts: :mod:`.base` (state),
@@ -50,6 +50,9 @@ from meshcore_transport_quic.wire import (
     udp_socket,
 )
 
+# How ``link()`` names a peer reached on the fast path (console, logs, /mesh/status).
+FAST_LABEL = "TCP+AES-GCM"
+
 
 class QuicTransport(Handshakes, Gossip):
     """The default transport (entry point ``quic``)."""
@@ -74,8 +77,8 @@ class QuicTransport(Handshakes, Gossip):
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 if self.fast_enabled:
-                    server = FastPathServer(self.identity, self.fast_keys, self._fast_lookup)
-                    self.fast_port = await tg.start(server.serve, self.port)
+                    self.fast_server = FastPathServer(self.fast_keys, self._fast_lookup)
+                    self.fast_port = await tg.start(self.fast_server.serve, self.port)
                 addrs = self._my_addresses()
                 self.node.state.update_me(addresses=tuple(host_port(a, self.port) for a in addrs))
                 log.info("QUIC on UDP %s, fast path on TCP %s, addresses %s", self.port,
@@ -132,7 +135,7 @@ class QuicTransport(Handshakes, Gossip):
         if self._use_fast(link):
             assert link.fast_port is not None and link.fast_key is not None
             try:
-                return await open_fast(link.host, link.fast_port, link.fp, link.fast_key, service)
+                return await open_fast(link.host, link.fast_port, link.fast_key, service)
             except FastPathError as exc:
                 self._fast_failed(link, str(exc))
         stream = link.proto.open_stream()
@@ -143,14 +146,14 @@ class QuicTransport(Handshakes, Gossip):
     async def open_raw(self, peer_id: str, service: str,
                        protocol_factory: Callable[[], asyncio.Protocol]
                        ) -> asyncio.Transport | None:
-        """The tunnel as an asyncio Transport on the TLS-TCP fast path (for callback relays);
+        """The tunnel as an asyncio Transport on the TCP fast path (for callback relays);
         None when the peer is reached over QUIC only (the caller then uses ``connect``)."""
         link = self.links.get(peer_id)
         if link is None or not self._use_fast(link):
             return None
         assert link.fast_port is not None and link.fast_key is not None
         try:
-            return await open_fast_raw(link.host, link.fast_port, link.fp, link.fast_key,
+            return await open_fast_raw(link.host, link.fast_port, link.fast_key,
                                        service, protocol_factory)
         except FastPathError as exc:
             self._fast_failed(link, str(exc))
@@ -160,7 +163,7 @@ class QuicTransport(Handshakes, Gossip):
         link = self.links.get(peer_id)
         if link is None:
             return "QUIC (reconnecting)" if peer_id in self.lost else "none"
-        return "TLS-TCP" if link.fast_ok and self.fast_enabled else "QUIC"
+        return FAST_LABEL if link.fast_ok and self.fast_enabled else "QUIC"
 
     # ------------------------------------------------------------------ membership
 
@@ -209,12 +212,12 @@ class QuicTransport(Handshakes, Gossip):
                 await self._send(other, Kind.PEERS, {"peers": [link.hint()]})
         if link.fast_port is not None and link.fast_key is not None and self.fast_enabled:
             try:
-                await probe(link.host, link.fast_port, link.fp, link.fast_key)
+                await probe(link.host, link.fast_port, link.fast_key)
             except FastPathError as exc:
                 self._fast_failed(link, str(exc))
             else:
                 link.fast_ok = True
-                log.info("link to %s: TLS-TCP fast path at %s", link.id,
+                log.info("link to %s: fast path (sealed TCP) at %s", link.id,
                          host_port(link.host, link.fast_port))
         else:
             log.info("link to %s: QUIC only (no fast path offered)", link.id)

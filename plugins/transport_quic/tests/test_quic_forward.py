@@ -54,7 +54,7 @@ async def test_forward_port_carries_bytes_intact(quic_mesh: Any, fast: bool,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     a = await quic_mesh.add(quic_fast_path=fast)
     b = await quic_mesh.add(quic_fast_path=fast)
-    want = "TLS-TCP" if fast else "QUIC"
+    want = "TCP+AES-GCM" if fast else "QUIC"
     await wait_for(lambda: a.transport.link(b.id) == want, 10, f"{want} link")
     b.services["echo"] = ("127.0.0.1", await quic_mesh.tg.start(echo_server))
     raw_opened: list[Any] = []

@@ -58,14 +58,14 @@ async def test_three_nodes_form_a_full_mesh_and_a_clean_leave_is_seen(quic_mesh:
     nodes = (a, b, c)
     everyone = {a.id, b.id, c.id}
     await wait_for(lambda: all(ids(n) == everyone for n in nodes), 10, "3-node full mesh")
-    await wait_for(lambda: all(n.transport.link(p.id) == "TLS-TCP" for n in nodes
+    await wait_for(lambda: all(n.transport.link(p.id) == "TCP+AES-GCM" for n in nodes
                                for p in n.view().others), 10, "direct fast-path links")
     assert all(p.addresses for n in nodes for p in n.view().others), "gossip carries addresses"
     await wait_for(lambda: all(p.rtt_ms is not None for p in a.view().others), 10, "RTT")
     await wait_for(lambda: set(a.state.me.extra.get("rtt_ms", {})) == {b.id, c.id}, 10,
                    "published RTT table")
     status = a.status()
-    assert {p["link"] for p in status["peers"]} == {"TLS-TCP"}
+    assert {p["link"] for p in status["peers"]} == {"TCP+AES-GCM"}
 
     b.state.update_me(extra={**b.state.me.extra, "marker": 42})
     await wait_for(lambda: all((n.view().get(b.id) or b.state.me).extra.get("marker") == 42
@@ -120,7 +120,7 @@ async def test_hostile_input_leaves_the_node_running_and_connected(
     caplog.set_level(logging.WARNING)
     a = await quic_mesh.add()
     b = await quic_mesh.add()
-    await wait_for(lambda: ids(a) == {a.id, b.id} and a.transport.link(b.id) == "TLS-TCP", 10,
+    await wait_for(lambda: ids(a) == {a.id, b.id} and a.transport.link(b.id) == "TCP+AES-GCM", 10,
                    "a and b linked")
     # garbage datagrams at the QUIC port, including ones shaped like a QUIC Initial
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -172,13 +172,13 @@ async def test_the_core_harness_runs_quic_nodes_and_streams_through_them(mesh_ha
         words = "".join(json.loads(e[5:])["choices"][0]["delta"].get("content", "")
                         for e in events[:-1])
         assert words == " one two three"
-        assert nodes[0].transport.link(host.id) == "TLS-TCP"
+        assert nodes[0].transport.link(host.id) == "TCP+AES-GCM"
 
 
 async def test_an_unreachable_fast_path_falls_back_to_quic(quic_mesh: QuicMesh) -> None:
     a = await quic_mesh.add()
     b = await quic_mesh.add()
-    await wait_for(lambda: a.transport.link(b.id) == "TLS-TCP", 10, "fast link")
+    await wait_for(lambda: a.transport.link(b.id) == "TCP+AES-GCM", 10, "fast link")
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         dead_port = probe.getsockname()[1]

@@ -69,7 +69,7 @@ async def carry(a: Any, b: Any, tg: Any) -> None:
 async def test_tunnel_carries_bulk_both_ways_intact(quic_mesh: Any, fast: bool) -> None:
     a = await quic_mesh.add(quic_fast_path=fast)
     b = await quic_mesh.add(quic_fast_path=fast)
-    want = "TLS-TCP" if fast else "QUIC"
+    want = "TCP+AES-GCM" if fast else "QUIC"
     await wait_for(lambda: a.transport.link(b.id) == want, 10, f"{want} link")
     await carry(a, b, quic_mesh.tg)
     assert a.transport.link(b.id) == want  # no silent fallback happened
