@@ -2,8 +2,10 @@
 
 A fake-backend node runs in each namespace; the token carries the veth address. ``ip link set
 down`` cuts the path: after the heartbeat silence and the reconnect window each side removes
-the other and re-elects alone; ``ip link set up``: the joiner dials its token again and the
-mesh is whole. Timers are shortened with ``MESH_LLM_OPTIONS`` (docs/testing.md).
+the other and re-elects alone; ``ip link set up``: the removed peers are redialed (and a
+lone joiner dials its token again) and the mesh is whole, even when the node cut off is the
+one that started the mesh and has no token. Timers are shortened with ``MESH_LLM_OPTIONS``
+(docs/testing.md).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from test_client import quic_missing
 
 from meshcore.pytest_plugin import API_LINE, JOIN_LINE
 
-FAST = {"quic_dead_after_s": 3, "quic_reconnect_s": 3}
+FAST = {"quic_dead_after_s": 3, "quic_reconnect_s": 3, "quic_heal_s": 1}
 FAKE = ("--backend", "fake", "--model", "fake-model")
 
 
@@ -72,12 +74,13 @@ class NsNode:
 
 @pytest.fixture
 def ns_node(tmp_path: Path) -> Iterator[Callable[..., NsNode]]:
-    """``ns_node(ns, *args)``: start ``mesh-llm ARGS --port 0`` inside ``ns``; all killed at
-    teardown, before the namespaces go."""
+    """``ns_node(ns, *args, name=...)``: start ``mesh-llm ARGS --port 0`` inside ``ns`` (its
+    state dir named ``name``, default the namespace's); all killed at teardown, before the
+    namespaces go."""
     started: list[NsNode] = []
 
-    def start(ns: Namespace, *args: str) -> NsNode:
-        home = tmp_path / ns.name
+    def start(ns: Namespace, *args: str, name: str = "") -> NsNode:
+        home = tmp_path / (name or ns.name)
         home.mkdir(exist_ok=True)
         env = {**os.environ, "MESH_LLM_HOME": str(home), "PYTHONUNBUFFERED": "1",
                "MESH_LLM_OPTIONS": json.dumps(FAST)}
@@ -136,3 +139,32 @@ def test_cut_veth_removes_peer_and_restored_link_rejoins(
         b.wait(lambda s: peers(s) == {a_id} and s["plan"]["host_id"] == a_id
                and not s["is_host"], "b to rejoin and elect a (more VRAM) again")
         assert "Traceback" not in a.log() + b.log()
+
+
+def test_cut_origin_node_is_redialed_by_the_others_when_the_link_returns(
+        ns_node: Callable[..., NsNode]) -> None:
+    """A started the mesh (no token); B and C joined it from the other namespace. Cut off
+    past the reconnect window, A is alone and B and C still have each other, so no one is
+    left to dial a token: only the background redial of removed peers heals the mesh."""
+    with veth_pair("10.78.0") as (ns_a, ns_b):
+        a = ns_node(ns_a, *FAKE, "--max-vram", "8")
+        b = ns_node(ns_b, *FAKE, "--max-vram", "4", "--join", a.token, name="b")
+        c = ns_node(ns_b, *FAKE, "--max-vram", "2", "--join", a.token, name="c")
+        a_id = a.wait(lambda s: len(s["peers"]) == 2, "a to see b and c")["id"]
+        b_id = b.wait(lambda s: len(s["peers"]) == 2, "b to see a and c")["id"]
+        c_id = c.wait(lambda s: len(s["peers"]) == 2, "c to see a and b")["id"]
+
+        ns_a.link(up=False)
+        a.wait(lambda s: not s["peers"], "a to remove b and c")
+        b.wait(lambda s: peers(s) == {c_id} and s["plan"]["host_id"] == b_id,
+               "b to remove a and host for c")
+        c.wait(lambda s: peers(s) == {b_id}, "c to remove a")
+
+        ns_a.link(up=True)
+        a.wait(lambda s: peers(s) == {b_id, c_id}, "a to meet b and c again")
+        for node, others in ((b, {a_id, c_id}), (c, {a_id, b_id})):
+            node.wait(lambda s, o=others: peers(s) == o and s["plan"]["host_id"] == a_id,
+                      "the whole mesh back, electing a (most VRAM) again")
+        logs = a.log() + b.log() + c.log()
+        assert "reachable again" in logs
+        assert "Traceback" not in logs

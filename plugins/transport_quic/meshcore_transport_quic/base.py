@@ -6,6 +6,7 @@ import asyncio
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -36,6 +37,16 @@ class JoinRefused(ConnectionError):
     """The node answered and refused us (or is not the pinned node): retrying will not help."""
 
 
+@dataclass
+class Departed:
+    """A removed peer that is still redialed: where it was, and when to try next."""
+
+    link: PeerLink
+    since: float
+    next_try: float
+    backoff: float
+
+
 class TransportBase:
     """Attributes and helpers shared by the handshake, gossip and membership parts."""
 
@@ -45,6 +56,7 @@ class TransportBase:
         self.heartbeat_s = float(opts.get("quic_heartbeat_s", 1.0))
         self.dead_after_s = float(opts.get("quic_dead_after_s", 5.0))
         self.reconnect_s = float(opts.get("quic_reconnect_s", 10.0))
+        self.heal_s = float(opts.get("quic_heal_s", 5.0))
         self.fast_enabled = bool(opts.get("quic_fast_path", True))
         self.datagram = int(opts.get("quic_max_datagram", DEFAULT_DATAGRAM))
         self.advertise: list[str] | None = opts.get("quic_addresses")
@@ -60,6 +72,9 @@ class TransportBase:
         self.boots: dict[str, str] = {}
         self.lost: dict[str, float] = {}  # peer id -> reconnect deadline
         self.dialing: set[str] = set()
+        # Peers removed after a lost connection (not a clean leave): redialed with backoff so
+        # the mesh heals when the path returns, whichever side started it.
+        self.departed: dict[str, Departed] = {}
         self.fast_keys: dict[bytes, str] = {}  # keys we issued -> peer id
         self._published_rtt: dict[str, float] = {}
         self._tg: TaskGroup | None = None

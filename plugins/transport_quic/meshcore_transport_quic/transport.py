@@ -3,7 +3,8 @@
 One QUIC connection per peer pair carries control frames and, as a fallback, tunnels; tunnels
 prefer the direct TCP fast path, AES-GCM records (see :mod:`.fastpath`). Timings can be set in
 ``NodeConfig.options``: ``quic_heartbeat_s`` (1), ``quic_dead_after_s`` (5),
-``quic_reconnect_s`` (10), ``quic_fast_path`` (True), ``quic_addresses`` (advertised IPs),
+``quic_reconnect_s`` (10), ``quic_heal_s`` (5, first redial of a removed peer),
+``quic_fast_path`` (True), ``quic_addresses`` (advertised IPs),
 ``quic_max_datagram`` (1350; loopback peers use 16 KiB). The parts: :mod:`.base` (state),
 :mod:`.handshake` (dial/accept/authenticate), :mod:`.gossip` (streams, frames, hints).
 """
@@ -26,7 +27,9 @@ from meshcore_transport_quic.base import (
     ERR_DUPLICATE,
     ERR_LEAVING,
     ERR_TIMEOUT,
+    HANDSHAKE_TIMEOUT,
     LEAVING,
+    Departed,
     DialError,
     JoinRefused,
     log,
@@ -49,6 +52,9 @@ from meshcore_transport_quic.wire import (
     quic_config,
     udp_socket,
 )
+
+HEAL_MAX_S = 60.0  # longest wait between redials of a removed peer
+HEAL_FOR_S = 24 * 3600.0  # give a removed peer up after a day
 
 # How ``link()`` names a peer reached on the fast path (console, logs, /mesh/status).
 FAST_LABEL = "TCP+AES-GCM"
@@ -89,6 +95,7 @@ class QuicTransport(Handshakes, Gossip):
                     joined = not tokens or await self._join_round(tokens)
                     task_status.started()
                     tg.start_soon(self._heartbeat_loop)
+                    tg.start_soon(self._heal_loop)
                     if not joined:
                         await self._join(tokens)
                     await self._rejoin_when_alone(tokens)
@@ -195,6 +202,7 @@ class QuicTransport(Handshakes, Gossip):
         self.boots[peer_id] = boot
         self.links[peer_id] = link
         self.lost.pop(peer_id, None)
+        self.departed.pop(peer_id, None)
         proto.peer_id = peer_id
         proto.ready.set()
         self._accept_record(link, info.get("peer"))
@@ -261,8 +269,41 @@ class QuicTransport(Handshakes, Gossip):
             await anyio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         if link.id not in self.links and self.lost.get(link.id) == deadline:
             del self.lost[link.id]
-            log.warning("peer %s removed: no connection for %.0f s", link.id, self.reconnect_s)
+            log.warning("peer %s removed: no connection for %.0f s; redialing it in the "
+                        "background", link.id, self.reconnect_s)
             self.node.state.remove(link.id)
+            now = time.monotonic()
+            self.departed[link.id] = Departed(link, now, now + self.heal_s, self.heal_s)
+
+    async def _heal_loop(self) -> None:
+        """Redial removed peers (backoff from ``quic_heal_s`` up to HEAL_MAX_S, for up to
+        HEAL_FOR_S): without it a node cut off longer than the reconnect window stays out
+        for good unless it is alone and has a token (e.g. the node that started the mesh)."""
+        while True:
+            await anyio.sleep(min(1.0, self.heal_s))
+            now = time.monotonic()
+            for peer_id, gone in list(self.departed.items()):
+                if peer_id in self.links or now - gone.since > HEAL_FOR_S:
+                    self.departed.pop(peer_id, None)
+                    continue
+                if now < gone.next_try or peer_id in self.dialing or peer_id in self.lost:
+                    continue
+                gone.backoff = min(HEAL_MAX_S, gone.backoff * 2)
+                gone.next_try = now + gone.backoff
+                self.dialing.add(peer_id)
+                try:
+                    for host, port in gone.link.addrs[:4]:
+                        try:
+                            with anyio.move_on_after(HANDSHAKE_TIMEOUT + 1):
+                                await self._dial(host, port, gone.link.fp)
+                        except (DialError, JoinRefused, OSError) as exc:
+                            log.debug("redial of %s at %s failed: %s", peer_id, host, exc)
+                        if peer_id in self.links:
+                            log.info("peer %s is reachable again", peer_id)
+                            self.departed.pop(peer_id, None)
+                            break
+                finally:
+                    self.dialing.discard(peer_id)
 
     # ------------------------------------------------------------------ join, liveness, leave
 
