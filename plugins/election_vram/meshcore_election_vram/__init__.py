@@ -77,16 +77,20 @@ def rtt_limit(peer: Peer, max_rtt_ms: float) -> float:
 
 
 def usable_workers(host: Peer, nodes: Sequence[Peer],
-                   max_rtt_ms: float) -> tuple[list[Peer], list[str]]:
+                   max_rtt_ms: float) -> tuple[list[Peer], list[str], list[str]]:
     """Non-host nodes with VRAM and an RTT from the host within the limit, best first:
     lower RTT band first (unknown RTT after every known one), then more VRAM, then id.
-    Also returns ``id (N ms)`` for each node left out for its RTT."""
+    Also returns ``id (N ms)`` for each node left out for its RTT, and the ids of nodes
+    left out because the host measures RTTs but has none for them yet (a node that just
+    joined: pulled in once measured, a second later, not before; with no limit, i.e.
+    ``--split``, they are used)."""
     def key(peer: Peer) -> tuple[float, int, str]:
         rtt = host_rtt(host, peer)
         band = math.inf if rtt is None else rtt // RTT_BAND_MS
         return (band, -peer.vram, peer.id)
 
-    usable, slow = [], []
+    measures = isinstance(host.extra.get("rtt_ms"), dict)
+    usable, slow, unmeasured = [], [], []
     for peer in nodes:
         if peer is host or peer.vram <= 0:
             continue
@@ -94,8 +98,12 @@ def usable_workers(host: Peer, nodes: Sequence[Peer],
         if rtt is not None and rtt > rtt_limit(peer, max_rtt_ms):
             slow.append(f"{peer.id} ({rtt:.0f} ms)")
             continue
+        if (rtt is None and measures and max_rtt_ms != math.inf
+                and peer.serving not in (Serving.RPC, Serving.LOADING)):
+            unmeasured.append(peer.id)
+            continue
         usable.append(peer)
-    return sorted(usable, key=key), sorted(slow)
+    return sorted(usable, key=key), sorted(slow), sorted(unmeasured)
 
 
 def elect(view: MeshView, request: ElectionRequest) -> Plan:
@@ -119,9 +127,11 @@ def elect(view: MeshView, request: ElectionRequest) -> Plan:
     # --split forces every worker in (DESIGN.md section 4): the user asked for it, so the RTT
     # limit, which guards automatic splits against slow links, does not apply.
     max_rtt = math.inf if forced else request.max_rtt_ms
-    candidates, slow = usable_workers(host, nodes, max_rtt)
+    candidates, slow, unmeasured = usable_workers(host, nodes, max_rtt)
     skipped = (f"; left out over the {request.max_rtt_ms:g} ms RTT limit: {', '.join(slow)}"
                if slow else "")
+    if unmeasured:
+        skipped += f"; waiting for the host to measure the RTT of {', '.join(unmeasured)}"
     chosen, have = [], host.vram
     for peer in candidates:
         if have >= need and not forced:

@@ -250,6 +250,24 @@ def test_engaged_worker_keeps_its_place_through_an_rtt_spike() -> None:
     assert not elect(view(far, peer("b", 4, serving=Serving.RPC)), REQ).includes("b")
 
 
+def test_a_peer_the_host_has_not_measured_yet_waits_for_its_rtt() -> None:
+    # the host measures RTTs (it announces a table) but has no entry for b, which just
+    # joined: an automatic split does not take b on trust, it waits for the measurement
+    host = with_rtt(peer("a", 8, model_gb=10), {})
+    plan = elect(view(host, peer("b", 6, model_gb=10)), REQ)
+    assert plan.state is PlanState.WAITING and not plan.includes("b")
+    assert plan.reason.endswith("; waiting for the host to measure the RTT of b")
+    measured = with_rtt(peer("a", 8, model_gb=10), {"b": 3.0})
+    assert elect(view(measured, peer("b", 6, model_gb=10)), REQ).includes("b")
+    # --split takes it anyway; an engaged worker keeps its place while its entry is missing
+    # (a reconnect restarts its measurement); a host that announces no table at all (a
+    # transport that does not measure) leaves unknown peers usable
+    forced = with_rtt(peer("a", 8, model_gb=10, split=True), {})
+    assert elect(view(forced, peer("b", 6, model_gb=10)), REQ).includes("b")
+    assert elect(view(host, peer("b", 6, serving=Serving.RPC)), REQ).includes("b")
+    assert elect(view(peer("a", 8, model_gb=10), peer("b", 6)), REQ).includes("b")
+
+
 def test_lower_rtt_band_preferred_then_vram() -> None:
     host = with_rtt(peer("a", 8, model_gb=11), {"b": 30.0, "c": 2.0, "d": 3.0})
     plan = elect(view(host, peer("b", 6, model_gb=11), peer("c", 2, model_gb=11),
