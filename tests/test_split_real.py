@@ -10,6 +10,8 @@ Every llama.cpp process runs with one thread (MESH_LLM_THREADS=1).
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -161,9 +163,35 @@ def test_forced_split_matches_solo_answer(mesh_process: Callable[..., MeshProces
     solo_text, _ = ask(a)
     assert "Paris" in solo_text
 
-    b = start(mesh_process, "--max-vram", "4", "--join", a.token)
-    wait_status(a, lambda s: s["plan"]["state"] == "SPLIT", "the split plan", 120)
-    status_a = wait_ready(a, "a's split llama-server")
+    # While B joins and the split loads, A's solo llama-server keeps answering (hand-over):
+    # its API must never say "loading".
+    codes: list[int] = []
+    stop = threading.Event()
+
+    def poll_health() -> None:
+        while not stop.is_set():
+            try:
+                codes.append(httpx.get(f"http://127.0.0.1:{a.api_port}/health",
+                                       timeout=10).status_code)
+            except httpx.HTTPError:
+                codes.append(0)
+            time.sleep(0.05)
+
+    poller = threading.Thread(target=poll_health, daemon=True)
+    poller.start()
+    try:
+        b = start(mesh_process, "--max-vram", "4", "--join", a.token)
+        wait_status(a, lambda s: s["plan"]["state"] == "SPLIT", "the split plan", 120)
+        status_a = wait_status(a, lambda s: "--rpc" in (s["backend"].get("llama_server")
+                                                          or {}).get("argv", [])
+                               and s["backend"]["standby"] is None and s["me"]["serving"]
+                               == "ready", "a's split llama-server serving alone", 240)
+    finally:
+        stop.set()
+        poller.join(15)
+    assert codes and set(codes) == {200}, f"A's API went away during the hand-over: {codes}"
+    assert status_a["backend"]["handovers"] == 1, status_a["backend"]
+    assert "keeps serving until the new one is ready" in a.log()
     status_b = wait_ready(b, "b to route to a")
     check_split_runs(status_a, status_b)
     assert status_a["plan"] == status_b["plan"]

@@ -5,15 +5,24 @@ host runs llama-server on its own device (no ``--rpc`` when solo; one ``--rpc`` 
 remote worker, reached through ``node.forward_port``, when split); a worker in the plan runs
 ggml-rpc-server. A child that dies is restarted with backoff; an unchanged plan restarts
 nothing. Every child is stopped on every exit path (see process.py).
+
+Hand-over: when a plan change keeps this node the host of the same model and the running
+llama-server needs no worker (it was solo, e.g. ``--split`` alone before a worker joins), the
+old server keeps answering while the new one loads (``_Standby``); once the new one is
+healthy the API moves to it and the old one stops when its slots are idle (at most
+RETIRE_GRACE_S). If the new one fails (e.g. out of memory with both loaded), the old one
+stops and the plan is re-applied the plain way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,6 +39,7 @@ from meshcore_backend_llamacpp.process import (
     Child,
     ChildFailed,
     free_port,
+    slots_busy,
     supervised,
     wait_healthy,
     wait_listening,
@@ -40,11 +50,22 @@ T = TypeVar("T")
 
 MAX_BACKOFF_S = 30.0
 STABLE_S = 60.0  # a child that ran this long resets the backoff
+RETIRE_GRACE_S = 60.0  # longest wait for a handed-over llama-server's requests to finish
+
+
+@dataclass
+class _Standby:
+    """A llama-server that keeps serving while its successor loads."""
+
+    stack: contextlib.AsyncExitStack
+    child: Child
+    port: int
 
 
 class LlamaCppBackend:
     """Options (``NodeConfig.options``): ``threads`` (or env MESH_LLM_THREADS),
-    ``load_timeout_s`` (default 900), ``llama_args`` (extra llama-server arguments)."""
+    ``load_timeout_s`` (default 900), ``llama_args`` (extra llama-server arguments),
+    ``handover`` (default True: see the module's docstring)."""
 
     def __init__(self, node: Any) -> None:
         self.node = node
@@ -65,6 +86,8 @@ class LlamaCppBackend:
         self.error: str | None = None
         self.seeded_bytes: int | None = None
         self.load_tunneled_bytes: int | None = None  # sent to workers while llama-server loaded
+        self._standby: _Standby | None = None
+        self.handovers = 0
 
     @property
     def log_dir(self) -> Path:
@@ -102,6 +125,9 @@ class LlamaCppBackend:
     def api_base(self) -> str | None:
         if self.ready and self.server is not None and self.server.alive:
             return f"http://127.0.0.1:{self.port}"
+        standby = self._standby
+        if standby is not None and standby.child.alive:
+            return f"http://127.0.0.1:{standby.port}"
         return None
 
     def status(self) -> dict[str, Any]:
@@ -116,6 +142,8 @@ class LlamaCppBackend:
             "binaries": self.bins.to_dict() if self.bins else None,
             "threads": self.threads,
             "llama_server": child(self.server, self.port),
+            "standby": child(self._standby.child, self._standby.port) if self._standby else None,
+            "handovers": self.handovers,
             "rpc_server": child(self.rpc, self.node.services.get("rpc", (None, None))[1]),
             "rpc": list(self.rpc_endpoints),
             "layout": lay.to_dict() if lay else None,
@@ -158,13 +186,16 @@ class LlamaCppBackend:
                 wanted, plan, began = self.wanted, self.plan, time.monotonic()
                 try:
                     if plan is None or wanted[0] == "idle":
+                        await self._retire_standby()
                         self.node.set_serving(Serving.IDLE)
                         await self._wake.wait()
                     elif wanted[0] == "host":
                         await self._serve_host(plan)
                     else:
+                        await self._retire_standby()
                         await self._serve_worker(plan)
                 except Exception as exc:  # any failure: report, back off, re-apply the plan
+                    await self._retire_standby()  # it may be what the new server lacked room for
                     if not isinstance(exc, ChildFailed | BackendError | OSError):
                         log.exception("unexpected backend error")
                     self.restarts += 1
@@ -176,8 +207,42 @@ class LlamaCppBackend:
                         await self._wake.wait()
                     backoff = min(backoff * 2, MAX_BACKOFF_S)
         finally:
+            await self._retire_standby()
             self.node.services.pop("llama", None)
             self.node.services.pop("rpc", None)
+
+    async def _retire_standby(self, *, graceful: bool = False) -> None:
+        """Stop the handed-over llama-server, if any; ``graceful``: first let the requests
+        it is still generating finish (up to RETIRE_GRACE_S)."""
+        standby, self._standby = self._standby, None
+        if standby is None:
+            return
+        try:
+            if graceful:
+                with anyio.move_on_after(RETIRE_GRACE_S):
+                    while standby.child.alive and await slots_busy(standby.port):
+                        await anyio.sleep(0.25)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await standby.stack.aclose()
+            log.info("stopped the previous llama-server (port %d)", standby.port)
+
+    def _can_hand_over(self, plan: Plan, lay: commands.Layout, child: Child) -> bool:
+        """Whether ``child`` may keep serving while the new plan's server loads: this node
+        stays the host of the same model and ``child`` uses no worker (a worker's
+        rpc-server serves one client at a time, so old and new could not share it)."""
+        new = self.plan
+        return (not lay.rpc_peers and child.alive and self.wanted[0] == "host"
+                and new is not None and new.model == plan.model
+                and bool(self.node.config.options.get("handover", True)))
+
+    async def _serve_and_retire(self, peers: Sequence[str]) -> None:
+        """The new server is serving: let the old one finish and stop, and meanwhile (and
+        after) watch the workers."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(self._retire_standby, graceful=True))
+            await self._worker_lost(peers)
+            tg.cancel_scope.cancel()
 
     async def _race(self, children: Sequence[Child],
                     work: Callable[[], Awaitable[T]] | None = None) -> tuple[bool, T | None]:
@@ -226,7 +291,10 @@ class LlamaCppBackend:
         if info is None or info.path is None or bins is None:
             raise BackendError(f"this node is the host for {plan.model} but has no model file; "
                                f"start it with --model")
-        node.set_serving(Serving.LOADING, error=None)
+        standby = self._standby
+        if standby is None or not standby.child.alive:
+            await self._retire_standby()
+            node.set_serving(Serving.LOADING, error=None)
         lay = commands.layout(plan, host_has_gpu=self.capacity.has_gpu, n_layer=self.n_layer)
         self.lay = lay
         endpoints: list[str] = []
@@ -249,22 +317,38 @@ class LlamaCppBackend:
         timeout = float(node.config.options.get("load_timeout_s", 900))
         self.load_tunneled_bytes, began = None, time.monotonic()
         sent_before = self._sent_to_workers(lay.rpc_peers)
-        async with supervised("llama-server", argv, self.log_dir) as child:
+        mine = ("127.0.0.1", port)
+        stack = contextlib.AsyncExitStack()
+        handed_over = False
+        try:
+            child = await stack.enter_async_context(
+                supervised("llama-server", argv, self.log_dir))
             self.server, self.port = child, port
-            try:
-                done, _ = await self._race(
-                    [child], functools.partial(wait_healthy, child, port, timeout))
-                if not done:
-                    return
-                self._loaded(lay.rpc_peers, sent_before, time.monotonic() - began)
-                self.ready, self.error = True, None
-                node.services["llama"] = ("127.0.0.1", port)
-                node.set_serving(Serving.READY, error=None)
-                await self._race([child], functools.partial(self._worker_lost, lay.rpc_peers))
-            finally:
-                self.ready = False
-                node.services.pop("llama", None)
-                if self.node.state.me.serving is Serving.READY:
+            done, _ = await self._race(
+                [child], functools.partial(wait_healthy, child, port, timeout))
+            if not done:
+                return
+            self._loaded(lay.rpc_peers, sent_before, time.monotonic() - began)
+            self.ready, self.error = True, None
+            node.services["llama"] = mine
+            node.set_serving(Serving.READY, error=None)
+            done, _ = await self._race([child], functools.partial(self._serve_and_retire,
+                                                                  lay.rpc_peers))
+            if not done and self._can_hand_over(plan, lay, child):
+                self._standby = _Standby(stack, child, port)
+                self.handovers += 1
+                handed_over = True
+                log.info("plan changed: llama-server (port %d) keeps serving until the new "
+                         "one is ready", port)
+        finally:
+            self.ready = False
+            if not handed_over:
+                if node.services.get("llama") == mine:
+                    node.services.pop("llama", None)
+                with anyio.CancelScope(shield=True):
+                    await stack.aclose()
+                alive = self._standby is not None and self._standby.child.alive
+                if self.node.state.me.serving is Serving.READY and not alive:
                     node.set_serving(Serving.LOADING)
 
     def _sent_to_workers(self, peers: Sequence[str]) -> int:

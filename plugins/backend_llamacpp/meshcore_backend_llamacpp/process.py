@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -161,6 +162,31 @@ async def http_status(port: int, path: str, timeout: float = 2.0) -> int | None:
         if len(parts) >= 2 and parts[1].isdigit():
             return int(parts[1])
     return None
+
+
+async def slots_busy(port: int, timeout: float = 2.0) -> bool:
+    """Whether llama-server on ``port`` is generating for anyone (its ``/slots``, enabled by
+    default, says ``is_processing``); False when it does not answer or says nothing usable."""
+    with anyio.move_on_after(timeout):
+        try:
+            stream = await anyio.connect_tcp("127.0.0.1", port)
+        except OSError:
+            return False
+        body = bytearray()
+        async with stream:
+            try:
+                await stream.send(b"GET /slots HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                while len(body) < 4 << 20:
+                    body += await stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                pass
+        try:
+            slots = json.loads(bytes(body).partition(b"\r\n\r\n")[2])
+        except ValueError:
+            return False
+        return isinstance(slots, list) and any(
+            isinstance(slot, dict) and slot.get("is_processing") for slot in slots)
+    return False
 
 
 async def wait_healthy(child: Child, port: int, timeout: float, every: float = 5.0) -> None:

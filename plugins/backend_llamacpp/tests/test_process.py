@@ -12,7 +12,13 @@ from pathlib import Path
 import anyio
 import psutil
 import pytest
-from meshcore_backend_llamacpp.process import Child, ChildFailed, supervised, wait_healthy
+from meshcore_backend_llamacpp.process import (
+    Child,
+    ChildFailed,
+    slots_busy,
+    supervised,
+    wait_healthy,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -89,3 +95,26 @@ def test_sigkill_of_the_parent_kills_the_child(tmp_path: Path) -> None:
         parent.wait()
         if parent.stdout is not None:
             parent.stdout.close()
+
+
+@pytest.mark.parametrize(("body", "busy"), [
+    (b'[{"id": 0, "is_processing": false}, {"id": 1, "is_processing": true}]', True),
+    (b'[{"id": 0, "is_processing": false}]', False),
+    (b'{"error": "slots endpoint disabled"}', False),
+    (b"not json", False),
+])
+async def test_slots_busy_reads_llama_servers_slots(body: bytes, busy: bool) -> None:
+    """The hand-over waits on this before stopping the old llama-server."""
+    import asyncio
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert (await reader.readline()).startswith(b"GET /slots ")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        assert await slots_busy(port) is busy
+    assert await slots_busy(port) is False  # nobody listening any more
