@@ -202,6 +202,10 @@ def test_forced_split_matches_solo_answer(mesh_process: Callable[..., MeshProces
         assert text == solo_text, (text, solo_text)
         assert "draft_n" in timings and "draft_n_accepted" in timings, timings
         assert timings["draft_n"] > 0, timings  # the draft really ran
+    # B seeded its own layers (the output layer's tied embeddings) before its rpc-server,
+    # the rest of the model after
+    assert "tensors of this worker's" in b.log(), b.log()
+    wait_status(b, lambda s: "seeded the rest" in b.log(), "b to seed the rest", 60)
     seeded = status_b["backend"].get("seeded_bytes")
     print(f"\nsplit: B seeded {seeded} bytes of its rpc cache; "
           f"A layout {status_a['backend']['layout']}")

@@ -179,6 +179,8 @@ class LlamaCppBackend:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
         task_status.started()
+        # Workers predict their layers from the host's device kind (see _my_layers).
+        self.node.set_serving(self.node.state.me.serving, device=self.capacity.kind)
         backoff = 1.0
         try:
             while True:
@@ -408,7 +410,8 @@ class LlamaCppBackend:
         assert bins is not None
         node.set_serving(Serving.LOADING, error=None)
         cache_base = Path(node.config.state_dir) / "rpc-cache"
-        done, _ = await self._race((), functools.partial(self._seed, plan, cache_base / "rpc"))
+        cache_dir = cache_base / "rpc"
+        done, known = await self._race((), functools.partial(self._seed, plan, cache_dir))
         if not done:
             return
         port = free_port()
@@ -424,24 +427,73 @@ class LlamaCppBackend:
                 self.error = None
                 node.services["rpc"] = ("127.0.0.1", port)
                 node.set_serving(Serving.RPC, error=None)
-                await self._race([child])
+                await self._race([child], functools.partial(self._seed_rest, cache_dir, known))
             finally:
                 node.services.pop("rpc", None)
 
-    async def _seed(self, plan: Plan, cache_dir: Path) -> None:
-        """Pre-fill rpc-server's hash cache from our own copy of the plan's model, if any."""
+    def _my_layers(self, plan: Plan) -> set[int] | None:
+        """The layers the host's llama-server will put on this worker, predicted from the
+        plan and the device the host announced (None when it announced none)."""
+        host = self.node.state.view().get(plan.host_id or "")
+        device = host.extra.get("device") if host is not None else None
+        if not isinstance(device, str) or not self.n_layer:
+            return None
+        lay = commands.layout(plan, host_has_gpu=device != "cpu", n_layer=self.n_layer)
+        return commands.worker_layers(lay, self.n_layer, self.node.id)
+
+    async def _seed(self, plan: Plan, cache_dir: Path) -> dict[str, str] | None:
+        """Pre-fill rpc-server's hash cache from our own copy of the plan's model, if any:
+        the tensors of the layers this worker will hold first (the rest follows once the
+        rpc-server runs, see ``_seed_rest``). Returns what the second pass may skip, or None
+        when there is no second pass."""
+        self.seeded_bytes = None
         info = self.node.model
         if info is None or info.path is None or info.name != plan.model:
-            return
+            return None
         try:
             from meshcore_backend_llamacpp import hashcache
         except ImportError:
-            return
+            return None
         cache_dir.mkdir(parents=True, exist_ok=True)
+        if await anyio.to_thread.run_sync(hashcache.cache_complete, info.path, cache_dir):
+            self.seeded_bytes = 0
+            return None
         started = time.monotonic()
+        layers = self._my_layers(plan)
         # In a worker process: hashing a big GGUF in a thread would hold the GIL for long
         # stretches and starve the event loop (gossip, tunnels).
-        self.seeded_bytes = await anyio.to_process.run_sync(hashcache.seed_cache, info.path,
-                                                            cache_dir, cancellable=True)
-        log.info("seeded the rpc cache with %s bytes of %s in %.1f s", self.seeded_bytes,
-                 info.path.name, time.monotonic() - started)
+        if layers is None:
+            self.seeded_bytes = await anyio.to_process.run_sync(
+                hashcache.seed_cache, info.path, cache_dir, cancellable=True)
+            log.info("seeded the rpc cache with %s bytes of %s in %.1f s", self.seeded_bytes,
+                     info.path.name, time.monotonic() - started)
+            return None
+        names = await anyio.to_thread.run_sync(functools.partial(
+            hashcache.tensors_of_layers, info.path, layers, self.n_layer))
+        self.seeded_bytes, known = await anyio.to_process.run_sync(
+            hashcache.seed_tensors, info.path, cache_dir, names, cancellable=True)
+        log.info("seeded the rpc cache with the %d tensors of this worker's %d layers "
+                 "(%s bytes) in %.1f s; the rest of %s follows in the background",
+                 len(names), len(layers), self.seeded_bytes, time.monotonic() - started,
+                 info.path.name)
+        return known
+
+    async def _seed_rest(self, cache_dir: Path, known: dict[str, str] | None) -> None:
+        """Seed the rest of the model while the rpc-server runs (a later plan may give this
+        worker other layers), then wait. A failure here only costs load time later."""
+        info = self.node.model
+        if known is not None and info is not None and info.path is not None:
+            from meshcore_backend_llamacpp import hashcache
+
+            started = time.monotonic()
+            try:
+                more = await anyio.to_process.run_sync(
+                    hashcache.seed_cache, info.path, cache_dir, hashcache.HASH_THRESHOLD,
+                    known, cancellable=True)
+            except (OSError, ValueError) as exc:
+                log.warning("seeding the rest of the rpc cache failed: %s", exc)
+            else:
+                self.seeded_bytes = (self.seeded_bytes or 0) + more
+                log.info("seeded the rest of the rpc cache (%d bytes) in %.1f s", more,
+                         time.monotonic() - started)
+        await anyio.sleep_forever()

@@ -13,6 +13,7 @@ follows that order. The CPU is never a split device: layers that are not offload
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -77,6 +78,39 @@ def effective_shares(lay: Layout, n_layer: int) -> tuple[float, ...]:
                 *(round(gpu_part * s / total, 2) for s in lay.tensor_split))
     *workers, host = lay.tensor_split
     return (host, *workers)
+
+
+def device_of_layers(lay: Layout, n_layer: int) -> list[int]:
+    """Where llama.cpp b11434 puts each of the ``n_layer + 1`` layers (the last one is the
+    output layer): -1 for the host's CPU, else the index into ``lay.tensor_split`` (``--rpc``
+    entries first). Its rule: the last ``ngl`` layers are offloaded, and offloaded layer
+    ``i`` goes to the first device whose cumulative split share exceeds ``i / offloaded``
+    (``test_device_order_real.py`` checks this against llama-server's own log)."""
+    blocks = n_layer + 1
+    offloaded = min(lay.ngl, blocks)
+    first = blocks - offloaded
+    split = lay.tensor_split or (1.0,)
+    total = sum(split) or 1.0
+    bounds, acc = [], 0.0
+    for share in split:
+        acc += share
+        bounds.append(acc / total)
+    out = []
+    for layer in range(blocks):
+        if layer < first:
+            out.append(-1)
+            continue
+        where = bisect.bisect_right(bounds, (layer - first) / offloaded)
+        out.append(min(where, len(split) - 1))
+    return out
+
+
+def worker_layers(lay: Layout, n_layer: int, peer_id: str) -> set[int]:
+    """The layers the worker ``peer_id`` will hold under ``lay`` (empty when it holds none)."""
+    if peer_id not in lay.rpc_peers:
+        return set()
+    index = lay.rpc_peers.index(peer_id)
+    return {layer for layer, dev in enumerate(device_of_layers(lay, n_layer)) if dev == index}
 
 
 def local_devices(kind: str, count: int) -> str:

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -113,12 +113,17 @@ def tensor_spans(path: Path) -> list[TensorSpan]:
     return [TensorSpan(name, Path(path), data_start + off, size) for name, off, size in infos]
 
 
-def large_tensors(model_path: Path, threshold: int = HASH_THRESHOLD) -> Iterator[TensorSpan]:
-    """Tensors over ``threshold`` bytes in every shard of ``model_path``, in file order."""
+def all_tensors(model_path: Path) -> Iterator[TensorSpan]:
+    """Every tensor in every shard of ``model_path``, in file order."""
     from meshcore.models import shards_of
 
     for shard in shards_of(Path(model_path)):
-        yield from (span for span in tensor_spans(shard) if span.size > threshold)
+        yield from tensor_spans(shard)
+
+
+def large_tensors(model_path: Path, threshold: int = HASH_THRESHOLD) -> Iterator[TensorSpan]:
+    """Tensors over ``threshold`` bytes in every shard of ``model_path``, in file order."""
+    return (span for span in all_tensors(model_path) if span.size > threshold)
 
 
 def _manifest(model_path: Path, cache_dir: Path) -> tuple[Path, str]:
@@ -147,23 +152,19 @@ def _write_entry(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def seed_cache(model_path: Path, cache_dir: Path, threshold: int = HASH_THRESHOLD) -> int:
-    """Write ``cache_dir/<fnv1a64 %016x>`` for every tensor over ``threshold`` bytes of the
-    GGUF at ``model_path`` (all shards of a split model). Entries already present are kept.
-    Blocking (hashes at ~740 MB/s): call it in a worker thread.
-
-    :return: bytes written now (0 when the cache was already complete).
-    """
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    manifest, key = _manifest(model_path, cache_dir)
-    known = _known_hashes(manifest, key)
-    if known is not None and all((cache_dir / h).is_file() for h in known):
-        return 0
-    written, hashes = 0, []
+def _seed_spans(spans: Iterable[TensorSpan], cache_dir: Path,
+                known: Mapping[str, str]) -> tuple[int, dict[str, str]]:
+    """Write the cache entry of every span; ``known`` (tensor name -> entry name, from an
+    earlier pass over the same file) skips hashing what is already there. Returns the bytes
+    written and the entry name of every span."""
+    written, hashes = 0, {}
     with contextlib.ExitStack() as stack:
         files: dict[Path, BinaryIO] = {}
-        for span in large_tensors(model_path, threshold):
+        for span in spans:
+            name = known.get(span.name)
+            if name is not None and _entry_ok(cache_dir / name, span.size):
+                hashes[span.name] = name
+                continue
             if span.path not in files:
                 files[span.path] = stack.enter_context(open(span.path, "rb"))
             f = files[span.path]
@@ -173,12 +174,79 @@ def seed_cache(model_path: Path, cache_dir: Path, threshold: int = HASH_THRESHOL
                 raise ValueError(f"model file {span.path}: tensor {span.name} is truncated "
                                  f"({len(data)} of {span.size} bytes); download it again")
             name = cache_name(fnv1a_64(data))
-            hashes.append(name)
-            entry = cache_dir / name
-            if not entry.is_file() or entry.stat().st_size != span.size:
-                _write_entry(entry, data)
+            hashes[span.name] = name
+            if not _entry_ok(cache_dir / name, span.size):
+                _write_entry(cache_dir / name, data)
                 written += span.size
-    manifest.write_text(json.dumps({"key": key, "hashes": hashes}))
+    return written, hashes
+
+
+def _entry_ok(entry: Path, size: int) -> bool:
+    try:
+        return entry.stat().st_size == size
+    except OSError:
+        return False
+
+
+def cache_complete(model_path: Path, cache_dir: Path) -> bool:
+    """Whether an earlier :func:`seed_cache` of this unchanged file left every entry."""
+    manifest, key = _manifest(model_path, Path(cache_dir))
+    recorded = _known_hashes(manifest, key)
+    return recorded is not None and all((Path(cache_dir) / h).is_file() for h in recorded)
+
+
+def seed_cache(model_path: Path, cache_dir: Path, threshold: int = HASH_THRESHOLD,
+               known: Mapping[str, str] | None = None) -> int:
+    """Write ``cache_dir/<fnv1a64 %016x>`` for every tensor over ``threshold`` bytes of the
+    GGUF at ``model_path`` (all shards of a split model). Entries already present are kept;
+    ``known`` is what :func:`seed_tensors` returned for this file (those are not hashed
+    again). Blocking (hashes at ~740 MB/s): call it in a worker thread or process.
+
+    :return: bytes written now (0 when the cache was already complete).
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if cache_complete(model_path, cache_dir):
+        return 0
+    manifest, key = _manifest(model_path, cache_dir)
+    written, hashes = _seed_spans(large_tensors(model_path, threshold), cache_dir, known or {})
+    manifest.write_text(json.dumps({"key": key, "hashes": list(hashes.values())}))
     log.info("hash cache %s: %d tensors over %d bytes, %d bytes written", cache_dir,
              len(hashes), threshold, written)
     return written
+
+
+def seed_tensors(model_path: Path, cache_dir: Path, names: Collection[str],
+                 threshold: int = HASH_THRESHOLD) -> tuple[int, dict[str, str]]:
+    """Like :func:`seed_cache` for the tensors named in ``names`` only (a worker seeds its
+    own layers first, starts its rpc-server, then seeds the rest). Writes no manifest.
+
+    :return: bytes written, and tensor name -> entry name (for ``seed_cache(known=...)``).
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    wanted = set(names)
+    spans = (s for s in large_tensors(model_path, threshold) if s.name in wanted)
+    return _seed_spans(spans, cache_dir, {})
+
+
+def tensors_of_layers(model_path: Path, layers: Collection[int], n_layer: int,
+                      threshold: int = HASH_THRESHOLD) -> list[str]:
+    """Names of the hashed tensors (over ``threshold``) that llama.cpp places with ``layers``:
+    ``blk.N.*``, and for the output layer (``n_layer``) ``output.weight`` or, when the model
+    ties its output to the embeddings, ``token_embd.weight``."""
+    spans = list(all_tensors(model_path))
+    tied = not any(span.name == "output.weight" for span in spans)
+    out = []
+    for span in spans:
+        name = span.name
+        if span.size <= threshold:
+            continue
+        if name.startswith("blk."):
+            index = name.split(".")[1]
+            if index.isdigit() and int(index) in layers:
+                out.append(name)
+        elif n_layer in layers and (name == "output.weight"
+                                    or (name == "token_embd.weight" and tied)):
+            out.append(name)
+    return out

@@ -98,3 +98,20 @@ def test_threads_from_env_then_options(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MESH_LLM_THREADS")
     assert commands.default_threads({"threads": 4}) == 4
     assert commands.default_threads({}) >= 1
+
+
+def test_device_of_layers_gpu_host_rpc_first() -> None:
+    # 7 blocks + output = 8 layers, all offloaded; rpc a 0.25, rpc b 0.25, host 0.5
+    lay = commands.Layout(("a", "b"), (0.25, 0.25, 0.5), commands.ALL_LAYERS, 0)
+    assert commands.device_of_layers(lay, 7) == [0, 0, 1, 1, 2, 2, 2, 2]
+    assert commands.worker_layers(lay, 7, "b") == {2, 3}
+    assert commands.worker_layers(lay, 7, "host") == set()
+
+
+def test_device_of_layers_cpu_host_keeps_the_first_layers() -> None:
+    # CPU host: the last ngl layers go to the workers, the rest stay on the host's CPU
+    lay = commands.Layout(("a",), (1.0,), 3, 5)
+    assert commands.device_of_layers(lay, 7) == [-1, -1, -1, -1, -1, 0, 0, 0]
+    assert commands.worker_layers(lay, 7, "a") == {5, 6, 7}
+    solo = commands.Layout((), (), commands.ALL_LAYERS, 0)
+    assert commands.device_of_layers(solo, 3) == [0, 0, 0, 0]

@@ -42,8 +42,9 @@ def model() -> Path:
 
 
 async def layers_per_device(bins: binaries.Binaries, model: Path, tmp_path: Path,
-                            lay: commands.Layout) -> Counter[str]:
-    """Start one rpc-server per worker and llama-server with ``lay``; count layers placed."""
+                            lay: commands.Layout) -> dict[int, str]:
+    """Start one rpc-server per worker and llama-server with ``lay``; where each layer went
+    (layer -> device name), checked against :func:`commands.device_of_layers`."""
     async with supervised("rpc-a", commands.rpc_server_argv(
             bins.rpc_server, port=(pa := free_port()), threads=1, cache=False), tmp_path) as a, \
             supervised("rpc-b", commands.rpc_server_argv(
@@ -60,13 +61,19 @@ async def layers_per_device(bins: binaries.Binaries, model: Path, tmp_path: Path
     text = (tmp_path / "llama-server.log").read_text(errors="replace")
     # llama-server may place layers twice (a --fit dry run, then the load): the last wins
     final = {int(layer): dev for layer, dev in LAYER_RE.findall(text)}
-    return Counter(final.values())
+    from meshcore_backend_llamacpp.gguf_info import block_count
+
+    predicted = commands.device_of_layers(lay, block_count(model))
+    names = {-1: "CPU", **{i: f"RPC{i}" for i in range(len(lay.rpc_peers))}}
+    assert final == {layer: names[dev] for layer, dev in enumerate(predicted)}, \
+        "llama.cpp placed layers differently from commands.device_of_layers"
+    return final
 
 
 async def test_tensor_split_follows_the_rpc_order(bins: binaries.Binaries, model: Path,
                                                   tmp_path: Path) -> None:
     lay = commands.Layout(("a", "b"), (0.75, 0.25), commands.ALL_LAYERS, 0)
-    placed = await layers_per_device(bins, model, tmp_path, lay)
+    placed = Counter((await layers_per_device(bins, model, tmp_path, lay)).values())
     assert set(placed) == {"RPC0", "RPC1"}  # no local device on a CPU host
     assert placed["RPC0"] > 2 * placed["RPC1"]  # the first --rpc entry got 0.75
     assert abs(placed["RPC0"] / sum(placed.values()) - 0.75) < 0.06
@@ -80,7 +87,7 @@ async def test_cpu_host_runs_the_plans_shares(bins: binaries.Binaries, model: Pa
     plan = Plan(PlanState.SPLIT, "host", (Participant("host", 8, 0.67, False),
                                           Participant("w", 4, 0.33, True)), model="m")
     lay = commands.layout(plan, host_has_gpu=False, n_layer=n_layer)
-    placed = await layers_per_device(bins, model, tmp_path, lay)
+    placed = Counter((await layers_per_device(bins, model, tmp_path, lay)).values())
     print(f"layers per device: {dict(placed)} for shares 0.67/0.33 (ngl {lay.ngl})")
     assert placed["CPU"] == lay.host_layers_on_cpu == n_layer + 1 - lay.ngl
     assert placed["RPC0"] == lay.ngl  # llama.cpp also logs the output layer (n_layer + 1)

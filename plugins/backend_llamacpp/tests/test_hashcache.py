@@ -276,3 +276,51 @@ def test_rpc_server_writes_what_seed_cache_writes(tmp_path: Path) -> None:
     assert by_rpc and set(by_rpc) == set(by_seed), (sorted(by_rpc), sorted(by_seed))
     for name, path in by_rpc.items():
         assert path.read_bytes() == by_seed[name].read_bytes()
+
+
+def layered_model(tmp_path: Path, *, tied: bool) -> tuple[Path, dict[str, bytes]]:
+    """Three blocks of big and small tensors, and an output (or tied embeddings)."""
+    big = HASH_THRESHOLD + 4
+    sizes = {"token_embd.weight": big, "output_norm.weight": 64}
+    for i in range(3):
+        sizes |= {f"blk.{i}.attn_q.weight": big, f"blk.{i}.attn_norm.weight": 64}
+    if not tied:
+        sizes["output.weight"] = big
+    path = tmp_path / ("tied.gguf" if tied else "untied.gguf")
+    return path, write_gguf(path, sizes)
+
+
+def test_tensors_of_layers_follow_llama_cpp_placement(tmp_path: Path) -> None:
+    untied, _ = layered_model(tmp_path, tied=False)
+    tied, _ = layered_model(tmp_path, tied=True)
+    # n_layer = 3 blocks; layer 3 is the output layer
+    assert hashcache.tensors_of_layers(untied, {1}, 3) == ["blk.1.attn_q.weight"]
+    assert hashcache.tensors_of_layers(untied, {2, 3}, 3) == ["blk.2.attn_q.weight",
+                                                              "output.weight"]
+    # tied output: the output layer's matrix is the embeddings' copy on that device
+    assert hashcache.tensors_of_layers(tied, {3}, 3) == ["token_embd.weight"]
+    assert hashcache.tensors_of_layers(tied, {0}, 3) == ["blk.0.attn_q.weight"]
+
+
+def test_seeding_a_workers_layers_first_then_the_rest(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    path, contents = layered_model(tmp_path, tied=False)
+    cache = tmp_path / "cache"
+    names = hashcache.tensors_of_layers(path, {2, 3}, 3)
+    written, known = hashcache.seed_tensors(path, cache, names)
+    assert written == sum(len(contents[n]) for n in names)
+    assert sorted(known) == sorted(names)
+    assert {p.name for p in cache.iterdir()} == set(known.values())  # no manifest yet
+    assert not hashcache.cache_complete(path, cache)
+    hashed: list[int] = []
+    real = hashcache.fnv1a_64
+    monkeypatch.setattr(hashcache, "fnv1a_64", lambda data: hashed.append(len(data))
+                        or real(data))
+    rest = seed_cache(path, cache, known=known)
+    assert rest == sum(len(b) for n, b in contents.items() if len(b) > HASH_THRESHOLD
+                       and n not in names)
+    assert len(hashed) == 3  # token_embd, blk.0, blk.1: the first pass's are not re-read
+    assert hashcache.cache_complete(path, cache)
+    for data in contents.values():
+        if len(data) > HASH_THRESHOLD:
+            assert (cache / cache_name(fnv1a_64(data))).read_bytes() == data

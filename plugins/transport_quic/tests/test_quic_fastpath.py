@@ -21,6 +21,14 @@ pytestmark = pytest.mark.anyio
 FAST = "TCP+AES-GCM"
 
 
+@pytest.fixture(params=[pytest.param("asyncio", id="asyncio"),
+                        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop")])
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    """Both event loops: nodes run on uvloop when it is installed, whose transports differ
+    (pseudo-sockets, BufferedProtocol support)."""
+    return request.param
+
+
 async def linked_pair(quic_mesh: QuicMesh) -> tuple[Any, Any]:
     a = await quic_mesh.add()
     b = await quic_mesh.add()
