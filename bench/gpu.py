@@ -246,8 +246,9 @@ def split(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> No
         wait_ok(f"{a.base}/health", a.proc, timeout=150)
         say("split: A serves solo; starting B on GPU1")
         start = time.monotonic()
+        probes = HealthProbes(f"{a.base}/health")  # A's API while the split loads
         b = Node("split-B", ["--join", a.token], "1", logs, common, args.threads)
-        with stopping(b):
+        with stopping(b), probes:
             gpu_of = {id(a): "0", id(b): "1"}
 
             def host() -> Node | None:
@@ -257,12 +258,19 @@ def split(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> No
                 return next(n for n in (a, b) if n.status()["id"] == plan["host_id"])
 
             def serving() -> bool:
+                # the split server itself, not A's solo one answering during the hand-over
                 h = host()
-                return h is not None and "--rpc" in h.argv() and httpx.get(
-                    f"{h.base}/health", timeout=10).status_code == 200
+                if h is None or "--rpc" not in h.argv():
+                    return False
+                status = h.status()
+                return (status["backend"].get("standby") is None
+                        and status["me"]["serving"] == "ready" and httpx.get(
+                            f"{h.base}/health", timeout=10).status_code == 200)
 
             wait_for(serving, "the mesh to serve the split", 240)
             mesh_load = time.monotonic() - start
+            probes.stop()
+            say(f"A's /health while B joined and the split loaded: {probes.summary()}")
             h = host()
             assert h is not None
             worker = b if h is a else a
@@ -277,8 +285,47 @@ def split(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> No
     res.update(argv=argv, ratio_load=mesh_load / res["load_s"]["raw"],
                host_gpu=gpu_of[id(h)], effective_shares=status_h["backend"].get(
                    "effective_shares"), worker_seeded_bytes=status_w["backend"].get(
-                   "seeded_bytes"), gpu_memory_mesh_only=mem_mesh)
+                   "seeded_bytes"), gpu_memory_mesh_only=mem_mesh,
+               a_health_during_join=probes.counts())
     RESULTS["split"] = res
+
+
+class HealthProbes:
+    """GETs ``url`` every 100 ms in a thread until stopped; counts the status codes (0 = no
+    answer). Shows whether the API kept serving through a plan change."""
+
+    def __init__(self, url: str) -> None:
+        import threading
+
+        self.url = url
+        self.codes: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.codes.append(httpx.get(self.url, timeout=5).status_code)
+            except httpx.HTTPError:
+                self.codes.append(0)
+            self._stop.wait(0.1)
+
+    def __enter__(self) -> HealthProbes:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def counts(self) -> dict[str, int]:
+        return {str(code): self.codes.count(code) for code in sorted(set(self.codes))}
+
+    def summary(self) -> str:
+        return ", ".join(f"{n} x {code}" for code, n in self.counts().items()) or "no probe"
 
 
 def raw_split(argv: list[str], bin_dir: Path, logs: Path, args: argparse.Namespace,
