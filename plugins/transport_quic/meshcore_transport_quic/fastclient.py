@@ -60,7 +60,8 @@ class FastTransport(asyncio.BufferedProtocol, asyncio.Transport):
                 self.opener.set_key(s2c)
                 assert self.tcp is not None
                 self.tcp.write(self.sealer.seal(seal.OPEN, self.service.encode("ascii")))
-                self.ready.set_result(None)
+                if not self.ready.done():  # done: the dialer gave up (timeout) meanwhile
+                    self.ready.set_result(None)
             records = self.opener.records()
         except seal.SealError as exc:
             log.warning("fast path: %s", exc)

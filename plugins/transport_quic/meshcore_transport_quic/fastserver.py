@@ -19,6 +19,7 @@ log = logging.getLogger("meshcore.transport.fast")
 KEY_BYTES = 32
 PROBE = "probe"
 HEADER_TIMEOUT = 5.0
+MAX_PENDING = 64  # connections still in the hello / OPEN stage (64 KiB buffer each)
 
 # (peer id, service) -> local (host, port), or None when refused
 Lookup = Callable[[str, str], "tuple[str, int] | None"]
@@ -92,6 +93,13 @@ class FastConnection(asyncio.BufferedProtocol):
     # ---------------------------------------------------------------- remote (sealed) side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.tcp = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        pending = sum(1 for conn in self.live if conn.state in ("hello", "open"))
+        if pending >= MAX_PENDING:  # a flood of idle connections must not cost memory
+            log.warning("fast path: %d connections have not authenticated yet; dropping "
+                        "a new one", pending)
+            self.state = "closed"
+            self.tcp.abort()
+            return
         self.live.add(self)
         nodelay(transport)
         self.timer = asyncio.get_running_loop().call_later(HEADER_TIMEOUT, self.close)
@@ -100,6 +108,8 @@ class FastConnection(asyncio.BufferedProtocol):
         return self.opener.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.state == "closed":
+            return
         self.opener.buffer_updated(nbytes)
         try:
             if self.state == "hello" and not self._on_hello():

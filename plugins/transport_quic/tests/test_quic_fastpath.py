@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import pytest
 from anyio.abc import SocketStream, TaskStatus
-from meshcore_transport_quic import seal
+from meshcore_transport_quic import fastserver, seal
 from quic_helpers import QuicMesh, echo_server, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -194,4 +194,24 @@ async def test_a_service_crash_behind_the_tunnel_reaches_the_host_side_as_a_rese
         while True:  # a clean EndOfStream here would let a half answer pass for a whole one
             got += await stream.receive()
     assert got in (b"", b"partial answer")
+    await stream.aclose()
+
+
+async def test_a_flood_of_idle_connections_is_capped(quic_mesh: QuicMesh,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connections that never authenticate hold a buffer each until their 5 s run out: past
+    MAX_PENDING of them, new ones are dropped at once, and a real tunnel still opens."""
+    monkeypatch.setattr(fastserver, "MAX_PENDING", 4)
+    a, b = await linked_pair(quic_mesh)
+    b.services["echo"] = ("127.0.0.1", await quic_mesh.tg.start(echo_server))
+    idle = [await dial(b) for _ in range(4)]
+    await wait_for(lambda: b.transport.fast_server is not None
+                   and len(b.transport.fast_server.live) == 4, 5, "four pending connections")
+    assert await closed_by_peer(await dial(b))  # the fifth is dropped
+    for stream in idle:
+        await stream.aclose()
+    await wait_for(lambda: not b.transport.fast_server.live, 5, "the idle ones released")
+    stream = await a.transport.connect(b.id, "echo")
+    await stream.send(b"after the flood")
+    assert await stream.receive() == b"after the flood"
     await stream.aclose()
