@@ -5,8 +5,9 @@ Four processes on loopback, like the real thing: S runs the services (a sink tha
 and answers the count, an echo), B is the worker node (its fast-path server and inbound
 tunnels lead to S), A is the host node (``node.forward_port``: the local port llama-server
 dials), and this process is the client (blocking sockets, like llama-server's C++ client).
-Raw TCP goes client -> S; tunnels go client -> A -> B -> S. Two plain-TCP rows isolate one
-relay hop in B without crypto: the anyio stream relay and the callback splice.
+Raw TCP goes client -> S; tunnels go client -> A -> B -> S. Plain-TCP rows without crypto:
+one relay hop in B (the anyio stream relay, and the callback splice), and the callback splice
+in A and in B (the fast path's two hops, minus the records).
 Usage: ``.venv/bin/python bench/tunnel.py [--mb 200] [--rounds 2000] [--repeat 3]
 [--loop uvloop|asyncio]``; every path is measured ``--repeat`` times, interleaved, and the
 medians are reported.
@@ -110,10 +111,22 @@ async def serve_worker(args: dict[str, Any]) -> dict[str, Any]:
 async def serve_host(args: dict[str, Any]) -> dict[str, Any]:
     """Node A joined to each B; prints its forward ports (what llama-server would dial)."""
     from meshcore.node import Node
+    from meshcore.relay import serve_forward
 
     home, tokens = Path(args["home"]), args["tokens"]
-    out: dict[str, dict[str, int]] = {}
+    loop = asyncio.get_running_loop()
+    out: dict[str, dict[str, int]] = {"splice2": {}}
     async with anyio.create_task_group() as tg:
+        # the fast path's two relay hops without crypto: A's splice -> B's splice -> S
+        for name, port in args["splice"].items():
+            async def opener(port: int = port) -> ByteStream:
+                return await anyio.connect_tcp("127.0.0.1", port)
+
+            async def raw(factory: Callable[[], asyncio.Protocol], port: int = port) -> Any:
+                return (await loop.create_connection(factory, "127.0.0.1", port))[0]
+
+            out["splice2"][name] = await tg.start(
+                functools.partial(serve_forward, open_raw=raw), opener)
         for kind in ("fast", "quic"):
             node = Node(_config(home, f"a-{kind}", (tokens[kind],), kind == "fast"))
             await tg.start(node.run)
@@ -191,10 +204,12 @@ def main(size_mb: int, rounds: int, loop: str, repeat: int) -> None:
             procs.append(proc)
             proc, worker = child("worker", {"home": home, "services": services}, loop)
             procs.append(proc)
-            proc, host = child("host", {"home": home, "tokens": worker["tokens"]}, loop)
+            proc, host = child("host", {"home": home, "tokens": worker["tokens"],
+                                        "splice": worker["splice"]}, loop)
             procs.append(proc)
             paths = {"raw TCP": services, "TCP + stream relay": worker["relay"],
                      "TCP + splice relay": worker["splice"],
+                     "TCP + 2 splice relays": host["splice2"],
                      "fast path (TCP+AES-GCM)": host["fast"], "QUIC fallback": host["quic"]}
             samples: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
             for _ in range(repeat):  # interleaved, so a noisy moment hits every path alike
@@ -218,9 +233,9 @@ def report(results: dict[str, tuple[float, float]], size_mb: int, rounds: int,
     print(f"tunnel benchmark: {size_mb} MB bulk, {rounds} x 64-byte round trips, loopback, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, {loop} event loop, "
           f"median of {repeat} interleaved runs")
-    print(f"{'path':22} {'bulk MB/s':>10} {'x raw':>7} {'RTT us':>8} {'added us':>9}")
+    print(f"{'path':24} {'bulk MB/s':>10} {'x raw':>7} {'RTT us':>8} {'added us':>9}")
     for name, (mbps, us) in results.items():
-        print(f"{name:22} {mbps:10.1f} {mbps / base_bulk:7.2f} {us:8.0f} {us - base_rtt:9.0f}")
+        print(f"{name:24} {mbps:10.1f} {mbps / base_bulk:7.2f} {us:8.0f} {us - base_rtt:9.0f}")
     fast_bulk, fast_rtt = results["fast path (TCP+AES-GCM)"]
     print(f"targets: fast path >= 0.5x raw bulk: {fast_bulk / base_bulk >= 0.5} "
           f"({fast_bulk / base_bulk:.2f}x); <= 100 us added RTT: {fast_rtt - base_rtt <= 100} "
