@@ -41,7 +41,8 @@ class JoinRefused(ConnectionError):
 class Departed:
     """A removed peer that is still redialed: where it was, and when to try next."""
 
-    link: PeerLink
+    fp: bytes
+    addrs: list[tuple[str, int]]  # not the dead link itself: it holds the closed connection
     since: float
     next_try: float
     backoff: float

@@ -273,7 +273,8 @@ class QuicTransport(Handshakes, Gossip):
                         "background", link.id, self.reconnect_s)
             self.node.state.remove(link.id)
             now = time.monotonic()
-            self.departed[link.id] = Departed(link, now, now + self.heal_s, self.heal_s)
+            self.departed[link.id] = Departed(link.fp, list(link.addrs), now,
+                                              now + self.heal_s, self.heal_s)
 
     async def _heal_loop(self) -> None:
         """Redial removed peers (backoff from ``quic_heal_s`` up to HEAL_MAX_S, for up to
@@ -292,10 +293,10 @@ class QuicTransport(Handshakes, Gossip):
                 gone.next_try = now + gone.backoff
                 self.dialing.add(peer_id)
                 try:
-                    for host, port in gone.link.addrs[:4]:
+                    for host, port in gone.addrs[:4]:
                         try:
                             with anyio.move_on_after(HANDSHAKE_TIMEOUT + 1):
-                                await self._dial(host, port, gone.link.fp)
+                                await self._dial(host, port, gone.fp)
                         except (DialError, JoinRefused, OSError) as exc:
                             log.debug("redial of %s at %s failed: %s", peer_id, host, exc)
                         if peer_id in self.links:
