@@ -196,17 +196,37 @@ class Node:
             return self._forwards[key]
 
     async def upstream(self) -> str | None:
-        """Base URL that serves OpenAI requests for this node right now, or None."""
+        """Base URL that serves OpenAI requests for this node right now, or None: the plan's
+        host once it is ready, else a node still answering for the same model while the new
+        host loads (it announces ``extra["standby"] = model``; see :meth:`standby_upstream`)."""
         if self.is_host and self.backend is not None:
-            return self.backend.api_base()
-        host_id = self.plan.host_id
-        if host_id is None or self.plan.state is PlanState.WAITING:
+            if (base := self.backend.api_base()) is not None:
+                return base
+        else:
+            host_id = self.plan.host_id
+            host = self.state.view().get(host_id) if host_id else None
+            if (host is not None and host.serving is Serving.READY
+                    and self.plan.state is not PlanState.WAITING):
+                port = await self.forward_port(host.id, "llama")
+                return f"http://127.0.0.1:{port}"
+        return await self.standby_upstream()
+
+    async def standby_upstream(self) -> str | None:
+        """A node that hosted the plan's model before the host moved and still serves it
+        (a backend announces ``extra["standby"]`` with the model's name until the new host
+        is ready): requests go there instead of failing during the new host's load."""
+        model = self.plan.model
+        if not model:
             return None
-        host = self.state.view().get(host_id)
-        if host is None or host.serving is not Serving.READY:
-            return None
-        port = await self.forward_port(host_id, "llama")
-        return f"http://127.0.0.1:{port}"
+        view = self.state.view()
+        for peer in (view.me, *view.others):
+            if peer.extra.get("standby") != model:
+                continue
+            if peer.id == self.id:
+                return self.backend.api_base() if self.backend is not None else None
+            port = await self.forward_port(peer.id, "llama")
+            return f"http://127.0.0.1:{port}"
+        return None
 
     def not_ready_reason(self) -> str:
         plan = self.plan

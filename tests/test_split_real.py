@@ -118,6 +118,33 @@ def test_fits_on_host_stays_solo_and_worker_answers(
     assert b_id != a_id
 
 
+class HealthPoller:
+    """GETs a node's /health every 50 ms in a thread while the block runs; ``codes`` are
+    the answers (0: no answer)."""
+
+    def __init__(self, node: MeshProcess) -> None:
+        self.url = f"http://127.0.0.1:{node.api_port}/health"
+        self.codes: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.codes.append(httpx.get(self.url, timeout=10).status_code)
+            except httpx.HTTPError:
+                self.codes.append(0)
+            time.sleep(0.05)
+
+    def __enter__(self) -> HealthPoller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+
 def check_split_runs(status_a: dict[str, Any], status_b: dict[str, Any]) -> None:
     """A's llama-server runs B as its one --rpc entry, through a tunnel, with B's share."""
     a_id, b_id = status_a["id"], status_b["id"]
@@ -165,30 +192,14 @@ def test_forced_split_matches_solo_answer(mesh_process: Callable[..., MeshProces
 
     # While B joins and the split loads, A's solo llama-server keeps answering (hand-over):
     # its API must never say "loading".
-    codes: list[int] = []
-    stop = threading.Event()
-
-    def poll_health() -> None:
-        while not stop.is_set():
-            try:
-                codes.append(httpx.get(f"http://127.0.0.1:{a.api_port}/health",
-                                       timeout=10).status_code)
-            except httpx.HTTPError:
-                codes.append(0)
-            time.sleep(0.05)
-
-    poller = threading.Thread(target=poll_health, daemon=True)
-    poller.start()
-    try:
+    with HealthPoller(a) as poller:
         b = start(mesh_process, "--max-vram", "4", "--join", a.token)
         wait_status(a, lambda s: s["plan"]["state"] == "SPLIT", "the split plan", 120)
         status_a = wait_status(a, lambda s: "--rpc" in (s["backend"].get("llama_server")
                                                           or {}).get("argv", [])
                                and s["backend"]["standby"] is None and s["me"]["serving"]
                                == "ready", "a's split llama-server serving alone", 240)
-    finally:
-        stop.set()
-        poller.join(15)
+    codes = poller.codes
     assert codes and set(codes) == {200}, f"A's API went away during the hand-over: {codes}"
     assert status_a["backend"]["handovers"] == 1, status_a["backend"]
     assert "keeps serving until the new one is ready" in a.log()
@@ -232,6 +243,32 @@ def test_waiting_until_enough_vram_then_split(mesh_process: Callable[..., MeshPr
     wait_ready(a, "a's split llama-server")
     text, _ = ask(b)
     assert "Paris" in text
+
+
+def test_a_bigger_node_takes_over_while_the_old_host_keeps_answering(
+        mesh_process: Callable[..., MeshProcess]) -> None:
+    """A (4 GB) serves alone; B (8 GB, same model) joins and becomes the host. Until B's
+    llama-server is ready, A's keeps answering for the whole mesh (announced as standby);
+    then A stops it and both APIs reach B."""
+    a = start(mesh_process, "--max-vram", "4")
+    assert a.token, a.log()
+    wait_ready(a, "a alone")
+    solo_text, _ = ask(a)
+    with HealthPoller(a) as poller:
+        b = start(mesh_process, "--max-vram", "8", "--join", a.token)
+        b_id = mesh_status(b)["id"]
+        wait_status(a, lambda s: s["plan"]["host_id"] == b_id, "b to become the host", 120)
+        wait_status(b, lambda s: s["me"]["serving"] == "ready", "b's llama-server", 240)
+        status_a = wait_status(a, lambda s: s["backend"]["standby"] is None
+                               and not (s["backend"]["llama_server"] or {}).get("alive", True)
+                               and s["me"]["serving"] == "idle", "a to stop its old server", 120)
+    assert poller.codes and set(poller.codes) == {200}, \
+        f"the mesh lost its model while the host moved: {poller.codes}"
+    assert "answers until it is ready" in a.log()
+    assert status_a["me"]["extra"].get("standby") is None
+    for node in (a, b):
+        text, _ = ask(node)
+        assert text == solo_text, (text, solo_text)
 
 
 def test_client_uses_real_host(mesh_process: Callable[..., MeshProcess]) -> None:

@@ -60,6 +60,7 @@ class _Standby:
     stack: contextlib.AsyncExitStack
     child: Child
     port: int
+    model: str
 
 
 class LlamaCppBackend:
@@ -188,8 +189,13 @@ class LlamaCppBackend:
                 wanted, plan, began = self.wanted, self.plan, time.monotonic()
                 try:
                     if plan is None or wanted[0] == "idle":
+                        if plan is not None and self._stands_by(plan):
+                            await self._serve_as_standby(plan)
+                            if self.wanted[0] == "idle" and self.plan is not None \
+                                    and self._stands_by(self.plan):
+                                continue  # another plan change, still the same new host
                         await self._retire_standby()
-                        self.node.set_serving(Serving.IDLE)
+                        self.node.set_serving(Serving.IDLE, standby=None)
                         await self._wake.wait()
                     elif wanted[0] == "host":
                         await self._serve_host(plan)
@@ -219,24 +225,62 @@ class LlamaCppBackend:
         standby, self._standby = self._standby, None
         if standby is None:
             return
+        me = self.node.state.me
+        if me.extra.get("standby") is not None:  # the mesh stops routing here first
+            self.node.set_serving(me.serving, standby=None)
         try:
             if graceful:
                 with anyio.move_on_after(RETIRE_GRACE_S):
                     while standby.child.alive and await slots_busy(standby.port):
                         await anyio.sleep(0.25)
         finally:
+            if self.node.services.get("llama") == ("127.0.0.1", standby.port):
+                self.node.services.pop("llama", None)
             with anyio.CancelScope(shield=True):
                 await standby.stack.aclose()
             log.info("stopped the previous llama-server (port %d)", standby.port)
 
     def _can_hand_over(self, plan: Plan, lay: commands.Layout, child: Child) -> bool:
-        """Whether ``child`` may keep serving while the new plan's server loads: this node
-        stays the host of the same model and ``child`` uses no worker (a worker's
-        rpc-server serves one client at a time, so old and new could not share it)."""
+        """Whether ``child`` may keep serving while the new plan's server loads: the new
+        plan serves the same model, ``child`` uses no worker (a worker's rpc-server serves
+        one client at a time, so old and new could not share it), and this node either stays
+        the host or leaves the plan for another host (not to become a worker: its device
+        memory is needed for the rpc-server)."""
         new = self.plan
-        return (not lay.rpc_peers and child.alive and self.wanted[0] == "host"
-                and new is not None and new.model == plan.model
-                and bool(self.node.config.options.get("handover", True)))
+        if new is None or new.model != plan.model or lay.rpc_peers or not child.alive:
+            return False
+        if not self.node.config.options.get("handover", True):
+            return False
+        moved = (self.wanted[0] == "idle" and new.host_id is not None
+                 and new.host_id != self.node.id)
+        return self.wanted[0] == "host" or moved
+
+    def _stands_by(self, plan: Plan) -> bool:
+        """Whether the handed-over server should keep answering under ``plan``: another
+        node hosts the same model and has not taken over yet."""
+        standby = self._standby
+        return (standby is not None and standby.child.alive and standby.model == plan.model
+                and plan.host_id is not None and plan.host_id != self.node.id)
+
+    async def _serve_as_standby(self, plan: Plan) -> None:
+        """No longer the host: keep the old llama-server answering (announced as
+        ``extra["standby"]``; the node routes requests here) until the new host is ready,
+        then let its requests finish and stop it. Returns early on a plan change."""
+        assert plan.host_id is not None
+        self.node.set_serving(Serving.IDLE, standby=plan.model)
+        log.info("%s now hosts %s; this node's llama-server answers until it is ready",
+                 plan.host_id, plan.model)
+        await self._race((), functools.partial(self._standby_until_ready, plan.host_id))
+
+    async def _standby_until_ready(self, host_id: str) -> None:
+        state, gen = self.node.state, -1
+        while (standby := self._standby) is not None and standby.child.alive:
+            host = state.view().get(host_id)
+            if host is not None and host.serving is Serving.READY:
+                break
+            with anyio.move_on_after(1):
+                gen = await state.changed(gen)
+        await self._retire_standby(graceful=True)
 
     async def _serve_and_retire(self, peers: Sequence[str]) -> None:
         """The new server is serving: let the old one finish and stop, and meanwhile (and
@@ -337,7 +381,7 @@ class LlamaCppBackend:
             done, _ = await self._race([child], functools.partial(self._serve_and_retire,
                                                                   lay.rpc_peers))
             if not done and self._can_hand_over(plan, lay, child):
-                self._standby = _Standby(stack, child, port)
+                self._standby = _Standby(stack, child, port, plan.model or "")
                 self.handovers += 1
                 handed_over = True
                 log.info("plan changed: llama-server (port %d) keeps serving until the new "
