@@ -66,7 +66,16 @@ def badge(plan: Plan, me: Peer, host: Peer | None, missing: float) -> dict[str, 
     if plan.includes(me.id):
         return {"kind": "split", "text": "Worker in split",
                 "detail": f"serving layers for host {plan.host_id} over RPC"}
+    if me.extra.get("standby"):
+        return {"kind": "loading", "text": "Standby",
+                "detail": f"still answering for {me.extra['standby']} until the new host "
+                          f"{plan.host_id} is ready"}
     return {"kind": "idle", "text": "Worker idle", "detail": plan.reason}
+
+
+def serving_label(peer: Peer) -> str:
+    """``serving`` for the console: ``standby`` while a former host still answers."""
+    return "standby" if peer.extra.get("standby") else peer.serving.value
 
 
 def rpc_entries(backend: Mapping[str, Any], plan: Plan) -> list[dict[str, Any]]:
@@ -120,7 +129,7 @@ def diagram(view: MeshView, plan: Plan, transport_links: Mapping[str, str]
         part = shares.get(p.id)
         nodes.append({
             "id": p.id, "role": p.role.value, "vram": 0 if p.is_client else p.vram,
-            "vram_gb": 0.0 if p.is_client else gb(p.vram), "serving": p.serving.value,
+            "vram_gb": 0.0 if p.is_client else gb(p.vram), "serving": serving_label(p),
             "model": p.model, "is_self": p.id == view.self_id, "is_host": p.id == plan.host_id,
             "share": part.share if part else None, "rpc": bool(part and part.rpc),
         })
@@ -151,7 +160,7 @@ def build_payload(node: Any, *, loopback: bool, api_host: str) -> dict[str, Any]
     peers = [
         {"id": p.id, "role": p.role.value, "vram": p.vram, "vram_gb": gb(p.vram),
          "model": p.model, "rtt_ms": p.rtt_ms, "link": links_by_peer.get(p.id),
-         "serving": p.serving.value}
+         "serving": serving_label(p)}
         for p in view.others
     ]
     backend = status.get("backend") or {}

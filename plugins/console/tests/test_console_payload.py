@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from meshcore_console.payload import badge, missing_gb, rpc_entries
+from meshcore_console.payload import badge, missing_gb, rpc_entries, serving_label
 
 from meshcore.config import GB
 from meshcore.plan import Participant, Plan, PlanState
@@ -49,6 +49,12 @@ def test_badges() -> None:
     waiting = Plan(PlanState.WAITING, reason="no node that can host has joined")
     assert badge(waiting, Peer("w"), None, 0)["text"] == "Waiting"
     assert badge(waiting, Peer("w"), None, 1.5)["text"] == "Waiting for 1.5 GB more"
+    # a former host answering until the new one is ready (the backend's hand-over)
+    former = Peer("old", extra={"standby": "m"})
+    assert badge(SPLIT, former, loading, 0) == {
+        "kind": "loading", "text": "Standby",
+        "detail": "still answering for m until the new host h is ready"}
+    assert serving_label(former) == "standby" and serving_label(host) == "ready"
 
 
 def test_missing_vram_follows_the_election_else_rounds_up() -> None:
