@@ -55,9 +55,8 @@ class FastTransport(asyncio.BufferedProtocol, asyncio.Transport):
                 server_random = self.opener.take_clear(seal.RANDOM_BYTES)
                 if server_random is None:
                     return
-                c2s, s2c = seal.derive(self.key, self.client_random, server_random)
-                self.sealer = seal.Sealer(c2s)
-                self.opener.set_key(s2c)
+                self.sealer = seal.start(self.opener, self.key, self.client_random,
+                                         server_random, client=True)
                 assert self.tcp is not None
                 self.tcp.write(self.sealer.seal(seal.OPEN, self.service.encode("ascii")))
                 if not self.ready.done():  # done: the dialer gave up (timeout) meanwhile

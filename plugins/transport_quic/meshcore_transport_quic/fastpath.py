@@ -56,9 +56,8 @@ class FastStream(ByteStream):
         await self.tcp.send(seal.hello(self.key, client_random))
         while (server_random := self.opener.take_clear(seal.RANDOM_BYTES)) is None:
             self.opener.feed(await self.tcp.receive())
-        c2s, s2c = seal.derive(self.key, client_random, server_random)
-        self.sealer = seal.Sealer(c2s)
-        self.opener.set_key(s2c)
+        self.sealer = seal.start(self.opener, self.key, client_random, server_random,
+                                 client=True)
         await self.tcp.send(bytes(self.sealer.seal(seal.OPEN, service.encode("ascii"))))
 
     async def _fill(self) -> None:

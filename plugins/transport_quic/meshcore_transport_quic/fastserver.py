@@ -143,9 +143,8 @@ class FastConnection(asyncio.BufferedProtocol):
             raise seal.SealError("unknown key (not issued to a connected peer)")
         key, peer_id = found[0]
         server_random = seal.new_random()
-        c2s, s2c = seal.derive(key, client_random, server_random)
-        self.opener.set_key(c2s)
-        self.sealer = seal.Sealer(s2c)
+        self.sealer = seal.start(self.opener, key, client_random, server_random,
+                                 client=False)
         self.peer_id = peer_id
         self.state = "open"
         assert self.tcp is not None

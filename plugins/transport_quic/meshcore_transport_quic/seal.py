@@ -81,6 +81,15 @@ def derive(key: bytes, client_random: bytes, server_random: bytes) -> tuple[byte
     return okm[:16], okm[16:]
 
 
+def start(opener: Opener, key: bytes, client_random: bytes, server_random: bytes, *,
+          client: bool) -> Sealer:
+    """Key one end of a connection: ``opener`` gets the incoming direction's key, the
+    returned Sealer seals the outgoing one (client -> server is the client's outgoing)."""
+    c2s, s2c = derive(key, client_random, server_random)
+    opener.set_key(s2c if client else c2s)
+    return Sealer(c2s if client else s2c)
+
+
 class Sealer:
     """Seals the records of one direction."""
 

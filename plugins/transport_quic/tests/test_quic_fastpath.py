@@ -51,9 +51,7 @@ async def keyed(a: Any, b: Any) -> tuple[SocketStream, seal.Sealer, seal.Opener]
     with anyio.fail_after(5):
         while (server_random := opener.take_clear(seal.RANDOM_BYTES)) is None:
             opener.feed(await stream.receive())
-    c2s, s2c = seal.derive(key, client_random, server_random)
-    opener.set_key(s2c)
-    return stream, seal.Sealer(c2s), opener
+    return stream, seal.start(opener, key, client_random, server_random, client=True), opener
 
 
 async def closed_by_peer(stream: SocketStream) -> bool:

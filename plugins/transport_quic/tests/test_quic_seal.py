@@ -137,3 +137,19 @@ def test_opener_fuzz_raises_only_seal_errors(raw: bytes) -> None:
     o.feed(raw)
     with contextlib.suppress(seal.SealError):
         o.records()
+
+
+def test_both_ends_keyed_by_start_talk_to_each_other() -> None:
+    client_random, server_random = os.urandom(16), os.urandom(16)
+    client_in, server_in = seal.Opener(), seal.Opener()
+    to_server = seal.start(client_in, KEY, client_random, server_random, client=True)
+    to_client = seal.start(server_in, KEY, client_random, server_random, client=False)
+    server_in.feed(bytes(to_server.seal(seal.OPEN, b"rpc")))
+    client_in.feed(bytes(to_client.seal(seal.DATA, b"\x00")))
+    assert server_in.records() == [(seal.OPEN, b"rpc")]
+    assert client_in.records() == [(seal.DATA, b"\x00")]
+    looped = seal.Opener()  # a client's own records never open with its incoming key
+    seal.start(looped, KEY, client_random, server_random, client=True)
+    looped.feed(bytes(to_server.seal(seal.DATA, b"x")))
+    with pytest.raises(seal.SealError):
+        looped.records()
