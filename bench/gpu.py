@@ -27,20 +27,21 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from meshcore.testing import HealthPoller
+
 sys.path.insert(0, str(Path(__file__).parent))
-from solo import Run, free_port, one_run, wait_ok
+from solo import Run, free_port, medians, one_run, serves_split, wait_for, wait_ok
 
 STARTED = time.monotonic()
 RESULTS: dict[str, Any] = {}
@@ -166,16 +167,6 @@ class Node(Proc):
         return argv
 
 
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError, KeyError, TypeError):
-            if predicate():
-                return
-        time.sleep(0.05)
-    raise SystemExit(f"timed out waiting for {what}")
-
-
 def with_port(argv: list[str], port: int, rpc: str | None = None) -> list[str]:
     argv = list(argv)
     argv[argv.index("--port") + 1] = str(port)
@@ -202,7 +193,7 @@ def compare(bases: dict[str, str], runs: int, tokens: int) -> dict[str, Any]:
         for _ in range(runs):
             for name, base in bases.items():
                 results[name].append(one_run(client, base, tokens))
-    med = {k: [statistics.median(r[i] for r in v) for i in range(3)] for k, v in results.items()}
+    med = medians(results)
     return {"runs": runs, "tokens": tokens, "median": med,
             "samples": {k: [list(r) for r in v] for k, v in results.items()},
             "ratio_tps": med["mesh"][1] / med["raw"][1],
@@ -246,7 +237,7 @@ def split(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> No
         wait_ok(f"{a.base}/health", a.proc, timeout=150)
         say("split: A serves solo; starting B on GPU1")
         start = time.monotonic()
-        probes = HealthProbes(f"{a.base}/health")  # A's API while the split loads
+        probes = HealthPoller(f"{a.base}/health", every=0.1, timeout=5)  # A's API meanwhile
         b = Node("split-B", ["--join", a.token], "1", logs, common, args.threads)
         with stopping(b), probes:
             gpu_of = {id(a): "0", id(b): "1"}
@@ -258,16 +249,11 @@ def split(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> No
                 return next(n for n in (a, b) if n.status()["id"] == plan["host_id"])
 
             def serving() -> bool:
-                # the split server itself, not A's solo one answering during the hand-over
                 h = host()
-                if h is None or "--rpc" not in h.argv():
-                    return False
-                status = h.status()
-                return (status["backend"].get("standby") is None
-                        and status["me"]["serving"] == "ready" and httpx.get(
-                            f"{h.base}/health", timeout=10).status_code == 200)
+                return h is not None and serves_split(h.status()) and httpx.get(
+                    f"{h.base}/health", timeout=10).status_code == 200
 
-            wait_for(serving, "the mesh to serve the split", 240)
+            wait_for(serving, "the mesh to serve the split", 240, every=0.05)
             mesh_load = time.monotonic() - start
             probes.stop()
             say(f"A's /health while B joined and the split loaded: {probes.summary()}")
@@ -290,44 +276,6 @@ def split(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> No
     RESULTS["split"] = res
 
 
-class HealthProbes:
-    """GETs ``url`` every 100 ms in a thread until stopped; counts the status codes (0 = no
-    answer). Shows whether the API kept serving through a plan change."""
-
-    def __init__(self, url: str) -> None:
-        import threading
-
-        self.url = url
-        self.codes: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.codes.append(httpx.get(self.url, timeout=5).status_code)
-            except httpx.HTTPError:
-                self.codes.append(0)
-            self._stop.wait(0.1)
-
-    def __enter__(self) -> HealthProbes:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def counts(self) -> dict[str, int]:
-        return {str(code): self.codes.count(code) for code in sorted(set(self.codes))}
-
-    def summary(self) -> str:
-        return ", ".join(f"{n} x {code}" for code, n in self.counts().items()) or "no probe"
-
-
 def raw_split(argv: list[str], bin_dir: Path, logs: Path, args: argparse.Namespace,
               mesh_base: str, gpus: tuple[str, str]) -> dict[str, Any]:
     """Raw ggml-rpc-server on the worker's GPU + raw llama-server on the host's GPU with
@@ -339,7 +287,7 @@ def raw_split(argv: list[str], bin_dir: Path, logs: Path, args: argparse.Namespa
                                         "-p", str(rpc_port), "-t", str(args.threads)],
                {**os.environ, "CUDA_VISIBLE_DEVICES": worker_gpu}, logs)
     with stopping(rpc):
-        wait_for(lambda: _listening(rpc_port), "the raw rpc-server", 60)
+        wait_for(lambda: _listening(rpc_port), "the raw rpc-server", 60, every=0.05)
         server = Proc("split-raw-llama-server", with_port(argv, port, f"127.0.0.1:{rpc_port}"),
                       {**os.environ, "CUDA_VISIBLE_DEVICES": host_gpu}, logs)
         with stopping(server):

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -128,6 +128,40 @@ def _one_run(client: httpx.Client, base: str, tokens: int) -> Run:
     return first - start, (count - 1) / (last - first), server_tps
 
 
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float,
+             every: float = 0.1) -> None:
+    """Poll ``predicate`` (HTTP errors and missing status keys count as False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError, KeyError, TypeError):
+            if predicate():
+                return
+        time.sleep(every)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def serves_split(status: dict[str, Any]) -> bool:
+    """A host's ``/mesh/status``: its split llama-server is the one answering (not a solo
+    server handed over while the split loads, see docs/backend.md)."""
+    return status["plan"]["state"] == "SPLIT" and status["backend"]["serving_current_plan"] is True
+
+
+def medians(results: dict[str, list[Run]]) -> dict[str, tuple[float, ...]]:
+    """Per side, the medians of (TTFT s, client tok/s, llama-server's own tok/s)."""
+    return {k: tuple(statistics.median(r[i] for r in v) for i in range(3))
+            for k, v in results.items()}
+
+
+def print_medians(med: dict[str, tuple[float, ...]], runs: int) -> None:
+    """The raw and mesh lines, the tok/s ratio and the added TTFT."""
+    for name in ("raw", "mesh"):
+        ttft, tps, server = med[name]
+        print(f"{name:5} tok/s {tps:7.1f}   TTFT {ttft * 1000:7.1f} ms   llama-server's own "
+              f"tok/s {server:7.1f}   (median of {runs})")
+    print(f"ratio mesh/raw tok/s: {med['mesh'][1] / med['raw'][1]:.3f}")
+    print(f"added TTFT: {(med['mesh'][0] - med['raw'][0]) * 1000:+.1f} ms")
+
+
 def cpu_bench_args(doc: str) -> argparse.Namespace:
     """The options every CPU bench script takes (solo.py, split.py)."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -154,15 +188,8 @@ def main() -> None:
             before = sum(mesh_proc.cpu_times()[:2])
             results["mesh"].append(one_run(client, mesh, args.tokens))
             cpu += sum(mesh_proc.cpu_times()[:2]) - before
-    med = {k: tuple(statistics.median(r[i] for r in v) for i in range(3))
-           for k, v in results.items()}
-    for name in ("raw", "mesh"):
-        ttft, tps, server = med[name]
-        print(f"{name:5} tok/s {tps:7.1f}   TTFT {ttft * 1000:7.1f} ms   llama-server's own "
-              f"tok/s {server:7.1f}   (median of {args.runs})")
+    print_medians(medians(results), args.runs)
     print(f"mesh-llm CPU per proxied token: {cpu * 1000 / (args.runs * args.tokens):.2f} ms")
-    print(f"ratio mesh/raw tok/s: {med['mesh'][1] / med['raw'][1]:.3f}")
-    print(f"added TTFT: {(med['mesh'][0] - med['raw'][0]) * 1000:+.1f} ms")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import os
 import re
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from solo import Run, cpu_bench_args, free_port, one_run, wait_ok
+from solo import (
+    Run,
+    cpu_bench_args,
+    free_port,
+    medians,
+    one_run,
+    print_medians,
+    serves_split,
+    wait_for,
+    wait_ok,
+)
 
 MODEL = "SmolLM2-135M"
 
@@ -63,16 +72,6 @@ class Node:
         self.proc.wait(30)
 
 
-def wait_for(predicate: Any, what: str, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError, KeyError, TypeError):
-            if predicate():
-                return
-        time.sleep(0.1)
-    raise SystemExit(f"timed out waiting for {what}")
-
-
 @contextlib.contextmanager
 def mesh_split(threads: int, extra: list[str]) -> Iterator[tuple[Node, Node]]:
     """Yields A and B once A's split llama-server answers."""
@@ -80,8 +79,8 @@ def mesh_split(threads: int, extra: list[str]) -> Iterator[tuple[Node, Node]]:
     b: Node | None = None
     try:
         b = Node(["--max-vram", "4", "--join", a.token, *extra], threads)
-        wait_for(lambda: a.status()["plan"]["state"] == "SPLIT"
-                 and httpx.get(f"{a.base}/health").status_code == 200, "A's split to load")
+        wait_for(lambda: serves_split(a.status())
+                 and httpx.get(f"{a.base}/health").status_code == 200, "A's split to load", 240)
         yield a, b
     finally:
         for node in (b, a):
@@ -190,14 +189,7 @@ def main() -> None:
             for _ in range(args.runs):
                 results["raw"].append(one_run(client, raw, args.tokens))
                 results["mesh"].append(one_run(client, a.base, args.tokens))
-    med = {k: tuple(statistics.median(r[i] for r in v) for i in range(3))
-           for k, v in results.items()}
-    for name in ("raw", "mesh"):
-        ttft, tps, server = med[name]
-        print(f"{name:5} tok/s {tps:7.1f}   TTFT {ttft * 1000:7.1f} ms   llama-server's own "
-              f"tok/s {server:7.1f}   (median of {args.runs})")
-    print(f"ratio mesh/raw tok/s: {med['mesh'][1] / med['raw'][1]:.3f}")
-    print(f"added TTFT: {(med['mesh'][0] - med['raw'][0]) * 1000:+.1f} ms")
+    print_medians(medians(results), args.runs)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -354,3 +355,44 @@ async def run_mesh(state_root: Path, **kwargs: Any) -> AsyncIterator[MeshHarness
             yield harness
         finally:
             harness.stop_all()
+
+
+class HealthPoller:
+    """GETs ``url`` every ``every`` seconds in a thread while the block runs (or until
+    :meth:`stop`); ``codes`` holds the answers, 0 for none. Shows whether an API kept
+    serving through a plan change (the backend's hand-over); used by tests and bench/gpu.py."""
+
+    def __init__(self, url: str, *, every: float = 0.05, timeout: float = 10) -> None:
+        self.url, self.every, self.timeout = url, every, timeout
+        self.codes: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import httpx  # not at import time: the CLI loads this module as a plugin
+
+        while not self._stop.is_set():
+            try:
+                self.codes.append(httpx.get(self.url, timeout=self.timeout).status_code)
+            except httpx.HTTPError:
+                self.codes.append(0)
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> HealthPoller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(self.timeout + 5)
+
+    def counts(self) -> dict[str, int]:
+        """``{"200": n, ...}``, status codes as strings (JSON keys)."""
+        return {str(code): self.codes.count(code) for code in sorted(set(self.codes))}
+
+    def summary(self) -> str:
+        return ", ".join(f"{n} x {code}" for code, n in self.counts().items()) or "no probe"

@@ -214,15 +214,12 @@ def ask(proc: MeshProcess) -> str:
 
 def serving_split(proc: MeshProcess, b_id: str) -> Callable[[dict[str, Any]], bool]:
     """Status predicate: the node's plan is a SPLIT with ``b_id``, its llama-server runs it
-    (``--rpc``; no solo server still answering in its place, see the backend's hand-over)
-    and its API is healthy."""
+    (no solo server still answering in its place, see the backend's hand-over) and its API
+    is healthy."""
     def ok(s: dict[str, Any]) -> bool:
-        backend = s["backend"]
-        server = backend.get("llama_server") or {}
         return (s["plan"]["state"] == "SPLIT"
                 and b_id in {p["peer_id"] for p in s["plan"]["participants"]}
-                and "--rpc" in server.get("argv", []) and backend.get("standby") is None
-                and s["me"]["serving"] == "ready" and healthy(proc))
+                and s["backend"].get("serving_current_plan") is True and healthy(proc))
     return ok
 
 

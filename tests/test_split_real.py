@@ -10,8 +10,6 @@ Every llama.cpp process runs with one thread (MESH_LLM_THREADS=1).
 from __future__ import annotations
 
 import re
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +18,7 @@ import pytest
 from test_client import mesh_status, quic_missing, wait_status
 
 from meshcore.pytest_plugin import MeshProcess
+from meshcore.testing import HealthPoller
 
 pytestmark = pytest.mark.real
 
@@ -118,33 +117,6 @@ def test_fits_on_host_stays_solo_and_worker_answers(
     assert b_id != a_id
 
 
-class HealthPoller:
-    """GETs a node's /health every 50 ms in a thread while the block runs; ``codes`` are
-    the answers (0: no answer)."""
-
-    def __init__(self, node: MeshProcess) -> None:
-        self.url = f"http://127.0.0.1:{node.api_port}/health"
-        self.codes: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.codes.append(httpx.get(self.url, timeout=10).status_code)
-            except httpx.HTTPError:
-                self.codes.append(0)
-            time.sleep(0.05)
-
-    def __enter__(self) -> HealthPoller:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(15)
-
-
 def check_split_runs(status_a: dict[str, Any], status_b: dict[str, Any]) -> None:
     """A's llama-server runs B as its one --rpc entry, through a tunnel, with B's share."""
     a_id, b_id = status_a["id"], status_b["id"]
@@ -192,13 +164,13 @@ def test_forced_split_matches_solo_answer(mesh_process: Callable[..., MeshProces
 
     # While B joins and the split loads, A's solo llama-server keeps answering (hand-over):
     # its API must never say "loading".
-    with HealthPoller(a) as poller:
+    with HealthPoller(f"http://127.0.0.1:{a.api_port}/health") as poller:
         b = start(mesh_process, "--max-vram", "4", "--join", a.token)
         wait_status(a, lambda s: s["plan"]["state"] == "SPLIT", "the split plan", 120)
-        status_a = wait_status(a, lambda s: "--rpc" in (s["backend"].get("llama_server")
-                                                          or {}).get("argv", [])
-                               and s["backend"]["standby"] is None and s["me"]["serving"]
-                               == "ready", "a's split llama-server serving alone", 240)
+        status_a = wait_status(a, lambda s: s["plan"]["state"] == "SPLIT"
+                               and s["backend"]["serving_current_plan"],
+                               "a's split llama-server serving alone", 240)
+    assert "--rpc" in server_info(status_a)["argv"] and status_a["backend"]["standby"] is None
     codes = poller.codes
     assert codes and set(codes) == {200}, f"A's API went away during the hand-over: {codes}"
     assert status_a["backend"]["handovers"] == 1, status_a["backend"]
@@ -254,7 +226,7 @@ def test_a_bigger_node_takes_over_while_the_old_host_keeps_answering(
     assert a.token, a.log()
     wait_ready(a, "a alone")
     solo_text, _ = ask(a)
-    with HealthPoller(a) as poller:
+    with HealthPoller(f"http://127.0.0.1:{a.api_port}/health") as poller:
         b = start(mesh_process, "--max-vram", "8", "--join", a.token)
         b_id = mesh_status(b)["id"]
         wait_status(a, lambda s: s["plan"]["host_id"] == b_id, "b to become the host", 120)

@@ -81,6 +81,7 @@ class LlamaCppBackend:
         self.rpc: Child | None = None
         self.port: int | None = None
         self.ready = False
+        self.serving_plan: Plan | None = None  # the plan the ready llama-server runs
         self.lay: commands.Layout | None = None
         self.rpc_endpoints: list[str] = []
         self.restarts = 0
@@ -131,6 +132,13 @@ class LlamaCppBackend:
             return f"http://127.0.0.1:{standby.port}"
         return None
 
+    def serves_current_plan(self) -> bool:
+        """Host: its llama-server is ready, runs the current plan and answers alone (no
+        handed-over server still serving in its place). What tools wait for after a plan
+        change, since during a hand-over the node keeps announcing ``serving = ready``."""
+        return (self.ready and self._standby is None and self.serving_plan is not None
+                and self.serving_plan == self.plan)
+
     def status(self) -> dict[str, Any]:
         def child(c: Child | None, port: int | None = None) -> dict[str, Any] | None:
             return None if c is None else {"pid": c.pid, "argv": c.argv, "port": port,
@@ -144,6 +152,7 @@ class LlamaCppBackend:
             "threads": self.threads,
             "llama_server": child(self.server, self.port),
             "standby": child(self._standby.child, self._standby.port) if self._standby else None,
+            "serving_current_plan": self.serves_current_plan(),
             "handovers": self.handovers,
             "rpc_server": child(self.rpc, self.node.services.get("rpc", (None, None))[1]),
             "rpc": list(self.rpc_endpoints),
@@ -375,7 +384,7 @@ class LlamaCppBackend:
             if not done:
                 return
             self._loaded(lay.rpc_peers, sent_before, time.monotonic() - began)
-            self.ready, self.error = True, None
+            self.ready, self.error, self.serving_plan = True, None, plan
             node.services["llama"] = mine
             node.set_serving(Serving.READY, error=None)
             done, _ = await self._race([child], functools.partial(self._serve_and_retire,
@@ -387,7 +396,7 @@ class LlamaCppBackend:
                 log.info("plan changed: llama-server (port %d) keeps serving until the new "
                          "one is ready", port)
         finally:
-            self.ready = False
+            self.ready, self.serving_plan = False, None
             if not handed_over:
                 if node.services.get("llama") == mine:
                     node.services.pop("llama", None)
