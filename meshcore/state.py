@@ -27,6 +27,16 @@ class Serving(StrEnum):
     ERROR = "error"
 
 
+MAX_TEXT = 128  # node ids: printable ASCII (they appear in logs, the console and commands)
+MAX_COUNT = 2**62  # vram, model_bytes, seq: far above any real value, far below overflow
+
+
+def _short_text(value: Any, limit: int = MAX_TEXT, *, ascii_only: bool = True,
+                empty: bool = False) -> bool:
+    return (isinstance(value, str) and (empty or value != "") and len(value) <= limit
+            and (value.isascii() or not ascii_only) and value.isprintable())
+
+
 @dataclass(frozen=True)
 class Peer:
     """One node's announcement, as gossiped. Every field is plain data (JSON-safe)."""
@@ -60,8 +70,9 @@ class Peer:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Peer:
         """Build a Peer from gossip; unknown keys are ignored, bad values raise ValueError."""
-        if not isinstance(data, Mapping) or not isinstance(data.get("id"), str) or not data["id"]:
-            raise ValueError("peer record needs a non-empty string 'id'")
+        if not isinstance(data, Mapping) or not _short_text(data.get("id")):
+            raise ValueError(f"peer record needs an 'id' of 1-{MAX_TEXT} printable ASCII "
+                             "characters")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
         try:
@@ -77,8 +88,10 @@ class Peer:
             kwargs["extra"] = dict(extra)
             for name in ("vram", "model_bytes", "seq"):
                 value = kwargs.get(name, 0)
-                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                    raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+                if (not isinstance(value, int) or isinstance(value, bool)
+                        or not 0 <= value <= MAX_COUNT):
+                    raise ValueError(f"{name} must be an integer from 0 to 2**62, "
+                                     f"got {value!r:.40}")
             _check_types(kwargs)
         except (TypeError, KeyError) as exc:
             raise ValueError(f"bad peer record: {exc}") from exc
@@ -88,10 +101,14 @@ class Peer:
 def _check_types(kwargs: Mapping[str, Any]) -> None:
     """Reject gossip fields of the wrong type (ValueError), so a bad record never gets in."""
     for name in ("model", "draft"):
-        if kwargs.get(name) is not None and not isinstance(kwargs[name], str):
-            raise ValueError(f"{name} must be a string or null, got {kwargs[name]!r}")
-    if not isinstance(kwargs.get("version", ""), str):
-        raise ValueError(f"version must be a string, got {kwargs['version']!r}")
+        if kwargs.get(name) is not None and not _short_text(kwargs[name], 512,
+                                                             ascii_only=False, empty=True):
+            raise ValueError(f"{name} must be a printable string or null, "
+                             f"got {kwargs[name]!r:.60}")
+    if not _short_text(kwargs.get("version", ""), 64, empty=True):
+        raise ValueError(f"version must be a short string, got {kwargs['version']!r:.60}")
+    if len(kwargs.get("addresses", ())) > 64:
+        raise ValueError("more than 64 addresses")
     if not isinstance(kwargs.get("split", False), bool):
         raise ValueError(f"split must be a boolean, got {kwargs['split']!r}")
     rtt = kwargs.get("rtt_ms")

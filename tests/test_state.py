@@ -40,11 +40,14 @@ def test_from_dict_raises_only_value_error(data: Any) -> None:
 
 
 peers = st.builds(
-    Peer, id=st.text(min_size=1, max_size=8), role=st.sampled_from(Role),
-    vram=st.integers(0, 2**50), model=st.none() | st.text(max_size=8),
+    Peer, id=st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1,
+                     max_size=8), role=st.sampled_from(Role),
+    vram=st.integers(0, 2**50),
+    model=st.none() | st.text(st.characters(categories=["L", "N", "P"]), max_size=8),
     model_bytes=st.integers(0, 2**40), serving=st.sampled_from(Serving),
     addresses=st.lists(st.text(max_size=8), max_size=3).map(tuple),
-    version=st.text(max_size=5), split=st.booleans(), seq=st.integers(0, 2**31),
+    version=st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=5),
+    split=st.booleans(), seq=st.integers(0, 2**31),
     rtt_ms=st.none() | st.floats(0, 1e4), extra=st.dictionaries(st.text(max_size=4),
                                                                  st.integers(), max_size=2))
 
@@ -56,16 +59,20 @@ def test_peer_round_trip(peer: Peer) -> None:
 
 
 @pytest.mark.parametrize(("record", "message"), [
-    ({}, "non-empty string 'id'"),
-    ({"id": ""}, "non-empty string 'id'"),
-    ({"id": "a", "vram": -1}, "vram must be a non-negative integer"),
-    ({"id": "a", "vram": 1.5}, "vram must be a non-negative integer"),
-    ({"id": "a", "seq": True}, "seq must be a non-negative integer"),
+    ({}, "needs an 'id' of 1-128 printable ASCII"),
+    ({"id": ""}, "needs an 'id' of 1-128 printable ASCII"),
+    ({"id": "\u00e9t\u00e9"}, "needs an 'id' of 1-128 printable ASCII"),
+    ({"id": "a" * 129}, "needs an 'id' of 1-128 printable ASCII"),
+    ({"id": "a", "vram": -1}, "vram must be an integer from 0 to 2\\*\\*62"),
+    ({"id": "a", "vram": 1.5}, "vram must be an integer from 0"),
+    ({"id": "a", "vram": 10**30}, "vram must be an integer from 0"),
+    ({"id": "a", "seq": True}, "seq must be an integer from 0"),
     ({"id": "a", "role": "KING"}, "KING"),
     ({"id": "a", "role": ["HOST"]}, "not a valid Role"),
     ({"id": "a", "addresses": "10.0.0.1"}, "addresses must be a list of strings"),
     ({"id": "a", "extra": [1]}, "extra must be an object"),
-    ({"id": "a", "model": 5}, "model must be a string or null"),
+    ({"id": "a", "model": 5}, "model must be a printable string or null"),
+    ({"id": "a", "model": "x\n; rm -rf /"}, "model must be a printable string or null"),
     ({"id": "a", "split": "yes"}, "split must be a boolean"),
     ({"id": "a", "rtt_ms": float("nan")}, "rtt_ms"),
 ])

@@ -6,12 +6,14 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVarTuple, Unpack
 
 import anyio
 from anyio.abc import TaskGroup
 
+from meshcore_transport_quic.auth import PeerInfo
 from meshcore_transport_quic.fastpath import FastPathServer
 from meshcore_transport_quic.frames import FrameError, Kind
 from meshcore_transport_quic.identity import Identity
@@ -20,13 +22,18 @@ from meshcore_transport_quic.quicstream import MeshProtocol, QuicByteStream
 from meshcore_transport_quic.wire import DEFAULT_DATAGRAM, send_gossip
 
 log = logging.getLogger("meshcore.transport.quic")
+Ts = TypeVarTuple("Ts")
 
 ERR_AUTH, ERR_DUPLICATE, ERR_TIMEOUT, ERR_LEAVING = 0x101, 0x102, 0x103, 0x104
+ERR_PROTOCOL = 0x105
 LEAVING = "node leaving the mesh"
 AUTH_TIMEOUT = 5.0
 HANDSHAKE_TIMEOUT = 3.0
 HINT_DELAY = 1.5  # the larger id waits this long for the smaller one to dial
 FAST_RETRY_S = 30.0
+MAX_HINTED = 256  # hinted peers waiting to be dialed; more hints are dropped
+HINT_DIALS = 8  # hinted peers dialed at once
+ADDRESS_TTL_S = 30.0
 
 
 class DialError(ConnectionError):
@@ -73,23 +80,56 @@ class TransportBase:
         self.boots: dict[str, str] = {}
         self.lost: dict[str, float] = {}  # peer id -> reconnect deadline
         self.dialing: set[str] = set()
+        self.hinted: set[str] = set()  # hinted peers waiting for (or in) a dial
+        self.hint_slots = anyio.Semaphore(HINT_DIALS)
         # Peers removed after a lost connection (not a clean leave): redialed with backoff so
         # the mesh heals when the path returns, whichever side started it.
         self.departed: dict[str, Departed] = {}
         self.fast_keys: dict[bytes, str] = {}  # keys we issued -> peer id
         self._published_rtt: dict[str, float] = {}
+        self._addresses: tuple[float, list[str]] | None = None
         self._tg: TaskGroup | None = None
         self._client_udp: set[asyncio.BaseTransport] = set()
 
     # ------------------------------------------------------------------ helpers
 
     def _my_addresses(self) -> list[str]:
-        return list(self.advertise) if self.advertise else local_addresses(self.v6)
+        """This node's addresses, read at most every ADDRESS_TTL_S: every handshake sends
+        them, and reading interfaces costs file descriptors a flood may have used up."""
+        if self.advertise:
+            return list(self.advertise)
+        now = time.monotonic()
+        if self._addresses is None or now - self._addresses[0] > ADDRESS_TTL_S:
+            try:
+                self._addresses = (now, local_addresses(self.v6))
+            except OSError as exc:
+                if self._addresses is None:
+                    raise
+                log.warning("could not read this machine's addresses (%s); using the last", exc)
+        return list(self._addresses[1])
 
     @property
     def tg(self) -> TaskGroup:
         assert self._tg is not None
         return self._tg
+
+    def _spawn(self, proto: MeshProtocol | None, what: str,
+               func: Callable[[Unpack[Ts]], Awaitable[object]], *args: *Ts) -> None:
+        """Run ``func(*args)`` in the transport's task group, fenced: whatever a peer sent,
+        an exception in it is logged once with the peer and costs that peer its connection,
+        never the node (the task group would otherwise end the transport and the node)."""
+
+        async def fenced() -> None:
+            try:
+                await func(*args)
+            except Exception as exc:
+                who = (proto.peer_id or proto.peer_addr) if proto is not None else "a peer"
+                log.warning("%s with %s failed (%s: %.200s); closing that connection", what,
+                            who, type(exc).__name__, exc)
+                if proto is not None and proto.terminated is None:
+                    proto.close(ERR_PROTOCOL, "protocol error")
+
+        self.tg.start_soon(fenced)
 
     def _info(self, fast_key: bytes) -> dict[str, Any]:
         fast = {"port": self.fast_port, "key": fast_key.hex()} if self.fast_port else None
@@ -123,7 +163,7 @@ class TransportBase:
     # ------------------------------------------------------------------ implemented by parts
 
     def _adopt(self, proto: MeshProtocol, peer_id: str, fp: bytes, boot: str,
-               info: dict[str, Any], *, dialed: bool) -> PeerLink:
+               info: PeerInfo, *, dialed: bool) -> PeerLink:
         raise NotImplementedError
 
     async def _watch(self, link: PeerLink, udp: asyncio.BaseTransport | None = None) -> None:

@@ -8,6 +8,7 @@ carries exactly one frame and ends, so a bad frame costs one stream, never the c
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -15,6 +16,7 @@ from typing import Any
 
 FRAME_VERSION = 1
 MAX_FRAME = 256 * 1024  # payload bytes; an announcement is ~1 KB
+MAX_INT = 2**63 - 1  # any JSON integer beyond this is hostile (vram, seq, ports all fit)
 HEADER = struct.Struct("!BBI")
 
 
@@ -69,6 +71,37 @@ def parse_header(header: bytes) -> tuple[Kind, int]:
     return parsed, length
 
 
+def _bounded_int(text: str) -> int:
+    # The length goes first: int() of 5,000 digits raises a bare ValueError.
+    value = int(text) if len(text) <= 20 else MAX_INT + 1
+    if abs(value) > MAX_INT:
+        raise FrameError(f"integer {text[:24]} is out of range")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise FrameError(f"number {text[:24]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise FrameError(f"{name} is not a JSON value")
+
+
+def loads_bounded(payload: bytes) -> Any:
+    """``json.loads`` that admits only finite numbers and integers within +-2**63 (so no
+    handler meets an overflow); raises :class:`FrameError` (only) on anything else."""
+    try:
+        return json.loads(payload.decode("utf-8"), parse_int=_bounded_int,
+                          parse_float=_finite_float, parse_constant=_no_constant)
+    except FrameError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError too
+        raise FrameError(f"payload is not JSON: {exc}") from None
+
+
 def decode_frame(data: bytes) -> Frame:
     """Decode exactly one frame; raises :class:`FrameError` (only) on any bad input."""
     kind, length = parse_header(data)
@@ -78,9 +111,9 @@ def decode_frame(data: bytes) -> Frame:
     if len(payload) > length:
         raise FrameError(f"{len(payload) - length} bytes after the end of the frame")
     try:
-        body = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise FrameError(f"{kind.name} frame payload is not JSON: {exc}") from None
+        body = loads_bounded(payload)
+    except FrameError as exc:
+        raise FrameError(f"{kind.name} frame: {exc}") from None
     if not isinstance(body, dict):
         raise FrameError(f"{kind.name} frame payload is not a JSON object")
     return Frame(kind, body)

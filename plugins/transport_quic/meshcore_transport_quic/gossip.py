@@ -13,6 +13,7 @@ from meshcore.state import Peer
 from meshcore_transport_quic.base import (
     AUTH_TIMEOUT,
     HINT_DELAY,
+    MAX_HINTED,
     DialError,
     JoinRefused,
     TransportBase,
@@ -28,7 +29,7 @@ class Gossip(TransportBase):
     """Handles every stream a peer opens: gossip frames, hints and inbound tunnels."""
 
     def _on_stream(self, proto: MeshProtocol, stream: QuicByteStream) -> None:
-        self.tg.start_soon(self._handle_stream, proto, stream)
+        self._spawn(proto, "a stream", self._handle_stream, proto, stream)
 
     async def _handle_stream(self, proto: MeshProtocol, stream: QuicByteStream) -> None:
         reader = BufferedByteReceiveStream(stream)
@@ -95,7 +96,11 @@ class Gossip(TransportBase):
                 if 0 <= ms < 60_000:
                     self.node.state.set_rtt(link.id, link.sample_rtt(ms))
         elif frame.kind is Kind.PEERS:
-            for hint in (body.get("peers") or [])[:256]:
+            hints = body.get("peers")
+            if not isinstance(hints, list):
+                log.warning("rejected a PEERS frame from %s: 'peers' is not a list", link.id)
+                return
+            for hint in hints[:256]:
                 self._on_hint(link, hint)
         elif frame.kind is Kind.LEAVE:
             link.left = True
@@ -121,16 +126,32 @@ class Gossip(TransportBase):
             log.warning("ignored a malformed peer hint from %s", via.id)
             return
         peer_id, fp, addrs = parsed
-        if peer_id == self.node.id or peer_id in self.links or peer_id in self.dialing:
+        if (peer_id == self.node.id or peer_id in self.links or peer_id in self.dialing
+                or peer_id in self.hinted):
             return
         if self.bindings.get(peer_id, fp) != fp:
             log.warning("ignored a hint from %s: %s has another certificate", via.id, peer_id)
             return
-        self.tg.start_soon(self._dial_hint, peer_id, fp, addrs)
+        if len(self.hinted) >= MAX_HINTED:
+            log.warning("ignored a hint from %s: %d hinted peers are waiting to be dialed "
+                        "already", via.id, len(self.hinted))
+            return
+        self.hinted.add(peer_id)
+        self._spawn(None, f"dialing hinted peer {peer_id}", self._dial_hint, peer_id, fp,
+                    addrs[:4])
 
     async def _dial_hint(self, peer_id: str, fp: bytes, addrs: list[tuple[str, int]]) -> None:
-        if self.node.id > peer_id:
-            await anyio.sleep(HINT_DELAY)  # the smaller id dials first; avoid duplicates
+        """Dial a hinted peer; at most HINT_DIALS at once, so a member flooding hints costs
+        a bounded number of sockets (each dial holds one UDP socket)."""
+        try:
+            if self.node.id > peer_id:
+                await anyio.sleep(HINT_DELAY)  # the smaller id dials first; avoid duplicates
+            async with self.hint_slots:
+                await self._dial_addrs(peer_id, fp, addrs)
+        finally:
+            self.hinted.discard(peer_id)
+
+    async def _dial_addrs(self, peer_id: str, fp: bytes, addrs: list[tuple[str, int]]) -> None:
         for host, port in addrs:
             if peer_id in self.links or peer_id in self.dialing:
                 return

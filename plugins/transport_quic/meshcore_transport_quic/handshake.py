@@ -44,7 +44,7 @@ class Handshakes(TransportBase):
 
     def _server_protocol(self, quic: QuicConnection, stream_handler: Any = None) -> MeshProtocol:
         proto = MeshProtocol(quic, on_stream=self._on_stream)
-        self.tg.start_soon(self._serve_connection, proto)
+        self._spawn(proto, "an inbound connection", self._serve_connection, proto)
         return proto
 
     async def _serve_connection(self, proto: MeshProtocol) -> None:
@@ -91,7 +91,7 @@ class Handshakes(TransportBase):
             udp.close()
             self._client_udp.discard(udp)
             raise
-        self.tg.start_soon(self._watch, link, udp)
+        self._spawn(proto, "watching the connection", self._watch, link, udp)
         return link
 
     async def _client_auth(self, proto: MeshProtocol, fp: bytes, host: str,

@@ -17,12 +17,12 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import anyio
 from aioquic.asyncio.server import QuicServer
 from anyio.abc import ByteStream, TaskStatus
 
+from meshcore_transport_quic.auth import PeerInfo
 from meshcore_transport_quic.base import (
     ERR_DUPLICATE,
     ERR_LEAVING,
@@ -175,7 +175,7 @@ class QuicTransport(Handshakes, Gossip):
     # ------------------------------------------------------------------ membership
 
     def _adopt(self, proto: MeshProtocol, peer_id: str, fp: bytes, boot: str,
-               info: dict[str, Any], *, dialed: bool) -> PeerLink:
+               info: PeerInfo, *, dialed: bool) -> PeerLink:
         old = self.links.get(peer_id)
         if old is not None and old.proto is not proto and old.proto.terminated is None:
             old_dialer = self.node.id if old.dialed else peer_id
@@ -184,18 +184,14 @@ class QuicTransport(Handshakes, Gossip):
                 proto.close(ERR_DUPLICATE, "duplicate connection")
                 return old
             old.proto.close(ERR_DUPLICATE, "replaced by a newer connection")
-        port = int(info.get("port") or 0)
-        advertised = [(str(a), port) for a in info.get("addrs") or [] if port][:32]
+        port = info.port
+        advertised = [(a, port) for a in info.addrs]
         seen = [(proto.peer_addr[0], port)] if proto.peer_addr and port else []
         if dialed and proto.peer_addr:
             seen.insert(0, proto.peer_addr)
         link = PeerLink(peer_id, fp, boot, proto, dialed, merge_addrs(seen, advertised))
-        fast = info.get("fast")
-        if isinstance(fast, dict) and self.fast_enabled:
-            try:
-                link.fast_port, link.fast_key = int(fast["port"]), bytes.fromhex(fast["key"])
-            except (KeyError, TypeError, ValueError):
-                log.warning("peer %s sent a malformed fast-path offer; using QUIC", peer_id)
+        if info.fast is not None and self.fast_enabled:
+            link.fast_port, link.fast_key = info.fast
         self.bindings[peer_id] = fp
         if self.boots.get(peer_id, boot) != boot:
             self.node.state.remove(peer_id)  # restarted: its announcement counter restarted too
@@ -205,10 +201,10 @@ class QuicTransport(Handshakes, Gossip):
         self.departed.pop(peer_id, None)
         proto.peer_id = peer_id
         proto.ready.set()
-        self._accept_record(link, info.get("peer"))
+        self._accept_record(link, info.peer)
         log.info("peer %s connected (%s, %s)", peer_id, host_port(*link.addrs[0]),
                  "dialed" if dialed else "accepted")
-        self.tg.start_soon(self._after_connect, link)
+        self._spawn(proto, "setting up the link", self._after_connect, link)
         return link
 
     async def _after_connect(self, link: PeerLink) -> None:
