@@ -10,10 +10,11 @@ cd "$(dirname "$0")"
 say() { printf '\033[1m[dev] %s\033[0m\n' "$*" >&2; }
 
 ensure_uv() {
+  # pip --user puts uv in ~/.local/bin, which is not always on PATH: look there first
+  case ":$PATH:" in *":$HOME/.local/bin:"*) ;; *) export PATH="$HOME/.local/bin:$PATH" ;; esac
   if ! command -v uv >/dev/null 2>&1; then
     say "installing uv (the project's package manager) from PyPI"
     python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
-    export PATH="$HOME/.local/bin:$PATH"
   fi
 }
 
@@ -24,7 +25,7 @@ setup() {
   say "llama.cpp binaries (cached after the first build)"
   .venv/bin/python -m meshcore_backend_llamacpp.build >/dev/null
   say "default model SmolLM2-135M (cached after the first fetch)"
-  .venv/bin/python -c "from meshcore.models import smollm2_path; smollm2_path()"
+  .venv/bin/python -c "from meshcore_backend_llamacpp.models import smollm2_path; smollm2_path()"
 }
 
 ensure_chromium() {

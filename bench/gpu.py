@@ -37,8 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-from meshcore.testing import HealthPoller
+from meshcore_testing import HealthPoller
 
 sys.path.insert(0, str(Path(__file__).parent))
 from solo import Run, free_port, medians, one_run, serves_split, wait_for, wait_ok

@@ -137,15 +137,6 @@ def plugins(
     print(json.dumps(describe_plugins(_plugin_manager(ctx), include_all=all_), indent=2))
 
 
-# Models and deployment (issue 5): their modules import anything heavy inside the commands.
-from meshcore import bundle as _bundle  # noqa: E402
-from meshcore import model_commands as _model_commands  # noqa: E402
-
-app.command("download")(_model_commands.download)
-app.command("models")(_model_commands.models)
-app.command("bundle")(_bundle.bundle)
-
-
 def _plugin_manager(ctx: typer.Context) -> Any:
     """The plugin manager ``main`` loaded (a fresh one when the app is invoked directly)."""
     obj = ctx.find_root().obj

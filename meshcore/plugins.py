@@ -13,7 +13,6 @@ from meshcore import PROJECT, hookspecs
 
 DISABLE_ENV = "MESHCORE_DISABLE_PLUGINS"
 TRACE_ENV = "MESHCORE_TRACE_HOOKS"
-BUILTIN = "meshcore.testing"  # the fake backend and memory transport, always available
 
 
 class PluginLoadError(RuntimeError):
@@ -36,10 +35,6 @@ def get_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManage
     pm.add_hookspecs(hookspecs)
     for name in disabled_plugins():
         pm.set_blocked(name)
-    if not pm.is_blocked(BUILTIN):
-        from meshcore import testing
-
-        pm.register(testing, name=BUILTIN)
     if load_entry_points:
         load_entry_point_plugins(pm)
     try:

@@ -7,8 +7,8 @@ from typing import Any
 
 import httpx
 import pytest
+from meshcore_testing import fakes as testing
 
-from meshcore import testing
 from meshcore.state import Serving
 
 pytestmark = pytest.mark.anyio

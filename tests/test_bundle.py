@@ -23,8 +23,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-
-from meshcore.bundle import pinned_requirements
+from meshcore_backend_llamacpp.bundle import pinned_requirements
 
 pytestmark = pytest.mark.timeout(1200)
 PLUGINS = {"quic", "vram", "llamacpp", "console"}
@@ -95,7 +94,8 @@ def test_installed_bundle_runs_without_the_source_tree(installed: Installed) -> 
     assert helped.returncode == 0, helped.stderr
     assert "Pool the GPUs" in helped.stdout and "bundle" in helped.stdout
     where = subprocess.run([str(installed.prefix / "venv" / "bin" / "python"), "-c",
-                            "import meshcore, meshcore.catalog as c; print(meshcore.__file__); "
+                            "import meshcore, meshcore_backend_llamacpp.catalog as c; "
+                            "print(meshcore.__file__); "
                             "print(len(c.load().entries))"],
                            capture_output=True, text=True, timeout=60, cwd="/")
     path, count = where.stdout.split()
@@ -153,7 +153,7 @@ def test_bundled_solo_node_answers_on_the_bundled_binaries(installed: Installed,
                                                            tmp_path: Path) -> None:
     if not (installed.top / "bin" / "llama-server").is_file():
         pytest.skip("no llama.cpp build was cached, so the bundle holds no binaries")
-    from meshcore.models import smollm2_path
+    from meshcore_backend_llamacpp.models import smollm2_path
 
     model = smollm2_path()
     with bundled_node(installed, model, tmp_path / "home") as url:

@@ -13,10 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
+from meshcore_testing.pytest_plugin import MeshProcess
 
 from meshcore.config import GB
 from meshcore.plan import PlanState
-from meshcore.pytest_plugin import MeshProcess
 from meshcore.state import Role
 
 pytestmark = pytest.mark.anyio

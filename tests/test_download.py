@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 from hf_standin import HubStandIn, serve, tiny_gguf
-
-from meshcore import hub
-from meshcore.models import ModelError, resolve, resolve_draft
+from meshcore_backend_llamacpp import hub
+from meshcore_backend_llamacpp.models import ModelError, resolve, resolve_draft
 
 REPO = "test-org/tiny-GGUF"
 DRAFT_REPO = "test-org/tiny-draft-GGUF"

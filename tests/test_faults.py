@@ -20,10 +20,9 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from meshcore_testing.impair import Impairment, start_relay
+from meshcore_testing.pytest_plugin import MeshProcess, start_mesh_process
 from test_client import mesh_status, quic_missing, wait_status
-
-from meshcore.impair import Impairment, start_relay
-from meshcore.pytest_plugin import MeshProcess, start_mesh_process
 
 pytestmark = pytest.mark.skipif(quic_missing() is not None, reason=str(quic_missing()))
 

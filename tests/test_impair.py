@@ -1,4 +1,4 @@
-"""The impairment relay (meshcore.impair): UDP and TCP forwarding with delay and loss."""
+"""The impairment relay (meshcore_testing.impair): UDP and TCP forwarding with delay and loss."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import threading
 import time
 
 import pytest
-
-from meshcore.impair import Impairment, start_relay
+from meshcore_testing.impair import Impairment, start_relay
 
 
 def udp_echo() -> tuple[socket.socket, threading.Thread]:

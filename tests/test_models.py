@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-
-from meshcore import catalog, hub
-from meshcore.catalog import CatalogError, human_size
-from meshcore.models import (
+from meshcore_backend_llamacpp import catalog, hub
+from meshcore_backend_llamacpp.catalog import CatalogError, human_size
+from meshcore_backend_llamacpp.models import (
     DEFAULT_MODEL,
     ModelError,
     ResolvedModel,

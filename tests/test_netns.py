@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from meshcore_testing.pytest_plugin import API_LINE, JOIN_LINE
 from netns import Namespace, netns_unavailable, veth_pair
 from test_client import quic_missing
-
-from meshcore.pytest_plugin import API_LINE, JOIN_LINE
 
 FAST = {"quic_dead_after_s": 3, "quic_reconnect_s": 3, "quic_heal_s": 1}
 FAKE = ("--backend", "fake", "--model", "fake-model")

@@ -15,11 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
+from meshcore_testing.pytest_plugin import MeshProcess
 
 from meshcore import cli, hookimpl
 from meshcore.plan import Plan, PlanState
 from meshcore.plugins import PluginLoadError, describe_plugins, get_plugin_manager
-from meshcore.pytest_plugin import MeshProcess
 from meshcore.registry import Registry, RegistryError, collect
 
 pytestmark = pytest.mark.anyio
@@ -131,8 +131,8 @@ def test_blocking_by_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert regs["ui"].names() == [] and regs["transport"].names() == ["memory"]
 
 
-def test_blocking_the_builtin_testing_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MESHCORE_DISABLE_PLUGINS", "meshcore.testing")
+def test_blocking_the_testing_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHCORE_DISABLE_PLUGINS", "testing")
     assert "fake" not in collect(get_plugin_manager())["backend"]
 
 

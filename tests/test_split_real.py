@@ -15,10 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
+from meshcore_testing import HealthPoller
+from meshcore_testing.pytest_plugin import MeshProcess
 from test_client import mesh_status, quic_missing, wait_status
-
-from meshcore.pytest_plugin import MeshProcess
-from meshcore.testing import HealthPoller
 
 pytestmark = pytest.mark.real
 

@@ -27,10 +27,10 @@ import anyio
 import httpx
 import pytest
 from anyio.abc import ByteStream, SocketAttribute
+from meshcore_testing.pytest_plugin import MeshProcess
 from test_client import mesh_status, wait_status
 from test_split_real import backend_missing
 
-from meshcore.pytest_plugin import MeshProcess
 from meshcore.relay import Tally, serve_forward
 
 ENV = {"MESH_LLM_THREADS": "1"}
@@ -121,7 +121,7 @@ def big_tensor_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     the 10 MiB hash threshold; written once per session."""
     if missing := backend_missing():
         pytest.skip(missing)
-    from meshcore.models import smollm2_path
+    from meshcore_backend_llamacpp.models import smollm2_path
 
     spec = importlib.util.spec_from_file_location("gpu_model", BENCH / "gpu_model.py")
     assert spec is not None and spec.loader is not None

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshcore import hookimpl
+
+if TYPE_CHECKING:
+    import typer
 
 
 def _factory(node: Any) -> Any:
@@ -17,3 +20,14 @@ def _factory(node: Any) -> Any:
 @hookimpl
 def meshcore_register_backends(register: Callable[..., None]) -> None:
     register("llamacpp", _factory)
+
+
+@hookimpl
+def meshcore_register_commands(app: typer.Typer) -> None:
+    """``download`` and ``models`` (GGUF models) and ``bundle`` (an offline install with
+    this machine's llama.cpp binaries); their modules import anything heavy inside."""
+    from meshcore_backend_llamacpp import bundle, model_commands
+
+    app.command("download")(model_commands.download)
+    app.command("models")(model_commands.models)
+    app.command("bundle")(bundle.bundle)

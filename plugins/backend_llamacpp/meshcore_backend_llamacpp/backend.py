@@ -30,11 +30,11 @@ import anyio
 import anyio.to_process
 
 from meshcore.components import ModelInfo
-from meshcore.models import resolve, resolve_draft
 from meshcore.plan import Plan, PlanState
 from meshcore.state import MeshView, Serving
 from meshcore_backend_llamacpp import binaries, commands, gguf_info, vram
 from meshcore_backend_llamacpp.binaries import BackendError
+from meshcore_backend_llamacpp.models import resolve, resolve_draft
 from meshcore_backend_llamacpp.process import (
     Child,
     ChildFailed,

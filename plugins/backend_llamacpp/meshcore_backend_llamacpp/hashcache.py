@@ -115,7 +115,7 @@ def tensor_spans(path: Path) -> list[TensorSpan]:
 
 def all_tensors(model_path: Path) -> Iterator[TensorSpan]:
     """Every tensor in every shard of ``model_path``, in file order."""
-    from meshcore.models import shards_of
+    from meshcore_backend_llamacpp.models import shards_of
 
     for shard in shards_of(Path(model_path)):
         yield from tensor_spans(shard)

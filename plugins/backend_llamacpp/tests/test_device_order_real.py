@@ -36,7 +36,7 @@ def bins() -> binaries.Binaries:
 
 @pytest.fixture
 def model() -> Path:
-    from meshcore.models import smollm2_path
+    from meshcore_backend_llamacpp.models import smollm2_path
 
     return smollm2_path()
 

@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from meshcore_backend_llamacpp import gguf_info
-
-from meshcore.models import ModelError
+from meshcore_backend_llamacpp.models import ModelError
 
 
 def tiny_gguf(path: Path, blocks: int) -> Path:

@@ -174,7 +174,7 @@ def test_split_gguf_seeds_every_shard(tmp_path: Path) -> None:
 
 @pytest.mark.real
 def test_smollm2_token_embedding_is_seeded(tmp_path: Path) -> None:
-    from meshcore.models import smollm2_path
+    from meshcore_backend_llamacpp.models import smollm2_path
 
     path = smollm2_path()
     assert [(t.name, t.offset, t.size) for t in tensor_spans(path)] == reader_spans(path)
@@ -264,7 +264,7 @@ def _load_through_rpc(model: Path, cache_root: Path, logs: Path) -> None:
 def test_rpc_server_writes_what_seed_cache_writes(tmp_path: Path) -> None:
     """The definitive check of threshold, hash and layout: an empty cache filled by a real
     ggml-rpc-server during a load holds exactly the files seed_cache writes, byte for byte."""
-    from meshcore.models import smollm2_path
+    from meshcore_backend_llamacpp.models import smollm2_path
 
     model = smollm2_path()
     real_root = tmp_path / "real"

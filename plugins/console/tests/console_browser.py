@@ -118,7 +118,7 @@ async def shoot(url: str, out: Path, nodes: int, prompt: str) -> None:
 
 async def screenshot_three_nodes(out: Path) -> None:
     """A host and a worker in a split plus a client, all fake-backend nodes in this process."""
-    from meshcore.testing import run_mesh
+    from meshcore_testing import run_mesh
 
     with tempfile.TemporaryDirectory() as tmp:
         async with run_mesh(Path(tmp)) as mesh:

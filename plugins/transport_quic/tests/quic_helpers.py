@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from anyio.abc import TaskStatus
-
-from meshcore.testing import wait_until
+from meshcore_testing import wait_until
 
 FAST_TIMERS = {"quic_heartbeat_s": 0.2, "quic_dead_after_s": 1.0, "quic_reconnect_s": 1.5,
                "quic_addresses": ["127.0.0.1"]}

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
-from meshcore.models import ModelError, models_dir
+from meshcore_backend_llamacpp.models import ModelError, models_dir
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")

@@ -13,7 +13,7 @@ From synchronous code (tests, benchmarks)::
         ...  # talk to 127.0.0.1:relay.port; relay.impairment can be changed while it runs
 
 From a running event loop: ``await serve_udp(...)`` / ``await serve_tcp(...)``. From a shell:
-``python -m meshcore.impair udp 127.0.0.1:5000 --delay-ms 75 --loss 0.02``.
+``python -m meshcore_testing.impair udp 127.0.0.1:5000 --delay-ms 75 --loss 0.02``.
 """
 
 from __future__ import annotations
@@ -263,9 +263,9 @@ def _address(text: str) -> Address:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m meshcore.impair udp|tcp TARGET_HOST:PORT [--listen PORT] [--delay-ms N]
+    """``python -m meshcore_testing.impair udp|tcp TARGET_HOST:PORT [--listen PORT] [--delay-ms N]
     [--jitter-ms N] [--loss P]``: run a relay until Ctrl-C."""
-    parser = argparse.ArgumentParser(prog="python -m meshcore.impair", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m meshcore_testing.impair", description=__doc__)
     parser.add_argument("kind", choices=("udp", "tcp"))
     parser.add_argument("target", type=_address, help="where to forward, HOST:PORT")
     parser.add_argument("--listen", type=_address, default=("127.0.0.1", 0),

@@ -137,7 +137,8 @@ def parse(data: dict[str, Any], base: Catalog | None = None, origin: str = "cata
 
 @lru_cache(maxsize=8)
 def _load(extra: str | None) -> Catalog:
-    text = resources.files("meshcore").joinpath("catalog.json").read_text(encoding="utf-8")
+    package = resources.files("meshcore_backend_llamacpp")
+    text = package.joinpath("catalog.json").read_text(encoding="utf-8")
     catalog = parse(json.loads(text), origin="built-in catalog.json")
     if extra:
         path = Path(extra).expanduser()

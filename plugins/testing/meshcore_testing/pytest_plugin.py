@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from meshcore.testing import run_mesh
+from meshcore_testing import run_mesh
 
 API_LINE = re.compile(r"API\s+http://([^:/\s]+):(\d+)/v1")
 JOIN_LINE = re.compile(r"join with: mesh-llm --join (\S+)")

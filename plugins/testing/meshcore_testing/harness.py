@@ -1,0 +1,130 @@
+"""Many Nodes in one process, and pollers for tests: the harness behind ``mesh_harness``."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from meshcore.config import NodeConfig
+from meshcore.node import Node
+from meshcore_testing.fakes import MemoryHub
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10,
+                     what: str = "condition") -> None:
+    """Poll ``predicate`` until true; fails the test naming ``what`` on timeout."""
+    with anyio.move_on_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.02)
+    if not predicate():
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class MeshHarness:
+    """Runs many Nodes in one process on a shared MemoryHub (or any transport)."""
+
+    def __init__(self, tg: TaskGroup, state_root: Path, *, transport: str = "memory",
+                 election: str = "vram", settle_s: float = 0.05) -> None:
+        self.tg = tg
+        self.state_root = state_root
+        self.hub = MemoryHub()
+        self.transport = transport
+        self.election = election
+        self.settle_s = settle_s
+        self.nodes: list[Node] = []
+
+    async def add(self, vram_gb: float = 8, *, model: str | None = "fake-model",
+                  model_gb: float = 1, client: bool = False, split: bool = False,
+                  node_id: str | None = None, **config: Any) -> Node:
+        n = len(self.nodes)
+        node_id = node_id or f"node{n:02d}"
+        options = {"memory_hub": self.hub, "fake_vram_gb": vram_gb, "fake_model_gb": model_gb,
+                   **config.pop("options", {})}
+        # Real transports join the first node's token; the memory hub needs none.
+        join = (("memory",) if self.transport == "memory" or not self.nodes
+                else (self.nodes[0].transport.invite_token() or "",))
+        cfg = NodeConfig(
+            model=None if client else model, client=client, split=split,
+            joins=() if n == 0 and not client else join,
+            backend=config.pop("backend", "fake"), transport=self.transport,
+            election=self.election, api_port=0, settle_s=self.settle_s,
+            state_dir=self.state_root / node_id, node_id=node_id, options=options, **config,
+        )
+        node = Node(cfg)
+        await self.tg.start(node.run)
+        self.nodes.append(node)
+        return node
+
+    async def remove(self, node: Node) -> None:
+        node.stop()
+        self.nodes.remove(node)
+        with anyio.fail_after(10):
+            while node.id in self.hub.members:
+                await anyio.sleep(0.01)
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10,
+                       what: str = "condition") -> None:
+        """Poll ``predicate`` until true; fails the test naming ``what`` on timeout."""
+        await wait_until(predicate, timeout, what)
+
+    def stop_all(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@contextlib.asynccontextmanager
+async def run_mesh(state_root: Path, **kwargs: Any) -> AsyncIterator[MeshHarness]:
+    """``async with run_mesh(tmp_path) as mesh: await mesh.add(...)``; stops every node."""
+    async with anyio.create_task_group() as tg:
+        harness = MeshHarness(tg, state_root, **kwargs)
+        try:
+            yield harness
+        finally:
+            harness.stop_all()
+
+
+class HealthPoller:
+    """GETs ``url`` every ``every`` seconds in a thread while the block runs (or until
+    :meth:`stop`); ``codes`` holds the answers, 0 for none. Shows whether an API kept
+    serving through a plan change (the backend's hand-over); used by tests and bench/gpu.py."""
+
+    def __init__(self, url: str, *, every: float = 0.05, timeout: float = 10) -> None:
+        self.url, self.every, self.timeout = url, every, timeout
+        self.codes: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import httpx  # not at import time: the CLI loads this module as a plugin
+
+        while not self._stop.is_set():
+            try:
+                self.codes.append(httpx.get(self.url, timeout=self.timeout).status_code)
+            except httpx.HTTPError:
+                self.codes.append(0)
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> HealthPoller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(self.timeout + 5)
+
+    def counts(self) -> dict[str, int]:
+        """``{"200": n, ...}``, status codes as strings (JSON keys)."""
+        return {str(code): self.codes.count(code) for code in sorted(set(self.codes))}
+
+    def summary(self) -> str:
+        return ", ".join(f"{n} x {code}" for code, n in self.counts().items()) or "no probe"
