@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import secrets
-from typing import TYPE_CHECKING, Any
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import anyio
 import httpx
@@ -17,10 +20,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from meshcore.components import NodeHandle
 from meshcore.server import serve_asgi
-
-if TYPE_CHECKING:
-    from meshcore.node import Node
 
 MAX_BODY = 8 * 1024 * 1024
 PASSED_HEADERS = ("content-type", "cache-control", "content-encoding")
@@ -51,7 +52,84 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def build_api(node: Node) -> Starlette:
+@dataclass(frozen=True)
+class ApiEvent:
+    """One API request, as the ``meshcore_api_request`` hook sees it: once ``started``, once
+    ``finished`` (with the status, and usage and timings when the response carried them)."""
+
+    phase: str  # "started" | "finished"
+    path: str
+    model: str | None
+    stream: bool
+    status: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    seconds: float = 0.0  # request to end of response
+    first_byte_s: float | None = None  # request to the first response byte
+
+
+def usage_of(tail: bytes) -> dict[str, Any]:
+    """The ``usage`` object in a response's tail: a JSON body, or the last SSE event that
+    carries one; {} when there is none."""
+    chunks = [tail] if tail.lstrip().startswith(b"{") else [
+        line[5:] for line in reversed(tail.split(b"\n")) if line.startswith(b"data:")]
+    for chunk in chunks:
+        try:
+            usage = json.loads(chunk).get("usage")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(usage, dict):
+            return usage
+    return {}
+
+
+class Observed:
+    """Counts a request in the node's counters and tells the observers, start and finish."""
+
+    TAIL = 64 * 1024
+
+    def __init__(self, node: NodeHandle, path: str, payload: dict[str, Any]) -> None:
+        self.node, self.began = node, time.monotonic()
+        model = payload.get("model")
+        self.event = ApiEvent("started", path, model if isinstance(model, str) else None,
+                              payload.get("stream") is True)
+        node.counters.requests += 1
+        node.collect("meshcore_api_request", node=node, event=self.event)
+
+    def finish(self, status: int, tail: bytes = b"", first_byte_s: float | None = None) -> None:
+        usage = usage_of(tail) if status < 400 else {}
+        tokens = {k: v if isinstance(v, int) else None for k, v in (
+            ("prompt_tokens", usage.get("prompt_tokens")),
+            ("completion_tokens", usage.get("completion_tokens")))}
+        c = self.node.counters
+        c.by_status[status] = c.by_status.get(status, 0) + 1
+        c.errors += status >= 400
+        c.prompt_tokens += tokens["prompt_tokens"] or 0
+        c.completion_tokens += tokens["completion_tokens"] or 0
+        done = ApiEvent("finished", self.event.path, self.event.model, self.event.stream,
+                        status, **tokens, seconds=time.monotonic() - self.began,
+                        first_byte_s=first_byte_s)
+        self.node.collect("meshcore_api_request", node=self.node, event=done)
+
+    async def relay(self, status: int, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        tail, first = b"", None
+        try:
+            async for chunk in chunks:
+                first = time.monotonic() - self.began if first is None else first
+                tail = (tail + chunk)[-self.TAIL:]
+                yield chunk
+        finally:
+            self.finish(status, tail, first)
+
+
+class Routing(NodeHandle, Protocol):
+    """What the API needs beyond the plugin handle: where requests go now (the Node)."""
+
+    async def upstream(self) -> str | None: ...
+    def not_ready_reason(self) -> str: ...
+
+
+def build_api(node: Routing) -> Starlette:
     client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0))
 
     async def health(request: Request) -> Response:
@@ -80,18 +158,22 @@ def build_api(node: Node) -> Starlette:
             return error(400, f"request body is not valid JSON: {exc}", "invalid_request_error")
         if not isinstance(payload, dict):
             return error(400, "request body must be a JSON object", "invalid_request_error")
+        seen = Observed(node, request.url.path, payload)
         upstream = await node.upstream()
         if upstream is None:
-            return error(503, f"no ready host: {node.not_ready_reason()}", "unavailable")
+            seen.finish(503)
+            reason = node.not_ready_reason()
+            return error(503, f"no ready host: {reason}", "unavailable")
         req = client.build_request("POST", upstream + request.url.path, content=body,
                                    headers={"content-type": "application/json"})
         try:
             resp = await client.send(req, stream=True)
         except httpx.HTTPError as exc:
+            seen.finish(502)
             return error(502, f"host {node.plan.host_id} did not answer: {exc!r}", "bad_gateway")
         headers = {k: v for k, v in resp.headers.items() if k.lower() in PASSED_HEADERS}
-        return StreamingResponse(resp.aiter_raw(), resp.status_code, headers,
-                                 background=BackgroundTask(resp.aclose))
+        return StreamingResponse(seen.relay(resp.status_code, resp.aiter_raw()),
+                                 resp.status_code, headers, background=BackgroundTask(resp.aclose))
 
     async def close_client() -> None:
         await client.aclose()
@@ -110,7 +192,7 @@ def build_api(node: Node) -> Starlette:
     return app
 
 
-async def serve_api(node: Node, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED
+async def serve_api(node: Routing, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED
                     ) -> None:
     """Serve the node's API on ``--port`` (loopback unless ``--listen-all``)."""
     app = build_api(node)

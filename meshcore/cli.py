@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import pluggy
 import typer
 
 from meshcore.config import (
@@ -23,6 +24,8 @@ from meshcore.config import (
     NodeConfig,
     default_state_dir,
 )
+from meshcore.plugins import PluginLoadError, describe_plugins, each_plugin, get_plugin_manager
+from meshcore.registry import RegistryError, check_config, collect
 
 HELP = """Pool the GPUs (or CPUs) of several machines into one OpenAI-compatible LLM service.
 
@@ -57,7 +60,11 @@ def run(
         "--client", help="Use the mesh without serving: no model, no VRAM, never hosts.")
     ] = False,
     console: Annotated[int | None, typer.Option(
-        "--console", help=f"Serve the web console (port {DEFAULT_CONSOLE_PORT} unless given).")
+        "--console", help=f"Serve the web console (port {DEFAULT_CONSOLE_PORT} unless given); "
+                          "short for --ui console.")
+    ] = None,
+    ui: Annotated[list[str] | None, typer.Option(
+        "--ui", help="Start a registered UI plugin, NAME or NAME=PORT; repeat for several.")
     ] = None,
     port: Annotated[int, typer.Option(help="Port of the OpenAI-compatible API.")
                     ] = DEFAULT_API_PORT,
@@ -70,6 +77,10 @@ def run(
     draft_max: Annotated[int, typer.Option(help="Most tokens drafted per step.")
                          ] = DEFAULT_DRAFT_MAX,
     election: Annotated[str, typer.Option(help="Election policy plugin.")] = "vram",
+    election_opt: Annotated[list[str] | None, typer.Option(
+        "--election-opt", help="A setting for the election, KEY=VALUE; repeatable.")] = None,
+    name: Annotated[str | None, typer.Option(help="A human name for this node, announced.")
+                    ] = None,
     backend: Annotated[str, typer.Option(help="Inference backend plugin.")] = "llamacpp",
     transport: Annotated[str, typer.Option(help="Transport plugin.")] = "quic",
     listen_all: Annotated[bool, typer.Option(
@@ -94,7 +105,8 @@ def run(
             draft=draft, no_draft=no_draft, draft_max=draft_max, election=election,
             backend=backend, transport=transport, listen_all=listen_all, api_key=api_key,
             state_dir=state_dir or default_state_dir(), bin_dir=bin_dir,
-            options=_env_options(),
+            options=_env_options(), uis=_pairs(ui, "--ui", "NAME=PORT", port=True),
+            election_options=_pairs(election_opt, "--election-opt", "KEY=VALUE"), name=name,
         )
     except ConfigError as exc:
         _fail(str(exc))
@@ -106,6 +118,17 @@ def run(
     from meshcore.runner import run_node
 
     raise typer.Exit(run_node(config))
+
+
+def _pairs(items: list[str] | None, flag: str, form: str, *, port: bool = False) -> Any:
+    """``NAME=VALUE`` options as a dict (for --ui the value is a port, and optional)."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, eq, value = item.partition("=")
+        if not key or (not eq and not port) or (port and eq and not value.isdigit()):
+            raise ConfigError(f"{flag} {item!r}: expected {form}")
+        out[key] = (int(value) if eq else None) if port else value
+    return out
 
 
 def _env_options() -> dict[str, Any]:
@@ -131,26 +154,42 @@ def plugins(
     all_: Annotated[bool, typer.Option("--all", help="Include the core's built-in plugins.")
                     ] = False,
 ) -> None:
-    """List the loaded plugins as JSON (name, version, hooks)."""
-    from meshcore.plugins import describe_plugins
+    """List the loaded plugins as JSON: name, version, hooks, and the components (transports,
+    elections, backends, UIs, commands) each registers."""
+    pm = _plugin_manager(ctx)
+    regs, commands = collect(pm), _commands_by_plugin(pm)
+    listed = describe_plugins(pm, include_all=all_)
+    for entry in listed:
+        entry["components"] = {f"{kind}s": names for kind, reg in regs.items()
+                               if (names := reg.by_plugin().get(entry["name"]))}
+        if entry["name"] in commands:
+            entry["components"]["commands"] = commands[entry["name"]]
+    print(json.dumps(listed, indent=2))
 
-    print(json.dumps(describe_plugins(_plugin_manager(ctx), include_all=all_), indent=2))
+
+def _commands_by_plugin(pm: pluggy.PluginManager) -> dict[str, list[str]]:
+    """The sub-commands each plugin adds (each asked on its own, with a scratch app)."""
+    out: dict[str, list[str]] = {}
+    for impl, call in each_plugin(pm, "meshcore_register_commands"):
+        scratch = typer.Typer()
+        call(app=scratch)
+        names = [c.name or (c.callback.__name__ if c.callback else "?")
+                 for c in scratch.registered_commands]
+        names += [g.name or "?" for g in scratch.registered_groups]
+        if names:
+            out[impl.plugin_name] = sorted(names)
+    return out
 
 
-def _plugin_manager(ctx: typer.Context) -> Any:
+def _plugin_manager(ctx: typer.Context) -> pluggy.PluginManager:
     """The plugin manager ``main`` loaded (a fresh one when the app is invoked directly)."""
     obj = ctx.find_root().obj
-    if isinstance(obj, dict) and "pm" in obj:
-        return obj["pm"]
-    from meshcore.plugins import get_plugin_manager
-
-    return get_plugin_manager()
+    pm = obj.get("pm") if isinstance(obj, dict) else None
+    return pm if isinstance(pm, pluggy.PluginManager) else get_plugin_manager()
 
 
 def _check_components(ctx: typer.Context, config: NodeConfig) -> None:
     """Fail with one line, before anything starts, when a component name is unknown."""
-    from meshcore.registry import RegistryError, check_config, collect
-
     try:
         check_config(collect(_plugin_manager(ctx)), config)
     except RegistryError as exc:
@@ -169,11 +208,9 @@ def _normalise_console(args: list[str]) -> list[str]:
     return out
 
 
-def build_app(pm: Any = None) -> typer.Typer:
+def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
     """A fresh app: the core's options and commands plus every plugin's sub-commands."""
     if pm is None:
-        from meshcore.plugins import get_plugin_manager
-
         pm = get_plugin_manager()
     root = typer.Typer(help=HELP, add_completion=False, no_args_is_help=False,
                        pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -184,14 +221,24 @@ def build_app(pm: Any = None) -> typer.Typer:
     return root
 
 
+def _list_known_names(command: Any, pm: pluggy.PluginManager) -> None:
+    """Append the registered names to the help of --election, --backend, --transport and
+    --ui, so ``--help`` says what is installed."""
+    regs = collect(pm)
+    for param in getattr(command, "params", ()):
+        kind = {"election": "election", "backend": "backend", "transport": "transport",
+                "ui": "ui"}.get(param.name or "")
+        if kind is not None:
+            param.help = f"{param.help} Installed: {', '.join(regs[kind].names()) or 'none'}."
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors, exit code 2 for usage errors, no tracebacks."""
-    from meshcore.plugins import PluginLoadError, get_plugin_manager
-
     args = _normalise_console(list(sys.argv[1:] if argv is None else argv))
     try:
         pm = get_plugin_manager()
         command = typer.main.get_command(build_app(pm))
+        _list_known_names(command, pm)
         result = command.main(args, prog_name="mesh-llm", standalone_mode=False,
                               obj={"pm": pm})
     except PluginLoadError as exc:

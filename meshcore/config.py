@@ -44,8 +44,12 @@ class NodeConfig:
     state_dir: Path = field(default_factory=default_state_dir)
     bin_dir: Path | None = None
     settle_s: float = 1.0  # debounce: membership bursts give one re-plan
+    max_settle_s: float = 3.0  # ... but the election never waits longer than this
     node_id: str | None = None  # None = persisted in state_dir
     options: Mapping[str, Any] = field(default_factory=dict)  # plugin-specific settings
+    uis: Mapping[str, int | None] = field(default_factory=dict)  # --ui NAME[=PORT]
+    election_options: Mapping[str, str] = field(default_factory=dict)  # --election-opt K=V
+    name: str | None = None  # --name: a human name, announced
 
     def __post_init__(self) -> None:
         self.validate()
@@ -66,10 +70,21 @@ class NodeConfig:
             raise ConfigError(f"--draft-max must be at least 1, got {self.draft_max}")
         if self.max_vram_gb is not None and self.max_vram_gb < 0:
             raise ConfigError(f"--max-vram must be >= 0 GB, got {self.max_vram_gb}")
-        for name, port in (("--port", self.api_port), ("--bind-port", self.bind_port),
-                           ("--console", self.console_port or 0)):
+        if self.name is not None and not (0 < len(self.name) <= 64 and self.name.isprintable()):
+            raise ConfigError(f"--name must be 1-64 printable characters, got {self.name!r}")
+        ports = [("--port", self.api_port), ("--bind-port", self.bind_port),
+                 ("--console", self.console_port or 0)]
+        ports += [(f"--ui {ui}", port or 0) for ui, port in self.uis.items()]
+        for name, port in ports:
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{name} must be a port number 0-65535, got {port}")
+
+    def ui_ports(self) -> dict[str, int | None]:
+        """The UIs to start, name -> port (None: the UI's default); ``--console`` included."""
+        uis = dict(self.uis)
+        if self.console_port is not None:
+            uis.setdefault("console", self.console_port)
+        return uis
 
     @property
     def bind_host(self) -> str:

@@ -12,14 +12,15 @@ from meshcore import PROJECT
 if TYPE_CHECKING:
     import typer
 
+    from meshcore.api import ApiEvent
+    from meshcore.components import NodeHandle
     from meshcore.config import NodeConfig
-    from meshcore.node import Node
     from meshcore.plan import Plan
     from meshcore.state import MeshView
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 
-Register = Callable[[str, Callable[..., Any]], None]
+Register = Callable[[str, Callable[..., Any]], None]  # (name, factory); see each hook
 
 
 # ---------------------------------------------------------------- registration (sync)
@@ -27,8 +28,9 @@ Register = Callable[[str, Callable[..., Any]], None]
 
 @hookspec
 def meshcore_register_transports(register: Register) -> None:
-    """Register transports: call ``register(name, factory)``; ``factory(node)`` returns a
-    :class:`meshcore.components.Transport`. Sync, every plugin is called, results ignored.
+    """Register transports: call ``register(name, factory)``; ``factory(node)`` (node: the
+    :class:`meshcore.components.NodeHandle`) returns a :class:`meshcore.components.Transport`.
+    Sync, every plugin is called, results ignored.
 
     :param register: core-owned callback; a duplicate name is an error.
     """
@@ -38,7 +40,10 @@ def meshcore_register_transports(register: Register) -> None:
 def meshcore_register_elections(register: Register) -> None:
     """Register election policies: ``register(name, elect)`` where ``elect(view, request)``
     returns a :class:`meshcore.plan.Plan`. ``elect`` must be sync, pure and deterministic: the
-    same view and request give the same plan on every node. Sync, every plugin is called.
+    same view and request give the same plan on every node. Its settings arrive in
+    ``request.options`` (``--election-opt KEY=VALUE``); ``request.delegate(name, view)`` runs
+    another registered election. If it raises or returns no Plan, the node keeps the plan in
+    force and logs the plugin's name. Sync, every plugin is called.
 
     :param register: core-owned callback; a duplicate name is an error.
     """
@@ -47,7 +52,9 @@ def meshcore_register_elections(register: Register) -> None:
 @hookspec
 def meshcore_register_backends(register: Register) -> None:
     """Register inference backends: ``register(name, factory)``; ``factory(node)`` returns a
-    :class:`meshcore.components.Backend`. Sync, every plugin is called.
+    :class:`meshcore.components.Backend` (its ``capabilities`` are announced and every
+    election respects them; its ``api_base()`` is tunneled to every node by the core).
+    Sync, every plugin is called.
 
     :param register: core-owned callback; a duplicate name is an error.
     """
@@ -55,9 +62,10 @@ def meshcore_register_backends(register: Register) -> None:
 
 @hookspec
 def meshcore_register_uis(register: Register) -> None:
-    """Register user interfaces: ``register(name, factory)``; ``factory(node)`` returns a
-    :class:`meshcore.components.UI` that the node starts when the user asks for it
-    (``--console`` starts the UI named ``console``). Sync, every plugin is called.
+    """Register user interfaces: ``register(name, factory)``; ``factory(node, port)`` returns
+    a :class:`meshcore.components.UI`, started when the user asks for it with
+    ``--ui NAME[=PORT]`` (``--console [PORT]`` is ``--ui console``); ``port`` is None when
+    none was given. Sync, every plugin is called.
 
     :param register: core-owned callback; a duplicate name is an error.
     """
@@ -85,9 +93,10 @@ def meshcore_configure(config: NodeConfig) -> None:
 
 
 @hookspec
-def meshcore_mesh_changed(node: Node, view: MeshView) -> None:
+def meshcore_mesh_changed(node: NodeHandle, view: MeshView) -> None:
     """The mesh view changed (a peer joined, left or changed its announcement). Sync and
     called from the node's task: schedule async work on your own component, never block.
+    An observer that raises is logged with its plugin's name and skipped.
 
     :param node: the running node.
     :param view: the new immutable view.
@@ -95,9 +104,9 @@ def meshcore_mesh_changed(node: Node, view: MeshView) -> None:
 
 
 @hookspec
-def meshcore_plan_changed(node: Node, plan: Plan) -> None:
+def meshcore_plan_changed(node: NodeHandle, plan: Plan) -> None:
     """The elected plan changed (called after the backend was asked to apply it). Sync, every
-    plugin is called, results ignored.
+    plugin is called, results ignored; one that raises is logged and skipped.
 
     :param node: the running node.
     :param plan: the new plan.
@@ -105,9 +114,20 @@ def meshcore_plan_changed(node: Node, plan: Plan) -> None:
 
 
 @hookspec
-def meshcore_console_routes(node: Node) -> list[Any]:
+def meshcore_api_request(node: NodeHandle, event: ApiEvent) -> None:
+    """An OpenAI API request on this node: called when it starts and when it finishes
+    (``event.phase``), with the status, usage and timings when the response carried them.
+    Sync, called in the request's task: never block. One that raises is logged and skipped.
+
+    :param node: the running node.
+    :param event: a :class:`meshcore.api.ApiEvent`.
+    """
+
+
+@hookspec
+def meshcore_console_routes(node: NodeHandle) -> list[Any]:
     """Extra starlette routes for the web console. Sync, every plugin is called; the console
-    mounts every returned route.
+    mounts every returned route (a plugin that raises is logged and skipped).
 
     :param node: the running node.
     :return: a list of ``starlette.routing.BaseRoute``.

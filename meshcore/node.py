@@ -1,29 +1,38 @@
-"""The Node: one anyio task group that owns MeshState and runs transport, backend, API and UIs."""
+"""The Node: one anyio task group that owns MeshState and runs transport, backend, API and UIs.
+It implements :class:`meshcore.components.NodeHandle`, the only view plugins get of it."""
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import pluggy
 from anyio.abc import ByteStream, TaskGroup, TaskStatus
 
-from meshcore import __version__
-from meshcore.components import Backend, ModelInfo, Transport
+from meshcore import __version__, fields
+from meshcore.api import serve_api
+from meshcore.components import (
+    UI,
+    ApiCounters,
+    Backend,
+    Capabilities,
+    Elect,
+    ModelInfo,
+    Transport,
+)
 from meshcore.config import NodeConfig
 from meshcore.identity import load_node_id
 from meshcore.plan import WAITING_FOR_PEERS, ElectionRequest, Plan, PlanState
-from meshcore.plugins import get_plugin_manager
+from meshcore.plugins import call_contained, get_plugin_manager
 from meshcore.registry import Registry, collect
 from meshcore.relay import Tally, relay, serve_forward
 from meshcore.state import MeshState, MeshView, Peer, Role, Serving
 
 log = logging.getLogger("meshcore.node")
-
-Elect = Callable[[MeshView, ElectionRequest], Plan]
+API = "api"  # the service every node offers: its backend's OpenAI server (api_base())
 
 
 class Node:
@@ -37,19 +46,21 @@ class Node:
         self.id = config.node_id or load_node_id(config.state_dir)
         role = Role.CLIENT if config.client else Role.WORKER
         self.state = MeshState(Peer(id=self.id, role=role, version=__version__, split=config.split))
-        self.elect: Elect = self.registries["election"].get(config.election)
-        self.transport: Transport = self.registries["transport"].get(config.transport)(self)
+        elections = self.registries["election"]
+        self._elect: Elect = elections.get(config.election, "--election")
+        self.request = ElectionRequest(draft_allowed=not config.no_draft,
+                                       options=dict(config.election_options),
+                                       elections=elections.factories())
+        self.transport: Transport = self._build("transport", config.transport, self)
         self.backend: Backend | None = (
-            None if config.client else self.registries["backend"].get(config.backend)(self)
-        )
-        self.uis: dict[str, Any] = {}
-        if config.console_port is not None:
-            self.uis["console"] = self.registries["ui"].get("console")(self)
-        self.request = ElectionRequest(draft_allowed=not config.no_draft)
+            None if config.client else self._build("backend", config.backend, self))
+        self.uis: dict[str, UI] = {name: self._build("ui", name, self, port)
+                                   for name, port in config.ui_ports().items()}
         self.plan: Plan = WAITING_FOR_PEERS
         self.model: ModelInfo | None = None
         self.services: dict[str, tuple[str, int]] = {}  # local endpoints tunnels may reach
         self.api_port: int | None = None
+        self.counters = ApiCounters()
         self.plan_changed = anyio.Event()  # set and replaced on every plan change
         self._forwards: dict[tuple[str, str], int] = {}
         self.tunnels: dict[tuple[str, str], Tally] = {}  # (peer, service) -> bytes forwarded
@@ -58,6 +69,16 @@ class Node:
         self._stop = anyio.Event()
         self._started = anyio.Event()
 
+    def _build(self, kind: str, name: str, *args: Any) -> Any:
+        """A component from its registered factory; a failing factory names its plugin."""
+        registry = self.registries[kind]
+        factory = registry.get(name, f"--{kind}")
+        try:
+            return factory(*args)
+        except Exception as exc:
+            raise RuntimeError(f"plugin {registry.plugin_of(name)}, {kind} {name!r}: could "
+                               f"not be created: {type(exc).__name__}: {exc}") from exc
+
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -65,31 +86,36 @@ class Node:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             if self.backend is not None:
-                vram = self.backend.detect_vram()
-                if (cap := self.config.max_vram_bytes) is not None:
-                    vram = min(vram, cap)
-                self.model = await self.backend.prepare()
-                info = self.model
-                self.state.update_me(
-                    vram=vram,
-                    model=info.name if info else None,
-                    model_bytes=info.size if info else 0,
-                    draft=info.draft_name if info else None,
-                )
+                await self._prepare(self.backend)
+            if self.config.name:
+                self.announce(name=self.config.name)
             await tg.start(self.transport.run)
-            from meshcore.api import serve_api
-
             self.api_port = await tg.start(serve_api, self)
             if self.backend is not None:
                 await tg.start(self.backend.run)
-            for ui in self.uis.values():
-                await tg.start(ui.run)
+            for name, ui in self.uis.items():
+                try:
+                    await tg.start(ui.run)
+                except Exception as exc:
+                    raise RuntimeError(f"plugin {self.registries['ui'].plugin_of(name)}, ui "
+                                       f"{name!r}: failed to start: {exc}") from exc
             tg.start_soon(self._announce_loop)
             tg.start_soon(self._election_loop)
             self._started.set()
             task_status.started()
             await self._stop.wait()
             tg.cancel_scope.cancel()
+
+    async def _prepare(self, backend: Backend) -> None:
+        vram = backend.detect_vram()
+        if (cap := self.config.max_vram_bytes) is not None:
+            vram = min(vram, cap)
+        self.model = info = await backend.prepare()
+        caps = getattr(backend, "capabilities", None) or Capabilities()
+        self.state.update_me(vram=vram, model=info.name if info else None,
+                             model_bytes=info.size if info else 0,
+                             draft=info.draft_name if info else None,
+                             extra={**self.state.me.extra, "caps": caps.names()})
 
     def stop(self) -> None:
         """Ask the node to shut down; ``run`` returns once every service stopped."""
@@ -116,10 +142,27 @@ class Node:
     def is_host(self) -> bool:
         return self.plan.host_id == self.id
 
-    def set_serving(self, serving: Serving, **extra: Any) -> None:
+    def invite_token(self) -> str | None:
+        return self.transport.invite_token()
+
+    def election(self, name: str) -> Elect:
+        return self.registries["election"].get(name)
+
+    def collect(self, hook: str, **kwargs: Any) -> list[Any]:
+        """Call ``hook`` on every plugin, each failure logged and skipped (never raised)."""
+        return call_contained(self.pm, hook, **kwargs)
+
+    def announce(self, **changes: Any) -> None:
+        """Gossip declared fields (see meshcore.fields) of this node's announcement."""
+        me = self.state.me
+        merged = {**me.extra, **fields.checked(changes)}
+        if merged != dict(me.extra):
+            self.state.update_me(extra=merged)
+
+    def set_serving(self, serving: Serving, **changes: Any) -> None:
         """Backends report what they run; the change is gossiped to every peer."""
         me = self.state.me
-        merged = {**me.extra, **extra}
+        merged = {**me.extra, **fields.checked(changes)}
         if me.serving != serving or merged != dict(me.extra):
             self.state.update_me(serving=serving, extra=merged)
 
@@ -132,20 +175,37 @@ class Node:
                 await self.transport.announce()
 
     async def _election_loop(self) -> None:
+        """Debounced: a burst of changes settles into one plan, but never waits longer than
+        ``max_settle_s`` (a chatty peer cannot postpone the election forever)."""
         gen = -1
         while True:
             gen = await self.state.changed(gen)
-            # Debounce: let a burst of joins/leaves settle into one plan.
-            while True:
-                with anyio.move_on_after(self.config.settle_s) as scope:
-                    gen = await self.state.changed(gen)
-                if scope.cancelled_caught:
-                    break
+            with anyio.move_on_after(self.config.max_settle_s):
+                while True:
+                    with anyio.move_on_after(self.config.settle_s) as scope:
+                        gen = await self.state.changed(gen)
+                    if scope.cancelled_caught:
+                        break
             view = self.state.view()
-            self.pm.hook.meshcore_mesh_changed(node=self, view=view)
-            plan = self.elect(view, self.request)
+            self.collect("meshcore_mesh_changed", node=self, view=view)
+            plan = self.elect(view)
             if plan != self.plan:
                 await self._adopt(plan, view)
+
+    def elect(self, view: MeshView) -> Plan:
+        """The configured election's plan; if it raises or returns no Plan, the plan in
+        force stays and the failure is logged naming the plugin."""
+        try:
+            plan = self._elect(view, self.request)
+            if isinstance(plan, Plan):
+                return plan
+            problem = f"returned {type(plan).__name__}, not a Plan"
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        where = self.registries["election"].plugin_of(self.config.election)
+        log.error("plugin %s, hook meshcore_elect (%s): %s; keeping the current plan", where,
+                  self.config.election, problem)
+        return self.plan
 
     async def _adopt(self, plan: Plan, view: MeshView) -> None:
         log.info("plan %s host=%s split=%s %s", plan.state, plan.host_id, plan.tensor_split,
@@ -158,17 +218,42 @@ class Node:
                 self.state.update_me(role=role)
         if self.backend is not None:
             await self.backend.apply(plan, view)
-        self.pm.hook.meshcore_plan_changed(node=self, plan=plan)
+        self.collect("meshcore_plan_changed", node=self, plan=plan)
         self.plan_changed.set()
         self.plan_changed = anyio.Event()
 
-    # ------------------------------------------------------------------ tunnels
+    # ------------------------------------------------------------------ services, tunnels
 
-    async def serve_inbound(self, service: str, stream: ByteStream) -> None:
-        """Relay an inbound tunnel stream to the local endpoint registered for ``service``."""
-        target = self.services.get(service)
+    def offer_service(self, name: str, port: int) -> None:
+        self.services[name] = ("127.0.0.1", port)
+
+    def withdraw_service(self, name: str, port: int | None = None) -> None:
+        if port is None or self.services.get(name) == ("127.0.0.1", port):
+            self.services.pop(name, None)
+
+    def service_address(self, name: str, peer_id: str | None = None) -> tuple[str, int] | None:
+        """Where a tunnel for ``name`` goes: ``api`` is the backend's OpenAI server (any
+        member may use it); ``rpc`` only for the host of the plan that names this node as a
+        worker; other services as offered. None (logged) when refused or not offered."""
+        if name == API:
+            base = self.backend.api_base() if self.backend is not None else None
+            url = urlsplit(base) if base else None
+            return (url.hostname or "127.0.0.1", url.port or 80) if url else None
+        if name == "rpc" and peer_id is not None and not (
+                self.plan.host_id == peer_id and self.plan.includes(self.id)):
+            log.warning("refused a tunnel to rpc from %s: not the host of a plan that names "
+                        "this node as a worker", peer_id)
+            return None
+        target = self.services.get(name)
         if target is None:
-            log.warning("tunnel for unknown or stopped service %r refused", service)
+            log.warning("tunnel for unknown or stopped service %r refused", name)
+        return target
+
+    async def serve_inbound(self, service: str, stream: ByteStream, *,
+                            peer_id: str | None = None) -> None:
+        """Relay an inbound tunnel stream to the local endpoint of ``service``."""
+        target = self.service_address(service, peer_id)
+        if target is None:
             await stream.aclose()
             return
         try:
@@ -198,34 +283,28 @@ class Node:
     async def upstream(self) -> str | None:
         """Base URL that serves OpenAI requests for this node right now, or None: the plan's
         host once it is ready, else a node still answering for the same model while the new
-        host loads (it announces ``extra["standby"] = model``; see :meth:`standby_upstream`)."""
+        host loads (it announces the ``standby`` field; see :meth:`standby_upstream`)."""
         if self.is_host and self.backend is not None:
             if (base := self.backend.api_base()) is not None:
                 return base
         else:
-            host_id = self.plan.host_id
-            host = self.state.view().get(host_id) if host_id else None
+            host = self.state.view().get(self.plan.host_id or "")
             if (host is not None and host.serving is Serving.READY
                     and self.plan.state is not PlanState.WAITING):
-                port = await self.forward_port(host.id, "llama")
-                return f"http://127.0.0.1:{port}"
+                return f"http://127.0.0.1:{await self.forward_port(host.id, API)}"
         return await self.standby_upstream()
 
     async def standby_upstream(self) -> str | None:
-        """A node that hosted the plan's model before the host moved and still serves it
-        (a backend announces ``extra["standby"]`` with the model's name until the new host
-        is ready): requests go there instead of failing during the new host's load."""
+        """A node that hosted the plan's model before the host moved and still serves it:
+        requests go there instead of failing during the new host's load."""
         model = self.plan.model
-        if not model:
-            return None
         view = self.state.view()
         for peer in (view.me, *view.others):
-            if peer.extra.get("standby") != model:
+            if not model or fields.STANDBY.read(peer) != model:
                 continue
             if peer.id == self.id:
                 return self.backend.api_base() if self.backend is not None else None
-            port = await self.forward_port(peer.id, "llama")
-            return f"http://127.0.0.1:{port}"
+            return f"http://127.0.0.1:{await self.forward_port(peer.id, API)}"
         return None
 
     def not_ready_reason(self) -> str:
@@ -243,23 +322,19 @@ class Node:
         """The node's state as plain JSON (the core status call and the console's source)."""
         view = self.state.view()
         me = view.me
+        c = self.counters
         return {
-            "id": self.id,
-            "role": me.role.value,
-            "is_host": self.is_host,
-            "version": __version__,
-            "model": self.plan.model or me.model,
-            "draft": self.plan.draft,
-            "api_port": self.api_port,
-            "plan": self.plan.to_dict(),
+            "id": self.id, "role": me.role.value, "is_host": self.is_host,
+            "version": __version__, "model": self.plan.model or me.model,
+            "draft": self.plan.draft, "api_port": self.api_port, "plan": self.plan.to_dict(),
             "total_vram": view.total_vram,
-            "peers": [
-                {**p.to_dict(), "link": self.transport.link(p.id)} for p in view.others
-            ],
+            "peers": [{**p.to_dict(), "link": self.transport.link(p.id)} for p in view.others],
             "me": me.to_dict(),
             "backend": self.backend.status() if self.backend is not None else {},
-            "generation": view.generation,
-            "tunnels": self.tunnel_status(),
+            "generation": view.generation, "tunnels": self.tunnel_status(),
+            "api": {"requests": c.requests, "errors": c.errors,
+                    "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                    "by_status": {str(k): v for k, v in sorted(c.by_status.items())}},
         }
 
     def tunnel_status(self) -> list[dict[str, Any]]:

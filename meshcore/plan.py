@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+from meshcore.state import MeshView
 
 
 class PlanState(StrEnum):
@@ -31,7 +33,16 @@ class ElectionRequest:
     overhead: float = 1.1  # needed VRAM = model bytes x overhead
     draft_allowed: bool = True
     max_rtt_ms: float = 80.0  # peers slower than this are not pulled into a split
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, str] = field(default_factory=dict)  # --election-opt KEY=VALUE
+    elections: Mapping[str, Callable[..., Plan]] = field(default_factory=dict, compare=False,
+                                                         repr=False)
+
+    def delegate(self, name: str, view: MeshView) -> Plan:
+        """Run the registered election ``name`` on ``view`` (e.g. the default ``vram``)."""
+        if name not in self.elections:
+            raise LookupError(f"no election named {name!r} to delegate to; installed: "
+                              f"{', '.join(sorted(self.elections)) or 'none'}")
+        return self.elections[name](view, self)
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,7 @@ class Plan:
     model_bytes: int = 0
     draft: str | None = None
     reason: str = ""
+    missing_vram: int = 0  # WAITING for VRAM: how many more bytes the mesh needs
 
     @property
     def tensor_split(self) -> tuple[float, ...]:
@@ -69,6 +81,7 @@ class Plan:
             "model_bytes": self.model_bytes,
             "draft": self.draft,
             "reason": self.reason,
+            "missing_vram": self.missing_vram,
         }
 
 

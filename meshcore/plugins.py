@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from importlib.metadata import EntryPoint, entry_points
@@ -9,7 +10,9 @@ from typing import Any
 
 import pluggy
 
-from meshcore import PROJECT, hookspecs
+from meshcore import PROJECT, __version__, hookspecs
+
+log = logging.getLogger("meshcore.plugins")
 
 DISABLE_ENV = "MESHCORE_DISABLE_PLUGINS"
 TRACE_ENV = "MESHCORE_TRACE_HOOKS"
@@ -98,15 +101,33 @@ def describe_plugins(pm: pluggy.PluginManager, *,
         if name.startswith("meshcore.") and not include_all:
             continue
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
-        out.append({"name": name, "version": versions.get(name, _core_version()),
+        out.append({"name": name, "version": versions.get(name, __version__),
                     "hooks": hooks})
     return out
 
 
-def _core_version() -> str:
-    from meshcore import __version__
+def call_contained(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> list[Any]:
+    """Call ``hook`` on each plugin in turn; a plugin that raises is logged ("plugin X, hook
+    Y: ...") and skipped, so an observer's bug never stops the node. Non-None results."""
+    results: list[Any] = []
+    for impl, call in each_plugin(pm, hook):
+        try:
+            result = call(**kwargs)
+        except Exception as exc:
+            log.error("plugin %s, hook %s: %s: %s (skipped)", impl.plugin_name, hook,
+                      type(exc).__name__, exc)
+            continue
+        results.extend(r for r in result if r is not None)
+    return results
 
-    return __version__
+
+def each_plugin(pm: pluggy.PluginManager, hook: str) -> list[tuple[Any, Any]]:
+    """``(hookimpl, caller)`` per plugin implementing ``hook``, in pluggy's call order; each
+    caller calls that plugin alone (through pluggy, so MESHCORE_TRACE_HOOKS still shows it)."""
+    impls = list(reversed(getattr(pm.hook, hook).get_hookimpls()))
+    plugins = [impl.plugin for impl in impls]
+    return [(impl, pm.subset_hook_caller(hook, [p for p in plugins if p is not impl.plugin]))
+            for impl in impls]
 
 
 def entry_point_names() -> list[str]:

@@ -12,24 +12,22 @@ import sys
 import anyio
 
 from meshcore.config import ConfigError, NodeConfig
+from meshcore.node import Node
 from meshcore.registry import RegistryError
 
 log = logging.getLogger("meshcore")
 
 
-def banner(node: object) -> str:
-    from meshcore.node import Node
-
-    assert isinstance(node, Node)
+def banner(node: Node) -> str:
     cfg = node.config
     host = "127.0.0.1" if not cfg.listen_all else "0.0.0.0 (all interfaces)"
     # the role is elected after start-up: only a client knows what it is at this point
     kind = "client" if node.state.me.is_client else "electing a host"
     lines = [f"mesh-llm node {node.id} ({kind})",
              f"  API      http://{host}:{node.api_port}/v1"]
-    console = node.uis.get("console")
-    if console is not None and getattr(console, "port", None):
-        lines.append(f"  console  http://{host}:{console.port}/")
+    for name, ui in node.uis.items():
+        if getattr(ui, "port", None):
+            lines.append(f"  {name:<8} http://{host}:{ui.port}/")
     token = node.transport.invite_token()
     if token:
         lines.append(f"  join with: mesh-llm --join {token}")
@@ -37,8 +35,6 @@ def banner(node: object) -> str:
 
 
 async def _main(config: NodeConfig) -> None:
-    from meshcore.node import Node
-
     node = Node(config)
 
     async def watch_signals() -> None:

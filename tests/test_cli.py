@@ -193,7 +193,11 @@ def test_plugins_json(capsys: pytest.CaptureFixture[str]) -> None:
     by_name = {p["name"]: p for p in listed}
     assert {"quic", "vram", "llamacpp", "console", "testing"} <= set(by_name)
     assert "meshcore_register_elections" in by_name["vram"]["hooks"]
-    assert all(set(p) == {"name", "version", "hooks"} for p in listed)
+    assert all(set(p) == {"name", "version", "hooks", "components"} for p in listed)
+    assert by_name["vram"]["components"] == {"elections": ["vram"]}
+    assert by_name["llamacpp"]["components"] == {
+        "backends": ["llamacpp"], "commands": ["bundle", "download", "models"]}
+    assert by_name["console"]["components"] == {"uis": ["console"]}
     assert all(p["version"] == "0.1.0" for p in listed)
     assert {"meshcore_register_backends", "meshcore_register_transports"} <= set(
         by_name["testing"]["hooks"])

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 import typer
 
@@ -15,6 +16,7 @@ from meshcore import cli, hookimpl, hookspecs
 from meshcore.config import NodeConfig
 from meshcore.node import Node
 from meshcore.plugins import get_plugin_manager
+from meshcore.state import Serving
 
 pytestmark = pytest.mark.anyio
 
@@ -65,6 +67,10 @@ class Recorder:
         self._record("meshcore_plan_changed", node=node, plan=plan)
 
     @hookimpl
+    def meshcore_api_request(self, node: Node, event: Any) -> None:
+        self._record("meshcore_api_request", node=node, event=event)
+
+    @hookimpl
     def meshcore_console_routes(self, node: Node) -> list[Any]:
         self._record("meshcore_console_routes", node=node)
         return ["recorder-route"]
@@ -101,8 +107,12 @@ async def test_every_hook_is_called(tmp_path: Path) -> None:
     async with anyio.create_task_group() as tg:
         await tg.start(node.run)
         with anyio.fail_after(30):
-            while "meshcore_plan_changed" not in recorder.calls:
+            while node.state.me.serving is not Serving.READY:
                 await anyio.sleep(0.01)
+        async with httpx.AsyncClient() as client:
+            r = await client.post(f"http://127.0.0.1:{node.api_port}/v1/chat/completions",
+                                  json={"messages": [{"role": "user", "content": "a b"}]})
+        assert r.status_code == 200
         node.stop()
     # the console plugin calls this when it builds its app; call it the same way
     routes = pm.hook.meshcore_console_routes(node=node)
@@ -114,6 +124,9 @@ async def test_every_hook_is_called(tmp_path: Path) -> None:
     assert calls["meshcore_plan_changed"][0]["plan"].host_id == "solo"
     assert calls["meshcore_mesh_changed"][0]["view"].self_id == "solo"
     assert isinstance(calls["meshcore_register_commands"][0]["app"], typer.Typer)
+    started, finished = (c["event"] for c in calls["meshcore_api_request"])
+    assert (started.phase, finished.phase, finished.status) == ("started", "finished", 200)
+    assert finished.completion_tokens == 2 and finished.path == "/v1/chat/completions"
     assert all(callable(calls[h][0]["register"]) for h in HOOKS if "_register_" in h
                and h != "meshcore_register_commands")
 

@@ -36,7 +36,7 @@ async def test_stop_stops_every_service(tmp_path: Path) -> None:
         with anyio.fail_after(10):
             while node.state.me.serving is not Serving.READY:
                 await anyio.sleep(0.01)
-        llama_port = node.services["llama"][1]
+        llama_port = node.service_address("api")[1]
         assert await port_open(llama_port)
         hub = node.transport.hub
         assert "solo" in hub.members

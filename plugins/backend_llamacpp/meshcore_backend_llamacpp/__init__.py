@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from meshcore import hookimpl
 
 if TYPE_CHECKING:
     import typer
 
+    from meshcore.components import Backend, NodeHandle
 
-def _factory(node: Any) -> Any:
-    from meshcore_backend_llamacpp.backend import LlamaCppBackend
+
+def _factory(node: NodeHandle) -> Backend:
+    from meshcore_backend_llamacpp.backend import LlamaCppBackend  # heavy: only when used
 
     return LlamaCppBackend(node)
 

@@ -29,7 +29,8 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_process
 
-from meshcore.components import ModelInfo
+from meshcore import fields
+from meshcore.components import Capabilities, ModelInfo, NodeHandle
 from meshcore.plan import Plan, PlanState
 from meshcore.state import MeshView, Serving
 from meshcore_backend_llamacpp import binaries, commands, gguf_info, vram
@@ -68,7 +69,9 @@ class LlamaCppBackend:
     ``load_timeout_s`` (default 900), ``llama_args`` (extra llama-server arguments),
     ``handover`` (default True: see the module's docstring)."""
 
-    def __init__(self, node: Any) -> None:
+    capabilities = Capabilities(host=True, rpc_worker=True, uses_workers=True)
+
+    def __init__(self, node: NodeHandle) -> None:
         self.node = node
         self.plan: Plan | None = None
         self.wanted: tuple[Any, ...] = ("idle",)
@@ -79,6 +82,7 @@ class LlamaCppBackend:
         self.threads = commands.default_threads(node.config.options)
         self.server: Child | None = None
         self.rpc: Child | None = None
+        self.rpc_port: int | None = None
         self.port: int | None = None
         self.ready = False
         self.serving_plan: Plan | None = None  # the plan the ready llama-server runs
@@ -154,7 +158,7 @@ class LlamaCppBackend:
             "standby": child(self._standby.child, self._standby.port) if self._standby else None,
             "serving_current_plan": self.serves_current_plan(),
             "handovers": self.handovers,
-            "rpc_server": child(self.rpc, self.node.services.get("rpc", (None, None))[1]),
+            "rpc_server": child(self.rpc, self.rpc_port),
             "rpc": list(self.rpc_endpoints),
             "layout": lay.to_dict() if lay else None,
             "tensor_split": list(lay.tensor_split) if lay else [],
@@ -225,8 +229,7 @@ class LlamaCppBackend:
                     backoff = min(backoff * 2, MAX_BACKOFF_S)
         finally:
             await self._retire_standby()
-            self.node.services.pop("llama", None)
-            self.node.services.pop("rpc", None)
+            self.node.withdraw_service("rpc")
 
     async def _retire_standby(self, *, graceful: bool = False) -> None:
         """Stop the handed-over llama-server, if any; ``graceful``: first let the requests
@@ -235,7 +238,7 @@ class LlamaCppBackend:
         if standby is None:
             return
         me = self.node.state.me
-        if me.extra.get("standby") is not None:  # the mesh stops routing here first
+        if fields.STANDBY.read(me) is not None:  # the mesh stops routing here first
             self.node.set_serving(me.serving, standby=None)
         try:
             if graceful:
@@ -243,8 +246,6 @@ class LlamaCppBackend:
                     while standby.child.alive and await slots_busy(standby.port):
                         await anyio.sleep(0.25)
         finally:
-            if self.node.services.get("llama") == ("127.0.0.1", standby.port):
-                self.node.services.pop("llama", None)
             with anyio.CancelScope(shield=True):
                 await standby.stack.aclose()
             log.info("stopped the previous llama-server (port %d)", standby.port)
@@ -372,7 +373,6 @@ class LlamaCppBackend:
         timeout = float(node.config.options.get("load_timeout_s", 900))
         self.load_tunneled_bytes, began = None, time.monotonic()
         sent_before = self._sent_to_workers(lay.rpc_peers)
-        mine = ("127.0.0.1", port)
         stack = contextlib.AsyncExitStack()
         handed_over = False
         try:
@@ -385,7 +385,6 @@ class LlamaCppBackend:
                 return
             self._loaded(lay.rpc_peers, sent_before, time.monotonic() - began)
             self.ready, self.error, self.serving_plan = True, None, plan
-            node.services["llama"] = mine
             node.set_serving(Serving.READY, error=None)
             done, _ = await self._race([child], functools.partial(self._serve_and_retire,
                                                                   lay.rpc_peers))
@@ -398,8 +397,6 @@ class LlamaCppBackend:
         finally:
             self.ready, self.serving_plan = False, None
             if not handed_over:
-                if node.services.get("llama") == mine:
-                    node.services.pop("llama", None)
                 with anyio.CancelScope(shield=True):
                     await stack.aclose()
                 alive = self._standby is not None and self._standby.child.alive
@@ -408,8 +405,8 @@ class LlamaCppBackend:
 
     def _sent_to_workers(self, peers: Sequence[str]) -> int:
         """Bytes the host's rpc tunnels to ``peers`` have carried towards them so far."""
-        tunnels = getattr(self.node, "tunnels", {})
-        return sum(t.sent for p in peers if (t := tunnels.get((p, "rpc"))) is not None)
+        return sum(t["bytes_to_peer"] for t in self.node.tunnel_status()
+                   if t["service"] == "rpc" and t["peer"] in peers)
 
     def _loaded(self, peers: Sequence[str], sent_before: int, seconds: float) -> None:
         """Record and log what loading cost: with workers that seeded their rpc hash cache,
@@ -478,18 +475,20 @@ class LlamaCppBackend:
                 if not done:
                     return
                 self.error = None
-                node.services["rpc"] = ("127.0.0.1", port)
+                node.offer_service("rpc", port)
+                self.rpc_port = port
                 node.set_serving(Serving.RPC, error=None)
                 await self._race([child], functools.partial(self._seed_rest, cache_dir, known))
             finally:
-                node.services.pop("rpc", None)
+                node.withdraw_service("rpc", port)
+                self.rpc_port = None
 
     def _my_layers(self, plan: Plan) -> set[int] | None:
         """The layers the host's llama-server will put on this worker, predicted from the
         plan and the device the host announced (None when it announced none)."""
         host = self.node.state.view().get(plan.host_id or "")
-        device = host.extra.get("device") if host is not None else None
-        if not isinstance(device, str) or not self.n_layer:
+        device = fields.DEVICE.read(host)
+        if device is None or not self.n_layer:
             return None
         lay = commands.layout(plan, host_has_gpu=device != "cpu", n_layer=self.n_layer)
         return commands.worker_layers(lay, self.n_layer, self.node.id)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from meshcore import hookimpl
 
+if TYPE_CHECKING:
+    from meshcore.components import UI, NodeHandle
 
-def _factory(node: Any) -> Any:
-    from meshcore_console.app import Console
 
-    return Console(node)
+def _factory(node: NodeHandle, port: int | None = None) -> UI:
+    from meshcore_console.app import Console  # starlette: only when the console runs
+
+    return Console(node, port)
 
 
 @hookimpl

@@ -19,6 +19,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from meshcore.components import NodeHandle
+from meshcore.config import DEFAULT_CONSOLE_PORT
 from meshcore.server import serve_asgi
 from meshcore_console.payload import build_payload
 
@@ -47,7 +49,7 @@ def is_loopback(request: Request) -> bool:
     return True
 
 
-def payload_for(node: Any, request: Request) -> dict[str, Any]:
+def payload_for(node: NodeHandle, request: Request) -> dict[str, Any]:
     """The status payload as this caller may see it (the join token only on loopback)."""
     api_host = "127.0.0.1"
     if node.config.listen_all:
@@ -63,7 +65,7 @@ def sse(event: str, data: Any, event_id: int | None = None, retry_ms: int | None
     return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-async def wait_for_change(node: Any, gen: int, plan_event: anyio.Event, timeout: float
+async def wait_for_change(node: NodeHandle, gen: int, plan_event: anyio.Event, timeout: float
                           ) -> str:
     """Wait until the mesh view passes ``gen`` or the plan changes (``"change"``), the node
     stops (``"stop"``) or ``timeout`` passes (``"timeout"``)."""
@@ -83,7 +85,7 @@ async def wait_for_change(node: Any, gen: int, plan_event: anyio.Event, timeout:
     return woke
 
 
-async def event_stream(node: Any, request: Request, heartbeat_s: float, limit: int
+async def event_stream(node: NodeHandle, request: Request, heartbeat_s: float, limit: int
                        ) -> AsyncIterator[bytes]:
     """``status`` on connect and after every view or plan change that changes the payload,
     ``heartbeat`` after ``heartbeat_s`` without one; stops after ``limit`` messages (0 = never)
@@ -112,7 +114,7 @@ async def event_stream(node: Any, request: Request, heartbeat_s: float, limit: i
 class ChatProxy:
     """``POST /api/chat``: stream a chat completion from this node's own OpenAI API."""
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: NodeHandle) -> None:
         self.node = node
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0))
 
@@ -166,7 +168,7 @@ class ChatProxy:
         await self.client.aclose()
 
 
-def build_app(node: Any) -> Starlette:
+def build_app(node: NodeHandle) -> Starlette:
     """The console's ASGI app; call ``await app.state.aclose()`` when done with it."""
     heartbeat_s = float(node.config.options.get("console_heartbeat_s", DEFAULT_HEARTBEAT_S))
     static = files("meshcore_console") / "static"
@@ -194,8 +196,8 @@ def build_app(node: Any) -> Starlette:
         Route("/api/chat", chat.handle, methods=["POST"]),
         Mount("/static", StaticFiles(packages=[("meshcore_console", "static")]), name="static"),
     ]
-    for extra in node.pm.hook.meshcore_console_routes(node=node):
-        routes.extend(extra or [])
+    for extra in node.collect("meshcore_console_routes", node=node):
+        routes.extend(extra)
     app = Starlette(routes=routes)
     app.state.aclose = chat.aclose
     return app
@@ -205,8 +207,9 @@ class Console:
     """The ``console`` UI: serves :func:`build_app` on ``--console PORT`` (0 = any free port);
     ``port`` is the bound port once started (the CLI banner prints it)."""
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: NodeHandle, port: int | None = None) -> None:
         self.node = node
+        self.want_port = DEFAULT_CONSOLE_PORT if port is None else port
         self.port: int | None = None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -214,7 +217,7 @@ class Console:
         app = build_app(self.node)
         try:
             async with anyio.create_task_group() as tg:
-                self.port = await tg.start(serve_asgi, app, config.bind_host, config.console_port)
+                self.port = await tg.start(serve_asgi, app, config.bind_host, self.want_port)
                 task_status.started()
         finally:
             with anyio.CancelScope(shield=True):

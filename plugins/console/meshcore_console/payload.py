@@ -7,10 +7,11 @@ it as is (the same payload feeds ``GET /api/status`` and every ``/api/events`` m
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
+from meshcore import fields
+from meshcore.components import NodeHandle
 from meshcore.config import GB
 from meshcore.plan import Plan, PlanState
 from meshcore.state import MeshView, Peer, Role, Serving
@@ -19,8 +20,6 @@ from meshcore.state import MeshView, Peer, Role, Serving
 LINK_RPC = "RPC"
 LINK_API = "API tunnel"
 LINK_CONTROL = "QUIC · HTTP"
-
-WAITING_RE = re.compile(r"waiting for ([\d.]+) GB more")
 
 # Keys a backend's status() may use for llama-server's --rpc entries (read defensively).
 RPC_KEYS = ("rpc_entries", "rpc", "rpc_servers", "rpc_endpoints", "rpc_addrs")
@@ -31,17 +30,12 @@ def gb(n: float) -> float:
     return round(n / GB, 1)
 
 
-def missing_gb(plan: Plan, view: MeshView, overhead: float) -> float:
-    """How many more GB of VRAM a waiting plan needs: the election's own figure when its
-    reason says it (so badge and reason agree), else model x overhead - mesh VRAM."""
-    if plan.state is not PlanState.WAITING:
+def missing_gb(plan: Plan) -> float:
+    """How many more GB of VRAM a waiting plan needs (the election's ``missing_vram``),
+    rounded up to a tenth: a shortfall never reads as 0.0."""
+    if plan.state is not PlanState.WAITING or plan.missing_vram <= 0:
         return 0.0
-    if match := WAITING_RE.search(plan.reason):
-        return float(match[1])
-    if not plan.model_bytes:
-        return 0.0
-    missing = max(0, math.ceil(plan.model_bytes * overhead) - view.total_vram)
-    return math.ceil(round(missing / GB * 10, 6)) / 10
+    return math.ceil(plan.missing_vram / GB * 10) / 10  # as the election words it
 
 
 def badge(plan: Plan, me: Peer, host: Peer | None, missing: float) -> dict[str, str]:
@@ -60,22 +54,22 @@ def badge(plan: Plan, me: Peer, host: Peer | None, missing: float) -> dict[str, 
             return {"kind": "host", "text": "Host", "detail": plan.reason}
         if me.serving is Serving.ERROR:
             return {"kind": "error", "text": "Host failed",
-                    "detail": str(me.extra.get("error") or "the model server did not start; "
-                                  "see the node's log")}
+                    "detail": fields.ERROR.read(me) or "the model server did not start; "
+                                                       "see the node's log"}
         return {"kind": "loading", "text": "Loading", "detail": f"loading {plan.model}"}
     if plan.includes(me.id):
         return {"kind": "split", "text": "Worker in split",
                 "detail": f"serving layers for host {plan.host_id} over RPC"}
-    if me.extra.get("standby"):
+    if standby := fields.STANDBY.read(me):
         return {"kind": "loading", "text": "Standby",
-                "detail": f"still answering for {me.extra['standby']} until the new host "
+                "detail": f"still answering for {standby} until the new host "
                           f"{plan.host_id} is ready"}
     return {"kind": "idle", "text": "Worker idle", "detail": plan.reason}
 
 
 def serving_label(peer: Peer) -> str:
     """``serving`` for the console: ``standby`` while a former host still answers."""
-    return "standby" if peer.extra.get("standby") else peer.serving.value
+    return "standby" if fields.STANDBY.read(peer) else peer.serving.value
 
 
 def rpc_entries(backend: Mapping[str, Any], plan: Plan) -> list[dict[str, Any]]:
@@ -146,7 +140,7 @@ def diagram(view: MeshView, plan: Plan, transport_links: Mapping[str, str]
     return nodes, links
 
 
-def build_payload(node: Any, *, loopback: bool, api_host: str) -> dict[str, Any]:
+def build_payload(node: NodeHandle, *, loopback: bool, api_host: str) -> dict[str, Any]:
     """Everything the page shows. ``loopback``: the caller is on this machine (only then is the
     join token included); ``api_host``: the host name the caller should use for the API."""
     status: dict[str, Any] = node.status()
@@ -154,17 +148,18 @@ def build_payload(node: Any, *, loopback: bool, api_host: str) -> dict[str, Any]
     plan: Plan = node.plan
     me = view.me
     host = view.get(plan.host_id) if plan.host_id else None
-    missing = missing_gb(plan, view, node.request.overhead)
+    missing = missing_gb(plan)
     links_by_peer = {p["id"]: p.get("link") for p in status.get("peers", [])}
     nodes, links = diagram(view, plan, links_by_peer)
     peers = [
         {"id": p.id, "role": p.role.value, "vram": p.vram, "vram_gb": gb(p.vram),
          "model": p.model, "rtt_ms": p.rtt_ms, "link": links_by_peer.get(p.id),
+         "name": fields.NAME.read(p),
          "serving": serving_label(p)}
         for p in view.others
     ]
     backend = status.get("backend") or {}
-    token = node.transport.invite_token() if loopback else None
+    token = node.invite_token() if loopback else None
     api_url = f"http://{api_host}:{status.get('api_port')}/v1"
     return {
         **status,

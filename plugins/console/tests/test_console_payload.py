@@ -8,7 +8,7 @@ from meshcore_console.payload import badge, missing_gb, rpc_entries, serving_lab
 
 from meshcore.config import GB
 from meshcore.plan import Participant, Plan, PlanState
-from meshcore.state import MeshView, Peer, Role, Serving
+from meshcore.state import Peer, Role, Serving
 
 SPLIT = Plan(PlanState.SPLIT, host_id="h", model="m", participants=(
     Participant("w1", 4 * GB, 0.25, True), Participant("w2", 4 * GB, 0.25, True),
@@ -57,12 +57,12 @@ def test_badges() -> None:
     assert serving_label(former) == "standby" and serving_label(host) == "ready"
 
 
-def test_missing_vram_follows_the_election_else_rounds_up() -> None:
-    view = MeshView("a", (Peer("a", vram=3 * GB),))
-    said = Plan(PlanState.WAITING, model_bytes=4 * GB,
-                reason="waiting for 1.5 GB more VRAM (have 3.0 of 4.4 GB)")
-    assert missing_gb(said, view, 1.1) == 1.5
-    silent = Plan(PlanState.WAITING, model_bytes=4 * GB, reason="other policy")
-    assert missing_gb(silent, view, 1.1) == 1.4  # 4.4 - 3.0
-    assert missing_gb(Plan(PlanState.WAITING, model_bytes=GB), view, 1.1) == 0.0
-    assert missing_gb(SPLIT, view, 1.1) == 0.0
+def test_missing_vram_is_the_plans_number_rounded_up() -> None:
+    # the console reads the number the election put in the plan, never its reason text
+    said = Plan(PlanState.WAITING, model_bytes=4 * GB, missing_vram=int(1.41 * GB),
+                reason="any words at all")
+    assert missing_gb(said) == 1.5
+    assert missing_gb(Plan(PlanState.WAITING, missing_vram=GB)) == 1.0
+    assert missing_gb(Plan(PlanState.WAITING, model_bytes=GB, reason="waiting for 9 GB more")
+                      ) == 0.0
+    assert missing_gb(SPLIT) == 0.0

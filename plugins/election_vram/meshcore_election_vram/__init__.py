@@ -18,7 +18,8 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from meshcore import hookimpl
+from meshcore import fields, hookimpl
+from meshcore.components import NodeHandle
 from meshcore.config import GB
 from meshcore.plan import ElectionRequest, Participant, Plan, PlanState, shares
 from meshcore.state import MeshView, Peer, Role, Serving
@@ -46,10 +47,17 @@ def waiting_message(need: int, have: int) -> str:
             f"(have {format_gb(have)} of {format_gb(need)} GB)")
 
 
+def can(peer: Peer, capability: str) -> bool:
+    """Whether the peer's backend announced ``capability`` (a peer that announced no
+    capabilities at all is taken to have every one)."""
+    caps = fields.CAPS.read(peer)
+    return caps is None or capability in caps
+
+
 def host_rtt(host: Peer, peer: Peer) -> float | None:
     """The RTT from ``host`` to ``peer`` as the host announced it, if it did."""
-    table = host.extra.get("rtt_ms")
-    value = table.get(peer.id) if isinstance(table, dict) else None
+    table = fields.RTT_MS.read(host)
+    value = table.get(peer.id) if table is not None else None
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         return None
     return float(value)
@@ -62,7 +70,7 @@ def pick_host(nodes: Sequence[Peer]) -> Peer | None:
     The incumbent rule matters: without it a node of equal VRAM joining with a larger id
     took the host role away and the mesh had no model for ~46 s (8B model on H100s).
     """
-    serving = [p for p in nodes if p.model]
+    serving = [p for p in nodes if p.model and can(p, "host")]
     if not serving:
         return None
     return max(serving, key=lambda p: (p.vram, p.role is Role.HOST, p.id))
@@ -89,10 +97,10 @@ def usable_workers(host: Peer, nodes: Sequence[Peer],
         band = math.inf if rtt is None else rtt // RTT_BAND_MS
         return (band, -peer.vram, peer.id)
 
-    measures = isinstance(host.extra.get("rtt_ms"), dict)
+    measures = fields.RTT_MS.read(host) is not None
     usable, slow, unmeasured = [], [], []
     for peer in nodes:
-        if peer is host or peer.vram <= 0:
+        if peer is host or peer.vram <= 0 or not can(peer, "rpc_worker"):
             continue
         rtt = host_rtt(host, peer)
         if rtt is not None and rtt > rtt_limit(peer, max_rtt_ms):
@@ -124,6 +132,13 @@ def elect(view: MeshView, request: ElectionRequest) -> Plan:
     forced = any(p.split for p in nodes)
     if host.vram >= need and not forced:
         return Plan(PlanState.SOLO, participants=solo, reason=SOLO_HINT, **common)
+    if not can(host, "uses_workers"):
+        why = f"the backend of host {host.id} cannot use rpc workers"
+        if host.vram >= need:
+            return Plan(PlanState.SOLO, participants=solo, reason=f"--split asked, but {why}",
+                        **common)
+        return Plan(PlanState.WAITING, reason=f"{waiting_message(need, host.vram)}: {why}",
+                    missing_vram=need - host.vram, **common)
     # --split forces every worker in (DESIGN.md section 4): the user asked for it, so the RTT
     # limit, which guards automatic splits against slow links, does not apply.
     max_rtt = math.inf if forced else request.max_rtt_ms
@@ -139,7 +154,8 @@ def elect(view: MeshView, request: ElectionRequest) -> Plan:
         chosen.append(peer)
         have += peer.vram
     if have < need:
-        return Plan(PlanState.WAITING, reason=waiting_message(need, have) + skipped, **common)
+        return Plan(PlanState.WAITING, reason=waiting_message(need, have) + skipped,
+                    missing_vram=need - have, **common)
     if not chosen:
         return Plan(PlanState.SOLO, participants=solo,
                     reason=f"--split asked, but no other node offers VRAM{skipped}", **common)
@@ -160,7 +176,7 @@ def meshcore_register_elections(register: Callable[..., None]) -> None:
 
 
 @hookimpl
-def meshcore_plan_changed(node: Any, plan: Plan) -> None:
+def meshcore_plan_changed(node: NodeHandle, plan: Plan) -> None:
     """Tell an idle worker, once, why it holds no layers and how to change that."""
     if (plan.state is PlanState.SOLO and plan.reason == SOLO_HINT
             and plan.host_id != node.id and not node.state.me.is_client

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -14,7 +15,7 @@ from anyio.abc import ByteStream, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from meshcore import hookimpl
-from meshcore.components import ModelInfo
+from meshcore.components import Capabilities, ModelInfo, NodeHandle
 from meshcore.config import GB
 from meshcore.plan import Plan, PlanState
 from meshcore.state import MeshView, Serving
@@ -101,7 +102,9 @@ class FakeBackend:
     (default 1).
     """
 
-    def __init__(self, node: Any) -> None:
+    capabilities = Capabilities(host=True, rpc_worker=True, uses_workers=True)
+
+    def __init__(self, node: NodeHandle) -> None:
         self.node = node
         self.plan: Plan | None = None
         self.applied: list[Plan] = []  # every distinct plan applied, for tests
@@ -140,20 +143,18 @@ class FakeBackend:
                 async with anyio.create_task_group() as tg:
                     node.set_serving(Serving.LOADING)
                     self._port = await tg.start(self._serve_openai)
-                    node.services["llama"] = ("127.0.0.1", self._port)
                     node.set_serving(Serving.READY)
                     await self._wake.wait()
                     tg.cancel_scope.cancel()
                 self._port = None
-                node.services.pop("llama", None)
             elif plan is not None and plan.includes(node.id):
                 async with anyio.create_task_group() as tg:
                     port = await tg.start(_echo_server)
-                    node.services["rpc"] = ("127.0.0.1", port)
+                    node.offer_service("rpc", port)
                     node.set_serving(Serving.RPC)
                     await self._wake.wait()
                     tg.cancel_scope.cancel()
-                node.services.pop("rpc", None)
+                node.withdraw_service("rpc", port)
             else:
                 node.set_serving(Serving.IDLE)
                 await self._wake.wait()
@@ -233,7 +234,7 @@ class MemoryTransport:
     """Gossip by direct calls and tunnels by memory pipes, within one :class:`MemoryHub`
     (``NodeConfig.options["memory_hub"]``; a private hub when absent)."""
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: NodeHandle) -> None:
         self.node = node
         self.hub: MemoryHub = node.config.options.get("memory_hub") or MemoryHub()
 
@@ -259,7 +260,8 @@ class MemoryTransport:
         if member is None:
             raise ConnectionError(f"peer {peer_id} is not in the mesh")
         near, far = MemoryByteStream.pair()
-        member.node.task_group.start_soon(member.node.serve_inbound, service, far)
+        serve = functools.partial(member.node.serve_inbound, peer_id=self.node.id)
+        member.node.task_group.start_soon(serve, service, far)
         return near
 
     def link(self, peer_id: str) -> str:

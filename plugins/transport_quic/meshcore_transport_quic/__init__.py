@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from meshcore import hookimpl
 
+if TYPE_CHECKING:
+    from meshcore.components import NodeHandle, Transport
 
-def _factory(node: Any) -> Any:
+
+def _factory(node: NodeHandle) -> Transport:
     from meshcore_transport_quic.transport import QuicTransport
 
     return QuicTransport(node)

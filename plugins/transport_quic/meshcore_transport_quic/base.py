@@ -13,6 +13,7 @@ from typing import Any, TypeVarTuple, Unpack
 import anyio
 from anyio.abc import TaskGroup
 
+from meshcore.components import NodeHandle
 from meshcore_transport_quic.auth import PeerInfo
 from meshcore_transport_quic.fastpath import FastPathServer
 from meshcore_transport_quic.frames import FrameError, Kind
@@ -58,7 +59,7 @@ class Departed:
 class TransportBase:
     """Attributes and helpers shared by the handshake, gossip and membership parts."""
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: NodeHandle) -> None:
         self.node = node
         opts = node.config.options
         self.heartbeat_s = float(opts.get("quic_heartbeat_s", 1.0))

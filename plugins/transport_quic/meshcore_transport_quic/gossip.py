@@ -71,17 +71,13 @@ class Gossip(TransportBase):
         except (anyio.IncompleteRead, anyio.BrokenResourceError):
             await stream.aclose()
             return
-        await self.node.serve_inbound(service, staple(reader, stream))
+        await self.node.serve_inbound(service, staple(reader, stream), peer_id=link.id)
 
     def _fast_lookup(self, peer_id: str, service: str) -> tuple[str, int] | None:
         """Where a fast-path tunnel from ``peer_id`` goes (the worker end of rpc tunnels)."""
         if peer_id not in self.links:
             return None
-        target: tuple[str, int] | None = self.node.services.get(service)
-        if target is None:
-            log.warning("fast-path tunnel from %s for unknown or stopped service %r refused",
-                        peer_id, service)
-        return target
+        return self.node.service_address(service, peer_id)
 
     async def _handle_frame(self, link: PeerLink, frame: Frame) -> None:
         body = frame.body

@@ -361,8 +361,7 @@ class QuicTransport(Handshakes, Gossip):
         table = {k: round(v.rtt_ms, 2) for k, v in self.links.items() if v.rtt_ms is not None}
         if rtt_table_changed(self._published_rtt, table):
             self._published_rtt = table
-            me = self.node.state.me
-            self.node.state.update_me(extra={**me.extra, "rtt_ms": table})
+            self.node.announce(rtt_ms=table)
 
     async def _leave(self) -> None:
         links = list(self.links.values())
