@@ -80,8 +80,9 @@ async def serve_services(_: dict[str, Any]) -> dict[str, Any]:
 
 async def serve_worker(args: dict[str, Any]) -> dict[str, Any]:
     """Node B (with and without the fast path) and the plain relay hops, all towards S."""
+    from meshcore_transport_quic.splice import serve_forward
+
     from meshcore.node import Node
-    from meshcore.relay import serve_forward
 
     home, services = Path(args["home"]), args["services"]
     loop = asyncio.get_running_loop()
@@ -110,8 +111,9 @@ async def serve_worker(args: dict[str, Any]) -> dict[str, Any]:
 
 async def serve_host(args: dict[str, Any]) -> dict[str, Any]:
     """Node A joined to each B; prints its forward ports (what llama-server would dial)."""
+    from meshcore_transport_quic.splice import serve_forward
+
     from meshcore.node import Node
-    from meshcore.relay import serve_forward
 
     home, tokens = Path(args["home"]), args["tokens"]
     loop = asyncio.get_running_loop()

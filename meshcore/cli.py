@@ -151,14 +151,12 @@ def _env_options() -> dict[str, Any]:
 @app.command()
 def plugins(
     ctx: typer.Context,
-    all_: Annotated[bool, typer.Option("--all", help="Include the core's built-in plugins.")
-                    ] = False,
 ) -> None:
     """List the loaded plugins as JSON: name, version, hooks, and the components (transports,
     elections, backends, UIs, commands) each registers."""
     pm = _plugin_manager(ctx)
     regs, commands = collect(pm), _commands_by_plugin(pm)
-    listed = describe_plugins(pm, include_all=all_)
+    listed = describe_plugins(pm)
     for entry in listed:
         entry["components"] = {f"{kind}s": names for kind, reg in regs.items()
                                if (names := reg.by_plugin().get(entry["name"]))}
@@ -226,10 +224,8 @@ def _list_known_names(command: Any, pm: pluggy.PluginManager) -> None:
     --ui, so ``--help`` says what is installed."""
     regs = collect(pm)
     for param in getattr(command, "params", ()):
-        kind = {"election": "election", "backend": "backend", "transport": "transport",
-                "ui": "ui"}.get(param.name or "")
-        if kind is not None:
-            param.help = f"{param.help} Installed: {', '.join(regs[kind].names()) or 'none'}."
+        if param.name in regs:
+            param.help = f"{param.help} Installed: {', '.join(regs[param.name].names())}."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         _list_known_names(command, pm)
         result = command.main(args, prog_name="mesh-llm", standalone_mode=False,
                               obj={"pm": pm})
-    except PluginLoadError as exc:
+    except (PluginLoadError, RegistryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except typer.Exit as exc:

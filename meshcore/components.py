@@ -127,9 +127,9 @@ class Transport(Protocol):
     def link(self, peer_id: str) -> str:
         """What carries traffic to this peer, for humans: ``QUIC``, ``TCP+AES-GCM``, ..."""
 
-    # Optional (see RawOpener in meshcore.relay): ``async open_raw(peer_id, service,
-    # protocol_factory) -> asyncio.Transport | None`` hands a tunnel out as an asyncio
-    # Transport, so ``node.forward_port`` can splice it in Protocol callbacks.
+    # Optional: ``async take_connection(peer_id, service, conn: socket.socket, *, tally)
+    # -> bool`` relays one of ``node.forward_port``'s local connections its own (faster) way;
+    # False leaves it to the core, which relays it through ``connect``.
 
 
 class Backend(Protocol):

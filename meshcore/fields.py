@@ -75,5 +75,6 @@ ERROR = declare(Field("error", str, "backend", "console",
                       "why this node's backend failed (first line)"))
 NAME = declare(Field("name", str, "core (--name)", "elections (e.g. pinning), console",
                      "a human name for the node"))
-CAPS = declare(Field("caps", list, "core (the backend's Capabilities)", "election (vram)",
-                     "what the backend can do: 'host', 'rpc_worker', 'uses_workers'"))
+CAPS = declare(Field("caps", list, "core (the backend's Capabilities)", "elections",
+                     "list of str, what the backend can do: 'host', 'rpc_worker', "
+                     "'uses_workers'; absent (a client, or an older node): assume all"))

@@ -3,6 +3,7 @@ It implements :class:`meshcore.components.NodeHandle`, the only view plugins get
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Any
@@ -67,7 +68,6 @@ class Node:
         self._forward_lock = anyio.Lock()
         self._tg: TaskGroup | None = None
         self._stop = anyio.Event()
-        self._started = anyio.Event()
 
     def _build(self, kind: str, name: str, *args: Any) -> Any:
         """A component from its registered factory; a failing factory names its plugin."""
@@ -101,7 +101,6 @@ class Node:
                                        f"{name!r}: failed to start: {exc}") from exc
             tg.start_soon(self._announce_loop)
             tg.start_soon(self._election_loop)
-            self._started.set()
             task_status.started()
             await self._stop.wait()
             tg.cancel_scope.cancel()
@@ -120,9 +119,6 @@ class Node:
     def stop(self) -> None:
         """Ask the node to shut down; ``run`` returns once every service stopped."""
         self._stop.set()
-
-    async def wait_started(self) -> None:
-        await self._started.wait()
 
     async def wait_stopped(self) -> None:
         await self._stop.wait()
@@ -273,11 +269,11 @@ class Node:
                 async def open_remote() -> ByteStream:
                     return await self.transport.connect(peer_id, service)
 
-                raw = getattr(self.transport, "open_raw", None)  # optional: see components
-                open_raw = functools.partial(raw, peer_id, service) if raw else None
                 tally = self.tunnels.setdefault(key, Tally())
+                taker = getattr(self.transport, "take_connection", None)  # optional
+                take = taker and functools.partial(taker, peer_id, service, tally=tally)
                 self._forwards[key] = await self.task_group.start(
-                    functools.partial(serve_forward, open_raw=open_raw, tally=tally), open_remote)
+                    functools.partial(serve_forward, take=take, tally=tally), open_remote)
             return self._forwards[key]
 
     async def upstream(self) -> str | None:
@@ -332,9 +328,8 @@ class Node:
             "me": me.to_dict(),
             "backend": self.backend.status() if self.backend is not None else {},
             "generation": view.generation, "tunnels": self.tunnel_status(),
-            "api": {"requests": c.requests, "errors": c.errors,
-                    "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                    "by_status": {str(k): v for k, v in sorted(c.by_status.items())}},
+            "api": {**dataclasses.asdict(c), "by_status": {str(k): v for k, v in
+                                                          sorted(c.by_status.items())}},
         }
 
     def tunnel_status(self) -> list[dict[str, Any]]:

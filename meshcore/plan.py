@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -69,20 +70,9 @@ class Plan:
         return any(p.peer_id == peer_id for p in self.participants)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "state": self.state.value,
-            "host_id": self.host_id,
-            "participants": [
-                {"peer_id": p.peer_id, "vram": p.vram, "share": p.share, "rpc": p.rpc}
-                for p in self.participants
-            ],
-            "tensor_split": list(self.tensor_split),
-            "model": self.model,
-            "model_bytes": self.model_bytes,
-            "draft": self.draft,
-            "reason": self.reason,
-            "missing_vram": self.missing_vram,
-        }
+        return {**dataclasses.asdict(self), "state": self.state.value,
+                "participants": [dataclasses.asdict(p) for p in self.participants],
+                "tensor_split": list(self.tensor_split)}
 
 
 WAITING_FOR_PEERS = Plan(PlanState.WAITING, reason="election in progress: no node can host yet")

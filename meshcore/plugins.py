@@ -87,18 +87,12 @@ def plugin_versions() -> dict[str, str]:
     return out
 
 
-def describe_plugins(pm: pluggy.PluginManager, *,
-                     include_all: bool = False) -> list[dict[str, Any]]:
-    """What ``mesh-llm plugins`` prints: name, version and hooks of each loaded plugin.
-
-    The core's built-in plugin (the fake backend and memory transport) shows with ``--all``.
-    """
+def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
+    """What ``mesh-llm plugins`` prints: name, version and hooks of each loaded plugin."""
     versions = plugin_versions()
     out = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
         if plugin is None:
-            continue
-        if name.startswith("meshcore.") and not include_all:
             continue
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
         out.append({"name": name, "version": versions.get(name, __version__),
@@ -128,8 +122,3 @@ def each_plugin(pm: pluggy.PluginManager, hook: str) -> list[tuple[Any, Any]]:
     plugins = [impl.plugin for impl in impls]
     return [(impl, pm.subset_hook_caller(hook, [p for p in plugins if p is not impl.plugin]))
             for impl in impls]
-
-
-def entry_point_names() -> list[str]:
-    """Names of every installed ``meshcore`` entry point, blocked ones included."""
-    return sorted({ep.name for ep in entry_points(group=PROJECT)})

@@ -14,8 +14,9 @@ from typing import Any
 import anyio
 import pytest
 from anyio.abc import ByteStream, SocketAttribute, SocketStream
+from meshcore_transport_quic.splice import RawOpener, serve_forward
 
-from meshcore.relay import RawOpener, relay, serve_forward
+from meshcore.relay import relay
 
 pytestmark = pytest.mark.anyio
 

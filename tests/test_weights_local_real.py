@@ -28,10 +28,11 @@ import httpx
 import pytest
 from anyio.abc import ByteStream, SocketAttribute
 from meshcore_testing.pytest_plugin import MeshProcess
+from meshcore_transport_quic.splice import serve_forward
 from test_client import mesh_status, wait_status
 from test_split_real import backend_missing
 
-from meshcore.relay import Tally, serve_forward
+from meshcore.relay import Tally
 
 ENV = {"MESH_LLM_THREADS": "1"}
 BENCH = Path(__file__).resolve().parent.parent / "bench"

@@ -23,9 +23,15 @@ from meshcore_testing.fakes import (
 )
 
 if TYPE_CHECKING:
-    from meshcore_testing.harness import HealthPoller, MeshHarness, run_mesh, wait_until
+    from meshcore_testing.harness import (
+        HealthPoller,
+        MeshHarness,
+        election_request,
+        run_mesh,
+        wait_until,
+    )
 
-_HARNESS = {"HealthPoller", "MeshHarness", "run_mesh", "wait_until"}
+_HARNESS = {"HealthPoller", "MeshHarness", "election_request", "run_mesh", "wait_until"}
 
 
 def __getattr__(name: str) -> object:
@@ -45,6 +51,7 @@ __all__ = [
     "MemoryTransport",
     "MeshHarness",
     "build_fake_openai",
+    "election_request",
     "fake_reply",
     "meshcore_register_backends",
     "meshcore_register_transports",

@@ -13,6 +13,9 @@ from anyio.abc import TaskGroup
 
 from meshcore.config import NodeConfig
 from meshcore.node import Node
+from meshcore.plan import ElectionRequest
+from meshcore.plugins import get_plugin_manager
+from meshcore.registry import collect
 from meshcore_testing.fakes import MemoryHub
 
 
@@ -87,6 +90,13 @@ async def run_mesh(state_root: Path, **kwargs: Any) -> AsyncIterator[MeshHarness
             yield harness
         finally:
             harness.stop_all()
+
+
+def election_request(**fields: Any) -> ElectionRequest:
+    """An ElectionRequest as a node builds it, for unit tests of an election: every installed
+    election registered (so ``request.delegate("vram", view)`` works), ``fields`` on top."""
+    elections = collect(get_plugin_manager())["election"].factories()
+    return ElectionRequest(elections=elections, **fields)
 
 
 class HealthPoller:

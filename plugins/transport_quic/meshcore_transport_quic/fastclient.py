@@ -14,10 +14,10 @@ from typing import Any, cast
 
 import anyio
 
-from meshcore.relay import reset
 from meshcore_transport_quic import seal
 from meshcore_transport_quic.fastpath import CONNECT_TIMEOUT, FastPathError, log
 from meshcore_transport_quic.fastserver import nodelay
+from meshcore_transport_quic.splice import reset
 
 
 class FastTransport(asyncio.BufferedProtocol, asyncio.Transport):

@@ -11,8 +11,8 @@ import socket
 from collections.abc import Callable
 from typing import cast
 
-from meshcore.relay import reset
 from meshcore_transport_quic import seal
+from meshcore_transport_quic.splice import reset
 
 log = logging.getLogger("meshcore.transport.fast")
 

@@ -22,6 +22,7 @@ import anyio
 from aioquic.asyncio.server import QuicServer
 from anyio.abc import ByteStream, TaskStatus
 
+from meshcore.relay import Tally
 from meshcore_transport_quic.auth import PeerInfo
 from meshcore_transport_quic.base import (
     ERR_DUPLICATE,
@@ -47,6 +48,7 @@ from meshcore_transport_quic.links import (
     rtt_table_changed,
 )
 from meshcore_transport_quic.quicstream import MeshProtocol
+from meshcore_transport_quic.splice import take_raw
 from meshcore_transport_quic.token import JoinToken, decode_token
 from meshcore_transport_quic.wire import (
     quic_config,
@@ -150,21 +152,26 @@ class QuicTransport(Handshakes, Gossip):
         await stream.send(bytes([StreamType.TUNNEL, len(name)]) + name)
         return stream
 
-    async def open_raw(self, peer_id: str, service: str,
-                       protocol_factory: Callable[[], asyncio.Protocol]
-                       ) -> asyncio.Transport | None:
-        """The tunnel as an asyncio Transport on the TCP fast path (for callback relays);
-        None when the peer is reached over QUIC only (the caller then uses ``connect``)."""
+    async def take_connection(self, peer_id: str, service: str, conn: socket.socket, *,
+                              tally: Tally | None = None) -> bool:
+        """Relay a local connection (one of ``node.forward_port``'s) to ``service`` on
+        ``peer_id`` by splicing it to a fast-path tunnel in Protocol callbacks (no anyio
+        streams, ~2x the bulk speed); False when the peer is reached over QUIC only (the
+        core then relays it through ``connect``)."""
         link = self.links.get(peer_id)
         if link is None or not self._use_fast(link):
-            return None
+            return False
         assert link.fast_port is not None and link.fast_key is not None
-        try:
-            return await open_fast_raw(link.host, link.fast_port, link.fast_key,
-                                       service, protocol_factory)
-        except FastPathError as exc:
-            self._fast_failed(link, str(exc))
-            return None
+        host, port, key = link.host, link.fast_port, link.fast_key
+
+        async def open_raw(factory: Callable[[], asyncio.Protocol]) -> asyncio.Transport | None:
+            try:
+                return await open_fast_raw(host, port, key, service, factory)
+            except FastPathError as exc:
+                self._fast_failed(link, str(exc))
+                return None
+
+        return await take_raw(conn, open_raw, tally)
 
     def link(self, peer_id: str) -> str:
         link = self.links.get(peer_id)

@@ -1,0 +1,161 @@
+"""Callback splice relays for the TCP fast path: two asyncio Transports joined in Protocol
+callbacks (each received chunk is written to the other side inside the socket callback: no
+task switch, no anyio stream), with pause/resume backpressure, half-close and resets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import cast
+
+import anyio
+from anyio.abc import TaskStatus
+
+from meshcore.relay import Count, Opener, Tally, nodelay
+from meshcore.relay import serve_forward as _serve_forward
+
+# Given a Protocol factory, connect the tunnel to it and return its Transport; None when no
+# raw path is available right now (the caller then uses the stream opener).
+RawOpener = Callable[[Callable[[], asyncio.Protocol]], Awaitable["asyncio.Transport | None"]]
+
+
+def reset(transport: asyncio.BaseTransport | None) -> None:
+    """Drop a connection with a TCP reset, so the far end sees an error, not a clean end
+    (asyncio's ``abort`` alone still sends FIN when nothing is left unread)."""
+    if transport is None or transport.is_closing():
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()  # type: ignore[attr-defined]
+
+
+class SpliceEnd(asyncio.Protocol):
+    """One end of a callback relay: what it receives goes to the other end's transport; EOF
+    is passed on as a half-close (or a graceful close where the other end has none).
+    ``count``, if given, is told the size of every chunk this end receives."""
+
+    def __init__(self, count: Count | None = None) -> None:
+        self.count = count
+        self.transport: asyncio.Transport | None = None
+        self.other: SpliceEnd | None = None
+        self.pending: list[bytes] = []
+        self.eof = False
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        nodelay(transport.get_extra_info("socket"))
+
+    def _target(self) -> asyncio.Transport | None:
+        return self.other.transport if self.other is not None else None
+
+    def data_received(self, data: bytes) -> None:
+        if self.count is not None:
+            self.count(len(data))
+        target = self._target()
+        if target is None:  # the other end is still connecting
+            self.pending.append(data)
+            if self.transport is not None:
+                self.transport.pause_reading()
+        else:
+            target.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        target = self._target()
+        if target is not None:
+            if target.can_write_eof():
+                target.write_eof()  # asyncio sends it after what is still buffered
+            else:
+                target.close()
+            if self.other is not None and self.other.eof:
+                self.close()
+        return True  # keep our own write side open
+
+    def pause_writing(self) -> None:
+        if (src := self._target()) is not None:
+            src.pause_reading()
+
+    def resume_writing(self) -> None:
+        if (src := self._target()) is not None and not src.is_closing():
+            src.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+        if self.other is not None and self.other.transport is not None:
+            if exc is None:
+                self.other.transport.close()  # graceful: flushes what it still holds
+            else:
+                reset(self.other.transport)  # broken or cut: do not pass it on as an end
+
+    def close(self) -> None:
+        """Close both ends gracefully (asyncio's ``close`` sends buffered bytes first)."""
+        for end in (self, self.other):
+            if end is not None and end.transport is not None:
+                end.transport.close()
+
+
+def splice(a: SpliceEnd, b: SpliceEnd) -> None:
+    """Join two connected ends; bytes or EOF that arrived meanwhile are passed on now."""
+    a.other, b.other = b, a
+    for end in (a, b):
+        for chunk in end.pending:
+            end.other.transport.write(chunk)  # type: ignore[union-attr]
+        end.pending = []
+        if end.transport is not None and not end.transport.is_closing():
+            end.transport.resume_reading()
+    for end in (a, b):
+        if end.eof:
+            end.eof_received()
+
+
+async def _serve_raw(conn: socket.socket, remote: asyncio.Transport, far: SpliceEnd,
+                     tally: Tally | None) -> None:
+    loop = asyncio.get_running_loop()
+    near = SpliceEnd(tally.add_sent if tally else None)
+    try:
+        await loop.connect_accepted_socket(lambda: near, conn)
+    except OSError:
+        remote.close()
+        return
+    splice(near, far)
+    if far.lost.done() and near.transport is not None:  # the tunnel died while we connected
+        near.transport.close()
+    try:
+        await near.lost
+        await far.lost
+    finally:
+        # Cancelled (the node stops): drop the connection now.
+        for transport in (near.transport, remote):
+            if transport is not None and not transport.is_closing():
+                transport.abort()
+
+
+async def take_raw(conn: socket.socket, open_raw: RawOpener, tally: Tally | None) -> bool:
+    """Splice an accepted local connection to the tunnel ``open_raw`` gives; False (the
+    connection untouched) when it gives none right now."""
+    far = SpliceEnd(tally.add_received if tally else None)
+    remote = await open_raw(lambda: far)
+    if remote is None:
+        return False
+    await _serve_raw(conn, remote, far, tally)
+    return True
+
+
+async def serve_forward(open_remote: Opener, *, open_raw: RawOpener | None = None,
+                        tally: Tally | None = None,
+                        task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+    """The core's ``serve_forward`` with this splice for each connection ``open_raw`` takes
+    (tests and bench/tunnel.py use it directly)."""
+    take = None if open_raw is None else functools.partial(take_raw, open_raw=open_raw,
+                                                          tally=tally)
+    await _serve_forward(open_remote, take=take, tally=tally, task_status=task_status)
+
+
