@@ -44,7 +44,9 @@ class Capabilities:
 
 @dataclass
 class ApiCounters:
-    """What the node's API served: requests, errors (status >= 400) and tokens."""
+    """What the node's API served since start: ``requests`` counted when each starts;
+    ``by_status``, ``errors`` (status >= 400) and the tokens (from the responses' ``usage``)
+    when each finishes."""
 
     requests: int = 0
     errors: int = 0
@@ -54,7 +56,8 @@ class ApiCounters:
 
 
 class NodeHandle(Protocol):
-    """What a plugin may use of the running node. Nothing else of the Node is public."""
+    """What a plugin may use of the running node. Nothing else of the Node is public. Hooks
+    and factories of one node always get the same (hashable, weak-referenceable) object."""
 
     @property
     def id(self) -> str: ...
@@ -99,7 +102,8 @@ class NodeHandle(Protocol):
     async def forward_port(self, peer_id: str, service: str) -> int:
         """A 127.0.0.1 port whose connections are tunneled to ``service`` on ``peer_id``."""
     def tunnel_status(self) -> list[dict[str, Any]]:
-        """Each forward this node opened: peer, service, port, bytes each way."""
+        """Each forward this node opened, as dicts with ``peer``, ``service``, ``port``,
+        ``bytes_to_peer``, ``bytes_from_peer`` and ``connections`` (all since start)."""
     def collect(self, hook: str, **kwargs: Any) -> list[Any]:
         """Call a hook on every plugin (failures logged and skipped); non-None results."""
     def invite_token(self) -> str | None: ...

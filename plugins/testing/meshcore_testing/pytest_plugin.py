@@ -52,6 +52,13 @@ class MeshProcess:
         """Everything the process wrote to stdout and stderr so far."""
         return self.log_path.read_text(errors="replace")
 
+    def ui_port(self, name: str) -> int:
+        """The port of the UI ``name`` (``--ui NAME[=PORT]``), from the start banner."""
+        found = re.search(rf"^\s+{re.escape(name)}\s+http://[^\s]+:(\d+)/", self.log(), re.M)
+        if found is None:
+            raise AssertionError(f"no UI {name!r} in the banner:\n{self.log()}")
+        return int(found.group(1))
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         """Send ``sig`` to the process and wait for it; returns its exit code."""
         if self.proc.poll() is None:
