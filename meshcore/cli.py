@@ -112,12 +112,22 @@ def run(
         _fail(str(exc))
         return
     _check_components(ctx, config)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    configure_logging(verbose)
     from meshcore.runner import run_node
 
     raise typer.Exit(run_node(config))
+
+
+NOISY = ("httpx", "httpcore", "quic", "aioquic", "uvicorn", "asyncio")  # INFO per connection
+
+
+def configure_logging(verbose: bool) -> None:
+    """mesh-llm's own INFO lines; third-party libraries' only from WARNING unless verbose."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for name in NOISY:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
 
 
 def _pairs(items: list[str] | None, flag: str, form: str, *, port: bool = False) -> Any:

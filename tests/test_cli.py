@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -335,3 +336,15 @@ def test_errors_inside_task_groups_become_one_line(capsys: pytest.CaptureFixture
     assert err == ["error: --port is bad", "error: unknown backend 'x'",
                    "error: [Errno 2] No such file: '/m.gguf'",
                    "error: ZeroDivisionError: boom (run with --verbose for the traceback)"]
+
+
+def test_third_party_info_logs_are_quiet_unless_verbose() -> None:
+    try:
+        cli.configure_logging(verbose=False)
+        assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)
+        assert not logging.getLogger("quic").isEnabledFor(logging.INFO)  # aioquic's logger
+        cli.configure_logging(verbose=True)
+        assert logging.getLogger("httpx").level == logging.NOTSET  # the root level rules
+    finally:
+        for name in cli.NOISY:
+            logging.getLogger(name).setLevel(logging.NOTSET)
