@@ -32,7 +32,7 @@ def timed(cmd: list[str], runs: int) -> float:
 def shutdown_time(sig: int, home: str) -> float:
     """Seconds from ``sig`` to exit of a fake-backend node that is serving."""
     env = {**os.environ, "MESH_LLM_HOME": home, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([PY, "-m", "meshcore.cli", "--model", "x", "--backend", "fake",
+    proc = subprocess.Popen([PY, "-m", "meshcore_cli", "--model", "x", "--backend", "fake",
                              "--transport", "memory", "--port", "0"],
                             stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stderr is not None
@@ -51,8 +51,8 @@ def shutdown_time(sig: int, home: str) -> float:
 def main() -> None:
     runs = int(sys.argv[1]) if len(sys.argv) > 1 else 10
     bare = timed([PY, "-c", "pass"], runs)
-    help_ = timed([PY, "-m", "meshcore.cli", "--help"], runs)
-    plugins = timed([PY, "-m", "meshcore.cli", "plugins"], runs)
+    help_ = timed([PY, "-m", "meshcore_cli", "--help"], runs)
+    plugins = timed([PY, "-m", "meshcore_cli", "plugins"], runs)
     heavy = timed([PY, "-c", "import meshcore.node, meshcore.api, meshcore_transport_quic."
                               "transport"], runs)
     print(f"python -c pass            {bare * 1000:7.0f} ms   1.0x")

@@ -137,7 +137,7 @@ class Node(Proc):
         home = Path(tempfile.mkdtemp(prefix=f"gpu-{name}-", dir=logs))
         env = {**os.environ, "MESH_LLM_HOME": str(home), "CUDA_VISIBLE_DEVICES": gpus,
                "MESH_LLM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-        super().__init__(name, [sys.executable, "-m", "meshcore.cli", "--port", "0", *common,
+        super().__init__(name, [sys.executable, "-m", "meshcore_cli", "--port", "0", *common,
                                 *args], env, logs)
         self.base, self.token = "", ""
         deadline = time.monotonic() + 120

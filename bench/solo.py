@@ -56,7 +56,7 @@ def mesh_node(threads: int, extra: list[str]) -> Iterator[tuple[str, list[str], 
     """Yields the node's API base URL, its llama-server argv and mesh-llm's pid."""
     home = tempfile.mkdtemp(prefix="bench-solo-")
     env = {**os.environ, "MESH_LLM_HOME": home, "MESH_LLM_THREADS": str(threads)}
-    proc = subprocess.Popen([sys.executable, "-m", "meshcore.cli", "--model", "SmolLM2-135M",
+    proc = subprocess.Popen([sys.executable, "-m", "meshcore_cli", "--model", "SmolLM2-135M",
                              "--port", "0", *extra], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:

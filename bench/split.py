@@ -50,7 +50,7 @@ class Node:
         home = tempfile.mkdtemp(prefix="bench-split-")
         env = {**os.environ, "MESH_LLM_HOME": home, "MESH_LLM_THREADS": str(threads)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "meshcore.cli", "--model", MODEL, "--port", "0", *args],
+            [sys.executable, "-m", "meshcore_cli", "--model", MODEL, "--port", "0", *args],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.base, self.token = "", ""
         assert self.proc.stderr is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import time
@@ -58,6 +59,7 @@ class ApiEvent:
     ``finished`` (with the status, and usage and timings when the response carried them)."""
 
     phase: str  # "started" | "finished"
+    id: int  # pairs a request's two events (counts up from 1 per node)
     path: str
     model: str | None
     stream: bool
@@ -91,24 +93,25 @@ class Observed:
     def __init__(self, node: NodeHandle, path: str, payload: dict[str, Any]) -> None:
         self.node, self.began = node, time.monotonic()
         model = payload.get("model")
-        self.event = ApiEvent("started", path, model if isinstance(model, str) else None,
-                              payload.get("stream") is True)
         node.counters.requests += 1
+        self.event = ApiEvent("started", node.counters.requests, path,
+                              model if isinstance(model, str) else None,
+                              payload.get("stream") is True)
         node.collect("meshcore_api_request", node=node, event=self.event)
 
     def finish(self, status: int, tail: bytes = b"", first_byte_s: float | None = None) -> None:
         usage = usage_of(tail) if status < 400 else {}
-        tokens = {k: v if isinstance(v, int) else None for k, v in (
-            ("prompt_tokens", usage.get("prompt_tokens")),
-            ("completion_tokens", usage.get("completion_tokens")))}
+        prompt, completion = (v if isinstance(v := usage.get(k), int) else None
+                              for k in ("prompt_tokens", "completion_tokens"))
         c = self.node.counters
         c.by_status[status] = c.by_status.get(status, 0) + 1
         c.errors += status >= 400
-        c.prompt_tokens += tokens["prompt_tokens"] or 0
-        c.completion_tokens += tokens["completion_tokens"] or 0
-        done = ApiEvent("finished", self.event.path, self.event.model, self.event.stream,
-                        status, **tokens, seconds=time.monotonic() - self.began,
-                        first_byte_s=first_byte_s)
+        c.prompt_tokens += prompt or 0
+        c.completion_tokens += completion or 0
+        done = dataclasses.replace(self.event, phase="finished", status=status,
+                                   prompt_tokens=prompt, completion_tokens=completion,
+                                   seconds=time.monotonic() - self.began,
+                                   first_byte_s=first_byte_s)
         self.node.collect("meshcore_api_request", node=self.node, event=done)
 
     async def relay(self, status: int, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

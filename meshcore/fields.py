@@ -34,6 +34,8 @@ class Field(Generic[T]):
     def read(self, peer: Peer | None) -> T | None:
         """The peer's value, or None when absent or of the wrong type."""
         value = None if peer is None else peer.extra.get(self.key)
+        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # JSON does not tell 3 from 3.0
         ok = isinstance(value, self.kind) and (self.kind is bool or not isinstance(value, bool))
         return value if ok else None
 

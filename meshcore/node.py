@@ -199,7 +199,7 @@ class Node:
         except Exception as exc:
             problem = f"{type(exc).__name__}: {exc}"
         where = self.registries["election"].plugin_of(self.config.election)
-        log.error("plugin %s, hook meshcore_elect (%s): %s; keeping the current plan", where,
+        log.error("plugin %s, election %r: %s; keeping the current plan", where,
                   self.config.election, problem)
         return self.plan
 
@@ -235,8 +235,8 @@ class Node:
             base = self.backend.api_base() if self.backend is not None else None
             url = urlsplit(base) if base else None
             return (url.hostname or "127.0.0.1", url.port or 80) if url else None
-        if name == "rpc" and peer_id is not None and not (
-                self.plan.host_id == peer_id and self.plan.includes(self.id)):
+        if name == "rpc" and not (peer_id is not None and self.plan.host_id == peer_id
+                                  and self.plan.includes(self.id)):
             log.warning("refused a tunnel to rpc from %s: not the host of a plan that names "
                         "this node as a worker", peer_id)
             return None
@@ -324,13 +324,21 @@ class Node:
             "version": __version__, "model": self.plan.model or me.model,
             "draft": self.plan.draft, "api_port": self.api_port, "plan": self.plan.to_dict(),
             "total_vram": view.total_vram,
-            "peers": [{**p.to_dict(), "link": self.transport.link(p.id)} for p in view.others],
+            "peers": [{**p.to_dict(), "link": self._guarded(self.transport.link, p.id)}
+                      for p in view.others],
             "me": me.to_dict(),
-            "backend": self.backend.status() if self.backend is not None else {},
+            "backend": self._guarded(self.backend.status) if self.backend else {},
             "generation": view.generation, "tunnels": self.tunnel_status(),
             "api": {**dataclasses.asdict(c), "by_status": {str(k): v for k, v in
                                                           sorted(c.by_status.items())}},
         }
+
+    def _guarded(self, call: Any, *args: Any) -> Any:
+        """A plugin's status call: its error is reported in place, never raised."""
+        try:
+            return call(*args)
+        except Exception as exc:
+            return {"error": f"{type(exc).__name__}: {exc}"}
 
     def tunnel_status(self) -> list[dict[str, Any]]:
         """Every host-side forward: its peer, service, local port and bytes each way."""

@@ -78,18 +78,10 @@ def load_entry_point_plugins(pm: pluggy.PluginManager) -> None:
             ) from exc
 
 
-def plugin_versions() -> dict[str, str]:
-    """Entry-point name -> version of the distribution that provides it."""
-    out: dict[str, str] = {}
-    for ep in entry_points(group=PROJECT):
-        dist = ep.dist
-        out.setdefault(ep.name, dist.version if dist is not None else "unknown")
-    return out
-
-
 def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
     """What ``mesh-llm plugins`` prints: name, version and hooks of each loaded plugin."""
-    versions = plugin_versions()
+    versions = {ep.name: ep.dist.version if ep.dist else "unknown"
+                for ep in reversed(list(entry_points(group=PROJECT)))}  # the first one wins
     out = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
         if plugin is None:

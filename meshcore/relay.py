@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,6 +20,7 @@ import anyio
 from anyio.abc import ByteStream, SocketStream, TaskStatus
 
 CHUNK = 256 * 1024
+log = logging.getLogger("meshcore.relay")
 
 Opener = Callable[[], Awaitable[ByteStream]]
 Take = Callable[[socket.socket], Awaitable[bool]]  # True: the connection was taken
@@ -101,7 +103,8 @@ async def _handle(conn: socket.socket, open_remote: Opener, take: Take | None,
         try:
             if await take(conn):
                 return
-        except Exception:
+        except Exception as exc:
+            log.warning("the transport's relay of a forwarded connection failed: %s", exc)
             conn.close()
             return
     try:

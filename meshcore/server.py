@@ -26,9 +26,6 @@ async def serve_asgi(app: Any, host: str, port: int, *,
         def capture_signals(self) -> Iterator[None]:  # the node owns signals
             yield
 
-        def install_signal_handlers(self) -> None:  # older uvicorn
-            pass
-
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

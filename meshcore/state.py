@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -199,9 +199,6 @@ class MeshState:
         del self._peers[peer_id]
         self._bump()
         return True
-
-    def peers(self) -> Iterable[Peer]:
-        return self._peers.values()
 
     def view(self) -> MeshView:
         peers = tuple(sorted(self._peers.values(), key=lambda p: p.id))

@@ -51,7 +51,7 @@ def offline_env(**extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     tmp = tmp_path_factory.mktemp("bundle")
-    made = subprocess.run([sys.executable, "-m", "meshcore.cli", "bundle", str(tmp / "mesh")],
+    made = subprocess.run([sys.executable, "-m", "meshcore_cli", "bundle", str(tmp / "mesh")],
                           capture_output=True, text=True, timeout=900)
     assert made.returncode == 0, made.stderr
     archive = tmp / "mesh.tar.gz"

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from meshcore_cli import cli, runner
 from meshcore_testing.pytest_plugin import MeshProcess
 
-from meshcore import cli, runner
 from meshcore.config import NodeConfig
 
 FAKE = ["--backend", "fake", "--transport", "memory"]
@@ -233,7 +233,7 @@ def test_register_commands_hook_adds_a_subcommand(capsys: pytest.CaptureFixture[
 def mesh_llm(*args: str, home: Path, env: dict[str, str] | None = None
              ) -> subprocess.CompletedProcess[str]:
     full = {**os.environ, "MESH_LLM_HOME": str(home), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "meshcore.cli", *args], env=full,
+    return subprocess.run([sys.executable, "-m", "meshcore_cli", *args], env=full,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -298,7 +298,7 @@ def test_help_imports_no_heavy_module(tmp_path: Path) -> None:
     """``mesh-llm --help`` must stay light: no aioquic, uvicorn, starlette, llama.cpp code."""
     probe = (
         "import sys\n"
-        "from meshcore import cli\n"
+        "from meshcore_cli import cli\n"
         "assert cli.main(['--help']) == 0\n"
         "print('MODULES', ' '.join(sorted(sys.modules)))\n"
     )

@@ -221,7 +221,7 @@ def test_hf_home_is_honoured(env: tuple[HubStandIn, str, Path],
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    return subprocess.run([sys.executable, "-m", "meshcore.cli", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "meshcore_cli", *args], env=env,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -107,7 +107,7 @@ def test_host_loss_reelects_next_biggest_and_old_host_takes_over_again(node: Sta
 
 def test_bad_mesh_llm_options_is_one_clear_line(tmp_path: Path) -> None:
     env = {**os.environ, "MESH_LLM_HOME": str(tmp_path), "MESH_LLM_OPTIONS": "{quic: 1"}
-    done = subprocess.run([sys.executable, "-m", "meshcore.cli", *FAKE, "--port", "0"],
+    done = subprocess.run([sys.executable, "-m", "meshcore_cli", *FAKE, "--port", "0"],
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: MESH_LLM_OPTIONS is not valid JSON"), done.stderr

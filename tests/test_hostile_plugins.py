@@ -162,12 +162,12 @@ async def test_an_election_that_raises_or_lies_keeps_the_plan_in_force(
         good = a.plan
         for i in range(4):  # every change makes it elect again: it raises, then lies
             a.announce(name=f"round-{i}")
-            await mesh.wait_for(lambda i=i: sum("meshcore_elect" in r.getMessage()
+            await mesh.wait_for(lambda i=i: sum("keeping the current plan" in r.getMessage()
                                                 for r in caplog.records) > i, what="failure")
         assert a.plan == good
         assert (await chat(a.api_port)).status_code == 200
     logged = "\n".join(r.getMessage() for r in caplog.records)
-    assert "plugin hostile, hook meshcore_elect (flaky): RuntimeError: flaky election broke" \
+    assert "plugin hostile, election 'flaky': RuntimeError: flaky election broke" \
         in logged
     assert "returned str, not a Plan; keeping the current plan" in logged
 
@@ -192,7 +192,7 @@ async def test_an_election_that_always_raises_leaves_the_node_up(
 def test_a_failing_factory_or_ui_stops_the_start_naming_the_plugin(
         hostile: Path, tmp_path: Path, args: list[str], message: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "meshcore.cli", "--model", "m", "--transport", "memory",
+        [sys.executable, "-m", "meshcore_cli", "--model", "m", "--transport", "memory",
          "--port", "0", *args], env={**os.environ, **env_with(hostile),
                                      "MESH_LLM_HOME": str(tmp_path / "home")},
         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
@@ -209,7 +209,7 @@ def test_a_raising_registration_hook_is_named(tmp_path: Path,
                    BAD_REGISTRATION)
     try:
         for argv in (["plugins"], ["--model", "m", "--backend", "fake"]):
-            done = subprocess.run([sys.executable, "-m", "meshcore.cli", *argv],
+            done = subprocess.run([sys.executable, "-m", "meshcore_cli", *argv],
                                   env={**os.environ, **env_with(site),
                                        "MESH_LLM_HOME": str(tmp_path / "home")},
                                   capture_output=True, text=True, timeout=120)

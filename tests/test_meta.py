@@ -11,8 +11,9 @@ import anyio
 import httpx
 import pytest
 import typer
+from meshcore_cli import cli
 
-from meshcore import cli, hookimpl, hookspecs
+from meshcore import hookimpl, hookspecs
 from meshcore.config import NodeConfig
 from meshcore.node import Node
 from meshcore.plugins import get_plugin_manager

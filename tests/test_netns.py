@@ -84,7 +84,7 @@ def ns_node(tmp_path: Path) -> Iterator[Callable[..., NsNode]]:
         env = {**os.environ, "MESH_LLM_HOME": str(home), "PYTHONUNBUFFERED": "1",
                "MESH_LLM_OPTIONS": json.dumps(FAST)}
         log_path = home / "mesh-llm.log"
-        argv = [sys.executable, "-m", "meshcore.cli", *args, "--port", "0"]
+        argv = [sys.executable, "-m", "meshcore_cli", *args, "--port", "0"]
         with log_path.open("wb") as log:
             proc = subprocess.Popen(ns.exec_argv(argv), env=env, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)

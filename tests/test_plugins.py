@@ -15,9 +15,10 @@ from typing import Any
 
 import httpx
 import pytest
+from meshcore_cli import cli
 from meshcore_testing.pytest_plugin import MeshProcess
 
-from meshcore import cli, hookimpl
+from meshcore import hookimpl
 from meshcore.plan import Plan, PlanState
 from meshcore.plugins import PluginLoadError, describe_plugins, get_plugin_manager
 from meshcore.registry import Registry, RegistryError, collect
@@ -98,7 +99,7 @@ async def test_third_party_election_is_selected_and_its_plan_used(
 def test_third_party_election_from_the_command_line(
         third_party: Path, mesh_process: Callable[..., MeshProcess]) -> None:
     env = {"PYTHONPATH": os.pathsep.join([str(third_party), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "meshcore.cli", "plugins"], env={
+    done = subprocess.run([sys.executable, "-m", "meshcore_cli", "plugins"], env={
         **os.environ, **env}, capture_output=True, text=True, timeout=120)
     assert "underdog" in {p["name"] for p in json.loads(done.stdout)}
     node = mesh_process("--model", "x", "--backend", "fake", "--transport", "memory",
@@ -123,10 +124,10 @@ def test_unknown_election_lists_the_installed_ones(third_party: Path) -> None:
 
 
 def test_blocking_by_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MESHCORE_DISABLE_PLUGINS", "console, quic")
+    monkeypatch.setenv("MESHCORE_DISABLE_PLUGINS", "console, quic, metrics")
     pm = get_plugin_manager()
     names = {p["name"] for p in describe_plugins(pm)}
-    assert names.isdisjoint({"console", "quic"}) and "vram" in names
+    assert names.isdisjoint({"console", "quic", "metrics"}) and "vram" in names
     regs = collect(pm)
     assert regs["ui"].names() == [] and regs["transport"].names() == ["memory"]
 

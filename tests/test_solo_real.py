@@ -97,7 +97,7 @@ def mesh_node(tmp_path: Path, *args: str) -> Iterator[MeshNode]:
     home = tmp_path / "home"
     env = {**os.environ, "MESH_LLM_HOME": str(home), "MESH_LLM_THREADS": "1",
            "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "meshcore.cli", "--model", MODEL, "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "meshcore_cli", "--model", MODEL, "--port",
                              "0", *EXTRA, *args], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     node = MeshNode(proc, home)

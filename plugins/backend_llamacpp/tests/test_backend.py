@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from meshcore_backend_llamacpp.backend import LlamaCppBackend
+from meshcore_backend_llamacpp.want import Host, Idle, Worker
 
 from meshcore.config import NodeConfig
 from meshcore.plan import Participant, Plan, PlanState
@@ -38,7 +39,7 @@ async def applied(b: LlamaCppBackend, p: Plan) -> bool:
 async def test_same_plan_twice_restarts_nothing(tmp_path: Path) -> None:
     b = backend("h", tmp_path)
     assert await applied(b, plan())
-    assert b.wanted[0] == "host"
+    assert isinstance(b.wanted, Host)
     assert not await applied(b, plan())
 
 
@@ -52,15 +53,15 @@ async def test_worker_keeps_its_rpc_server_when_other_workers_come_and_go(tmp_pa
                                                                           ) -> None:
     b = backend("w1", tmp_path)
     assert await applied(b, plan("w1"))
-    assert b.wanted == ("worker", "m")
+    assert b.wanted == Worker("m")
     assert not await applied(b, plan("w1", "w2"))
     assert await applied(b, plan("w2"))  # dropped from the plan: stop
-    assert b.wanted == ("idle",)
+    assert b.wanted == Idle()
 
 
 async def test_waiting_plan_is_idle(tmp_path: Path) -> None:
     b = backend("h", tmp_path)
     waiting: Any = Plan(PlanState.WAITING, "h", reason="waiting for 1.0 GB more VRAM")
     await applied(b, waiting)
-    assert b.wanted == ("idle",)
+    assert b.wanted == Idle()
     assert b.api_base() is None

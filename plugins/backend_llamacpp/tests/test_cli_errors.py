@@ -13,7 +13,7 @@ from test_binaries import fake_bin_dir
 def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "MESH_LLM_HOME": str(tmp_path / "home"), "MESH_LLM_THREADS": "1"}
     env.pop("MESH_LLM_BIN_DIR", None)
-    return subprocess.run([sys.executable, "-m", "meshcore.cli", "--port", "0", *args],
+    return subprocess.run([sys.executable, "-m", "meshcore_cli", "--port", "0", *args],
                           env=env, capture_output=True, text=True, timeout=120)
 
 

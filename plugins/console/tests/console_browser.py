@@ -54,7 +54,7 @@ class NodeProcess:
         self.log = home / "node.log"
         env = {**os.environ, "MESH_LLM_HOME": str(home), "MESH_LLM_THREADS": "1"}
         with self.log.open("wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "meshcore.cli", *args],
+            self.proc = subprocess.Popen([sys.executable, "-m", "meshcore_cli", *args],
                                          stdout=out, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
 

@@ -65,10 +65,12 @@ class MeshHarness:
         return node
 
     async def remove(self, node: Node) -> None:
+        """Stop ``node`` (its transport says goodbye); returns once it left the hub (memory
+        transport) or stopped serving (any other)."""
         node.stop()
         self.nodes.remove(node)
         with anyio.fail_after(10):
-            while node.id in self.hub.members:
+            while node.id in self.hub.members or await _listening(node.api_port):
                 await anyio.sleep(0.01)
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10,
@@ -79,6 +81,17 @@ class MeshHarness:
     def stop_all(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+async def _listening(port: int | None) -> bool:
+    if port is None:
+        return False
+    try:
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+    except OSError:
+        return False
+    await stream.aclose()
+    return True
 
 
 @contextlib.asynccontextmanager

@@ -74,7 +74,7 @@ class MeshProcess:
 
 def start_mesh_process(args: list[str], home: Path, *, env: Mapping[str, str] | None = None,
                        timeout: float = 120) -> MeshProcess:
-    """Start ``python -m meshcore.cli ARGS`` in its own session and wait for its banner.
+    """Start ``python -m meshcore_cli ARGS`` in its own session and wait for its banner.
 
     ``--port 0`` is added unless ``--port`` is given; ``MESH_LLM_HOME`` is ``home``.
     """
@@ -85,7 +85,7 @@ def start_mesh_process(args: list[str], home: Path, *, env: Mapping[str, str] | 
     full_env = {**os.environ, "MESH_LLM_HOME": str(home), "PYTHONUNBUFFERED": "1",
                 **(env or {})}
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "meshcore.cli", *args], env=full_env,
+        proc = subprocess.Popen([sys.executable, "-m", "meshcore_cli", *args], env=full_env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     node = MeshProcess(proc, log_path, 0, None, home)
     deadline = time.monotonic() + timeout

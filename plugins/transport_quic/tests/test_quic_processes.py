@@ -27,7 +27,7 @@ class Proc:
 
     def __init__(self, home: Path, *args: str) -> None:
         env = {**os.environ, "MESH_LLM_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "meshcore.cli", "--backend", "fake", "--transport", "quic",
+        cmd = [sys.executable, "-m", "meshcore_cli", "--backend", "fake", "--transport", "quic",
                "--model", "fake", "--port", "0", *args]
         self.popen = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

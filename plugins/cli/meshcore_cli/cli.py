@@ -6,6 +6,7 @@ actually starts, so ``mesh-llm --help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,7 +25,13 @@ from meshcore.config import (
     NodeConfig,
     default_state_dir,
 )
-from meshcore.plugins import PluginLoadError, describe_plugins, each_plugin, get_plugin_manager
+from meshcore.plugins import (
+    PluginLoadError,
+    call_contained,
+    describe_plugins,
+    each_plugin,
+    get_plugin_manager,
+)
 from meshcore.registry import RegistryError, check_config, collect
 
 HELP = """Pool the GPUs (or CPUs) of several machines into one OpenAI-compatible LLM service.
@@ -113,7 +120,7 @@ def run(
         return
     _check_components(ctx, config)
     configure_logging(verbose)
-    from meshcore.runner import run_node
+    from meshcore_cli.runner import run_node
 
     raise typer.Exit(run_node(config))
 
@@ -180,7 +187,8 @@ def _commands_by_plugin(pm: pluggy.PluginManager) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for impl, call in each_plugin(pm, "meshcore_register_commands"):
         scratch = typer.Typer()
-        call(app=scratch)
+        with contextlib.suppress(Exception):  # build_app already said which plugin broke
+            call(app=scratch)
         names = [c.name or (c.callback.__name__ if c.callback else "?")
                  for c in scratch.registered_commands]
         names += [g.name or "?" for g in scratch.registered_groups]
@@ -225,7 +233,7 @@ def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
     root.registered_callback = app.registered_callback
     root.registered_commands = list(app.registered_commands)
     root.registered_groups = list(app.registered_groups)
-    pm.hook.meshcore_register_commands(app=root)
+    call_contained(pm, "meshcore_register_commands", app=root)
     return root
 
 
@@ -261,7 +269,3 @@ def main(argv: list[str] | None = None) -> int:
         return code
     return result if isinstance(result, int) else 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main())

@@ -1,0 +1,151 @@
+"""A worker: runs ggml-rpc-server for the host, its hash cache seeded from our own model copy.
+
+Before the rpc-server starts, the worker writes the cache entries of the layers the host will
+put on it (predicted from the plan and the device the host announced), so those weights never
+cross the network; the rest of the model follows while the rpc-server runs (a later plan may
+give this worker other layers). See hashcache.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import anyio.to_process
+import anyio.to_thread
+
+from meshcore import fields
+from meshcore.components import NodeHandle
+from meshcore.plan import Plan
+from meshcore.state import Serving
+from meshcore_backend_llamacpp import commands, hashcache
+from meshcore_backend_llamacpp.machine import Machine
+from meshcore_backend_llamacpp.process import Child, free_port, supervised, wait_listening
+from meshcore_backend_llamacpp.race import Woken, race
+
+log = logging.getLogger("meshcore.llamacpp")
+
+LISTEN_TIMEOUT_S = 60.0
+
+
+def predicted_layers(plan: Plan, host_device: str | None, n_layer: int,
+                     me: str) -> set[int] | None:
+    """The layers the host's llama-server will put on the worker ``me``, given the device
+    kind the host announced (None when it announced none, or the layer count is unknown)."""
+    if host_device is None or not n_layer:
+        return None
+    lay = commands.layout(plan, host_has_gpu=host_device != "cpu", n_layer=n_layer)
+    return commands.worker_layers(lay, n_layer, me)
+
+
+class RpcWorker:
+    """Runs rpc-server for the plans that make this node a worker; keeps its status."""
+
+    def __init__(self, node: NodeHandle, machine: Machine,
+                 on_ready: Callable[[], None]) -> None:
+        self.node = node
+        self.machine = machine
+        self.on_ready = on_ready  # called once rpc-server listens
+        self.rpc: Child | None = None
+        self.rpc_port: int | None = None
+        self.seeded_bytes: int | None = None
+
+    async def serve(self, plan: Plan, wake: anyio.Event) -> None:
+        """Seed, then run rpc-server (offered to tunnels as ``rpc``) until ``wake`` is set
+        (returns) or it fails (raises)."""
+        node, bins = self.node, self.machine.bins
+        assert bins is not None
+        node.set_serving(Serving.LOADING, error=None)
+        cache_dir = self.machine.rpc_cache / "rpc"
+        seeded = await race(wake, (), functools.partial(self._seed, plan, cache_dir))
+        if isinstance(seeded, Woken):
+            return
+        port = free_port()
+        argv = commands.rpc_server_argv(bins.rpc_server, port=port, threads=self.machine.threads)
+        env = {**os.environ, "LLAMA_CACHE": str(self.machine.rpc_cache)}
+        async with supervised("rpc-server", argv, self.machine.log_dir, env) as child:
+            self.rpc = child
+            try:
+                up = await race(wake, [child], functools.partial(
+                    wait_listening, child, port, LISTEN_TIMEOUT_S))
+                if isinstance(up, Woken):
+                    return
+                self.on_ready()
+                node.offer_service("rpc", port)
+                self.rpc_port = port
+                node.set_serving(Serving.RPC, error=None)
+                await race(wake, [child],
+                           functools.partial(self._seed_rest, cache_dir, seeded.value))
+            finally:
+                node.withdraw_service("rpc", port)
+                self.rpc_port = None
+
+    def _my_layers(self, plan: Plan) -> set[int] | None:
+        host = self.node.state.view().get(plan.host_id or "")
+        return predicted_layers(plan, fields.DEVICE.read(host), self.machine.n_layer,
+                                self.node.id)
+
+    async def _seed(self, plan: Plan, cache_dir: Path) -> dict[str, str] | None:
+        """Pre-fill rpc-server's hash cache from our own copy of the plan's model, if any:
+        the tensors of the layers this worker will hold first (the rest follows once the
+        rpc-server runs, see ``_seed_rest``). Returns what the second pass may skip, or None
+        when there is no second pass."""
+        self.seeded_bytes = None
+        info = self.node.model
+        if info is None or info.path is None or info.name != plan.model:
+            return None
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        if await anyio.to_thread.run_sync(hashcache.cache_complete, info.path, cache_dir):
+            self.seeded_bytes = 0
+            return None
+        layers = self._my_layers(plan)
+        if layers is None:
+            await self._seed_all(info.path, cache_dir)
+            return None
+        return await self._seed_layers(info.path, cache_dir, layers)
+
+    # Hashing runs in a worker process: hashing a big GGUF in a thread would hold the GIL for
+    # long stretches and starve the event loop (gossip, tunnels).
+
+    async def _seed_all(self, model: Path, cache_dir: Path) -> None:
+        started = time.monotonic()
+        self.seeded_bytes = await anyio.to_process.run_sync(
+            hashcache.seed_cache, model, cache_dir, cancellable=True)
+        log.info("seeded the rpc cache with %s bytes of %s in %.1f s", self.seeded_bytes,
+                 model.name, time.monotonic() - started)
+
+    async def _seed_layers(self, model: Path, cache_dir: Path,
+                           layers: set[int]) -> dict[str, str]:
+        started = time.monotonic()
+        names = await anyio.to_thread.run_sync(functools.partial(
+            hashcache.tensors_of_layers, model, layers, self.machine.n_layer))
+        self.seeded_bytes, known = await anyio.to_process.run_sync(
+            hashcache.seed_tensors, model, cache_dir, names, cancellable=True)
+        log.info("seeded the rpc cache with the %d tensors of this worker's %d layers "
+                 "(%s bytes) in %.1f s; the rest of %s follows in the background",
+                 len(names), len(layers), self.seeded_bytes, time.monotonic() - started,
+                 model.name)
+        return known
+
+    async def _seed_rest(self, cache_dir: Path, known: dict[str, str] | None) -> None:
+        """Seed the rest of the model while the rpc-server runs (a later plan may give this
+        worker other layers), then wait. A failure here only costs load time later."""
+        info = self.node.model
+        if known is not None and info is not None and info.path is not None:
+            started = time.monotonic()
+            try:
+                more = await anyio.to_process.run_sync(
+                    hashcache.seed_cache, info.path, cache_dir, hashcache.HASH_THRESHOLD,
+                    known, cancellable=True)
+            except (OSError, ValueError) as exc:
+                log.warning("seeding the rest of the rpc cache failed: %s", exc)
+            else:
+                self.seeded_bytes = (self.seeded_bytes or 0) + more
+                log.info("seeded the rest of the rpc cache (%d bytes) in %.1f s", more,
+                         time.monotonic() - started)
+        await anyio.sleep_forever()
