@@ -67,7 +67,12 @@ def decode_token(text: str) -> JoinToken:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError) as exc:
         raise _fail(f"it is not valid base64url ({exc})") from None
-    if raw and raw[0] != TOKEN_VERSION:
+    if raw[:1] != bytes([TOKEN_VERSION]) and not (raw and raw[0] < 16
+                                                  and len(raw) >= _FIXED.size):
+        raise TokenError(f"{text[:20]!r}{'...' if len(text) > 20 else ''} is not a mesh-llm "
+                         "join token; copy the whole token printed by a running node "
+                         "('join with: mesh-llm --join TOKEN')")
+    if raw[0] != TOKEN_VERSION:
         raise TokenError(f"join token version {raw[0]} is not supported (this mesh-llm reads "
                          f"version {TOKEN_VERSION}): use the same mesh-llm version on every node")
     if len(raw) < _FIXED.size:

@@ -41,6 +41,8 @@ def test_token_round_trip_keeps_every_field() -> None:
     ("abc$def", "characters outside base64url"),
     (b64(b"\x01" + b"x" * 10), "truncated"),
     (b64(b"\x07" + b"x" * 80), "version 7 is not supported"),
+    ("not-a-token", "'not-a-token' is not a mesh-llm join token"),
+    (b64(b"\x9e" + b"x" * 80), "is not a mesh-llm join token"),
     (b64(b"\x01" + FP + SECRET + b"\x00\x00\x01\x04" + bytes(4)), "port is 0"),
     (b64(b"\x01" + FP + SECRET + b"\x11\x51\x00"), "no address"),
     (b64(b"\x01" + FP + SECRET + b"\x11\x51\x02\x04" + bytes(4)), "address 2 of 2 missing"),
