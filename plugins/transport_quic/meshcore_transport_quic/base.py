@@ -15,7 +15,7 @@ from anyio.abc import TaskGroup
 
 from meshcore.components import NodeHandle
 from meshcore_transport_quic.auth import PeerInfo
-from meshcore_transport_quic.fastpath import FastPathServer
+from meshcore_transport_quic.fastlinks import FastLinks
 from meshcore_transport_quic.frames import FrameError, Kind
 from meshcore_transport_quic.identity import Identity
 from meshcore_transport_quic.links import PeerLink, local_addresses
@@ -31,7 +31,6 @@ LEAVING = "node leaving the mesh"
 AUTH_TIMEOUT = 5.0
 HANDSHAKE_TIMEOUT = 3.0
 HINT_DELAY = 1.5  # the larger id waits this long for the smaller one to dial
-FAST_RETRY_S = 30.0
 MAX_HINTED = 256  # hinted peers waiting to be dialed; more hints are dropped
 HINT_DIALS = 8  # hinted peers dialed at once
 ADDRESS_TTL_S = 30.0
@@ -66,15 +65,12 @@ class TransportBase:
         self.dead_after_s = float(opts.get("quic_dead_after_s", 5.0))
         self.reconnect_s = float(opts.get("quic_reconnect_s", 10.0))
         self.heal_s = float(opts.get("quic_heal_s", 5.0))
-        self.fast_enabled = bool(opts.get("quic_fast_path", True))
         self.datagram = int(opts.get("quic_max_datagram", DEFAULT_DATAGRAM))
         self.advertise: list[str] | None = opts.get("quic_addresses")
         self.boot = secrets.token_hex(8)
         self.identity: Identity | None = None
         self.secret = b""
         self.port: int | None = None
-        self.fast_port: int | None = None
-        self.fast_server: FastPathServer | None = None
         self.v6 = True
         self.links: dict[str, PeerLink] = {}
         self.bindings: dict[str, bytes] = {}  # node id -> certificate fingerprint
@@ -86,7 +82,7 @@ class TransportBase:
         # Peers removed after a lost connection (not a clean leave): redialed with backoff so
         # the mesh heals when the path returns, whichever side started it.
         self.departed: dict[str, Departed] = {}
-        self.fast_keys: dict[bytes, str] = {}  # keys we issued -> peer id
+        self.fast = FastLinks(bool(opts.get("quic_fast_path", True)))  # the TCP fast path
         self._published_rtt: dict[str, float] = {}
         self._addresses: tuple[float, list[str]] | None = None
         self._tg: TaskGroup | None = None
@@ -133,8 +129,8 @@ class TransportBase:
         self.tg.start_soon(fenced)
 
     def _info(self, fast_key: bytes) -> dict[str, Any]:
-        fast = {"port": self.fast_port, "key": fast_key.hex()} if self.fast_port else None
-        return {"addrs": self._my_addresses(), "port": self.port, "fast": fast,
+        return {"addrs": self._my_addresses(), "port": self.port,
+                "fast": self.fast.offer(fast_key),
                 "peer": self.node.state.me.to_dict()}
 
     async def _send(self, link: PeerLink, kind: Kind, body: dict[str, Any]) -> None:
@@ -142,19 +138,6 @@ class TransportBase:
             await send_gossip(link.proto, kind, body)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, FrameError) as exc:
             log.debug("could not send %s to %s: %s", kind.name, link.id, exc)
-
-    def _use_fast(self, link: PeerLink) -> bool:
-        if not self.fast_enabled or link.fast_port is None or link.fast_key is None:
-            return False
-        if link.fast_ok is False and time.monotonic() >= link.fast_retry_at:
-            link.fast_ok = None  # try again now and then: the path may have come back
-        return link.fast_ok is not False
-
-    def _fast_failed(self, link: PeerLink, why: str) -> None:
-        if link.fast_ok is not False:
-            log.warning("link to %s: fast path unreachable (%s); tunnels use QUIC", link.id, why)
-        link.fast_ok, link.fast_why = False, why
-        link.fast_retry_at = time.monotonic() + FAST_RETRY_S
 
     @property
     def identity_(self) -> Identity:

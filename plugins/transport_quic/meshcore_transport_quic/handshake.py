@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import secrets
 from typing import Any
 
 import anyio
@@ -96,12 +95,17 @@ class Handshakes(TransportBase):
 
     async def _client_auth(self, proto: MeshProtocol, fp: bytes, host: str,
                            port: int) -> PeerLink:
-        fast_key = secrets.token_bytes(32)
+        fast_key = self.fast.new_key()
         body, ctx = make_hello(self.identity_, self.secret, fp, self.node.id, self.boot,
                                self._info(fast_key))
         stream = proto.open_stream()
         reader = BufferedByteReceiveStream(stream)
         where = host_port(host, port)
+        # Valid before the HELLO leaves: the server probes our fast path once its WELCOME is
+        # sent, which may be before we read it. Until then the key names no peer, so it
+        # opens nothing but a probe (no service is looked up for ""); a failure withdraws it.
+        self.fast.keys[fast_key] = ""
+        welcomed = False
         try:
             await stream.send(bytes([StreamType.AUTH]) + encode_frame(Kind.HELLO, body))
             with anyio.fail_after(AUTH_TIMEOUT):
@@ -110,6 +114,7 @@ class Handshakes(TransportBase):
                 raise AuthError(f"expected WELCOME, got {frame.kind.name}")
             peer_id, boot, info = check_welcome(frame.body, self.secret, ctx)
             self._check_binding(peer_id, fp)
+            welcomed = True
         except AuthError as exc:
             proto.close(ERR_AUTH, str(exc))
             raise JoinRefused(f"{where}: {exc}") from None
@@ -118,8 +123,10 @@ class Handshakes(TransportBase):
                 raise JoinRefused(f"{where}: {proto.terminated[1]}") from None
             raise DialError(f"{where}: mesh handshake failed ({exc!r})") from None
         finally:
+            if not welcomed:
+                self.fast.keys.pop(fast_key, None)
             await stream.aclose()
-        self.fast_keys[fast_key] = peer_id
+        self.fast.keys[fast_key] = peer_id
         return self._adopt(proto, peer_id, fp, boot, info, dialed=True)
 
     async def _accept_auth(self, proto: MeshProtocol, stream: QuicByteStream,
@@ -139,15 +146,16 @@ class Handshakes(TransportBase):
             log.warning("refused a node at %s: %s", proto.peer_addr, reason)
             proto.close(ERR_AUTH, reason)
             return
-        fast_key = secrets.token_bytes(32)
+        fast_key = self.fast.new_key()
         welcome = make_welcome(self.secret, hello, self.node.id, self.boot, self._info(fast_key))
+        self.fast.keys[fast_key] = hello.node_id  # before the WELCOME: the dialer probes at once
         try:
             await stream.send(encode_frame(Kind.WELCOME, welcome))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self.fast.keys.pop(fast_key, None)
             return
         finally:
             await stream.aclose()
-        self.fast_keys[fast_key] = hello.node_id
         self._adopt(proto, hello.node_id, hello.fingerprint, hello.boot, hello.info, dialed=False)
 
     def _check_binding(self, peer_id: str, fp: bytes) -> None:

@@ -1,6 +1,8 @@
-"""Callback splice relays for the TCP fast path: two asyncio Transports joined in Protocol
-callbacks (each received chunk is written to the other side inside the socket callback: no
-task switch, no anyio stream), with pause/resume backpressure, half-close and resets."""
+"""Callback splice relays: two asyncio Transports joined in Protocol callbacks (each received
+chunk is written to the other side inside the socket callback: no task switch, no anyio
+stream), with pause/resume backpressure, half-close and resets. Both ends of a fast-path
+tunnel use it: the host joins an accepted local connection to a dialed
+:class:`.adapter.RecordTransport`, the worker joins an accepted one to its local service."""
 
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ class SpliceEnd(asyncio.Protocol):
         self.other: SpliceEnd | None = None
         self.pending: list[bytes] = []
         self.eof = False
-        self.lost = asyncio.get_running_loop().create_future()
+        # done once the connection is gone; its result is the error (None: a clean end)
+        self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -58,7 +61,8 @@ class SpliceEnd(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.count is not None:
             self.count(len(data))
-        target = self._target()
+        other = self.other  # inlined _target(): this is the per-chunk path
+        target = other.transport if other is not None else None
         if target is None:  # the other end is still connecting
             self.pending.append(data)
             if self.transport is not None:
@@ -88,7 +92,7 @@ class SpliceEnd(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
-            self.lost.set_result(None)
+            self.lost.set_result(exc)
         if self.other is not None and self.other.transport is not None:
             if exc is None:
                 self.other.transport.close()  # graceful: flushes what it still holds
@@ -103,31 +107,45 @@ class SpliceEnd(asyncio.Protocol):
 
 
 def splice(a: SpliceEnd, b: SpliceEnd) -> None:
-    """Join two connected ends; bytes or EOF that arrived meanwhile are passed on now."""
+    """Join two connected ends; bytes, EOF or a loss that came meanwhile are passed on now."""
     a.other, b.other = b, a
-    for end in (a, b):
-        for chunk in end.pending:
-            end.other.transport.write(chunk)  # type: ignore[union-attr]
+    for end, other in ((a, b), (b, a)):
+        if other.transport is not None:
+            for chunk in end.pending:
+                other.transport.write(chunk)
         end.pending = []
         if end.transport is not None and not end.transport.is_closing():
             end.transport.resume_reading()
     for end in (a, b):
         if end.eof:
             end.eof_received()
+    for end in (a, b):
+        if end.lost.done():  # it died while the other end was connecting
+            end.connection_lost(end.lost.result())
+
+
+async def join(far: SpliceEnd, connect: Callable[[Callable[[], SpliceEnd]], Awaitable[object]],
+               count: Count | None = None) -> SpliceEnd:
+    """Connect a new end with ``connect(protocol_factory)`` and splice it to ``far``, a
+    connected end (OSError when the connection fails)."""
+    near = SpliceEnd(count)
+    await connect(lambda: near)
+    splice(near, far)
+    return near
 
 
 async def _serve_raw(conn: socket.socket, remote: asyncio.Transport, far: SpliceEnd,
                      tally: Tally | None) -> None:
     loop = asyncio.get_running_loop()
-    near = SpliceEnd(tally.add_sent if tally else None)
+
+    async def accept(factory: Callable[[], SpliceEnd]) -> object:
+        return await loop.connect_accepted_socket(factory, conn)
+
     try:
-        await loop.connect_accepted_socket(lambda: near, conn)
+        near = await join(far, accept, tally.add_sent if tally else None)
     except OSError:
         remote.close()
         return
-    splice(near, far)
-    if far.lost.done() and near.transport is not None:  # the tunnel died while we connected
-        near.transport.close()
     try:
         await near.lost
         await far.lost

@@ -1,12 +1,14 @@
 """QuicTransport: the mesh over aioquic: join, authenticate, gossip, liveness and tunnels.
 
 One QUIC connection per peer pair carries control frames and, as a fallback, tunnels; tunnels
-prefer the direct TCP fast path, AES-GCM records (see :mod:`.fastpath`). Timings can be set in
+prefer the direct TCP fast path, AES-GCM records (:mod:`.fastlinks`). Timings can be set in
 ``NodeConfig.options``: ``quic_heartbeat_s`` (1), ``quic_dead_after_s`` (5),
 ``quic_reconnect_s`` (10), ``quic_heal_s`` (5, first redial of a removed peer),
 ``quic_fast_path`` (True), ``quic_addresses`` (advertised IPs),
 ``quic_max_datagram`` (1350; loopback peers use 16 KiB). The parts: :mod:`.base` (state),
-:mod:`.handshake` (dial/accept/authenticate), :mod:`.gossip` (streams, frames, hints).
+:mod:`.handshake` (dial/accept/authenticate), :mod:`.gossip` (streams, frames, hints), and
+the composed :class:`.fastlinks.FastLinks` (``self.fast``: the fast path's keys, server, and
+which links use it).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -35,8 +36,6 @@ from meshcore_transport_quic.base import (
     JoinRefused,
     log,
 )
-from meshcore_transport_quic.fastclient import open_fast_raw
-from meshcore_transport_quic.fastpath import FastPathError, FastPathServer, open_fast, probe
 from meshcore_transport_quic.frames import Kind, StreamType
 from meshcore_transport_quic.gossip import Gossip
 from meshcore_transport_quic.handshake import Handshakes
@@ -48,7 +47,6 @@ from meshcore_transport_quic.links import (
     rtt_table_changed,
 )
 from meshcore_transport_quic.quicstream import MeshProtocol
-from meshcore_transport_quic.splice import take_raw
 from meshcore_transport_quic.token import JoinToken, decode_token
 from meshcore_transport_quic.wire import (
     quic_config,
@@ -57,9 +55,6 @@ from meshcore_transport_quic.wire import (
 
 HEAL_MAX_S = 60.0  # longest wait between redials of a removed peer
 HEAL_FOR_S = 24 * 3600.0  # give a removed peer up after a day
-
-# How ``link()`` names a peer reached on the fast path (console, logs, /mesh/status).
-FAST_LABEL = "TCP+AES-GCM"
 
 
 class QuicTransport(Handshakes, Gossip):
@@ -84,13 +79,11 @@ class QuicTransport(Handshakes, Gossip):
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                if self.fast_enabled:
-                    self.fast_server = FastPathServer(self.fast_keys, self._fast_lookup)
-                    self.fast_port = await tg.start(self.fast_server.serve, self.port)
+                await self.fast.start(tg, self.port, self._fast_lookup)
                 addrs = self._my_addresses()
                 self.node.state.update_me(addresses=tuple(host_port(a, self.port) for a in addrs))
                 log.info("QUIC on UDP %s, fast path on TCP %s, addresses %s", self.port,
-                         self.fast_port, ", ".join(addrs))
+                         self.fast.port, ", ".join(addrs))
                 try:
                     # A refusal ends the node before its banner; an unreachable mesh is
                     # retried in the background while the node runs.
@@ -141,12 +134,9 @@ class QuicTransport(Handshakes, Gossip):
         link = self.links.get(peer_id)
         if link is None:
             raise ConnectionError(f"peer {peer_id} is not connected")
-        if self._use_fast(link):
-            assert link.fast_port is not None and link.fast_key is not None
-            try:
-                return await open_fast(link.host, link.fast_port, link.fast_key, service)
-            except FastPathError as exc:
-                self._fast_failed(link, str(exc))
+        fast = await self.fast.connect(link, service)
+        if fast is not None:
+            return fast
         stream = link.proto.open_stream()
         name = service.encode("ascii")
         await stream.send(bytes([StreamType.TUNNEL, len(name)]) + name)
@@ -159,25 +149,13 @@ class QuicTransport(Handshakes, Gossip):
         streams, ~2x the bulk speed); False when the peer is reached over QUIC only (the
         core then relays it through ``connect``)."""
         link = self.links.get(peer_id)
-        if link is None or not self._use_fast(link):
-            return False
-        assert link.fast_port is not None and link.fast_key is not None
-        host, port, key = link.host, link.fast_port, link.fast_key
-
-        async def open_raw(factory: Callable[[], asyncio.Protocol]) -> asyncio.Transport | None:
-            try:
-                return await open_fast_raw(host, port, key, service, factory)
-            except FastPathError as exc:
-                self._fast_failed(link, str(exc))
-                return None
-
-        return await take_raw(conn, open_raw, tally)
+        return link is not None and await self.fast.take(link, service, conn, tally)
 
     def link(self, peer_id: str) -> str:
         link = self.links.get(peer_id)
         if link is None:
             return "QUIC (reconnecting)" if peer_id in self.lost else "none"
-        return FAST_LABEL if link.fast_ok and self.fast_enabled else "QUIC"
+        return self.fast.label(link)
 
     # ------------------------------------------------------------------ membership
 
@@ -197,8 +175,7 @@ class QuicTransport(Handshakes, Gossip):
         if dialed and proto.peer_addr:
             seen.insert(0, proto.peer_addr)
         link = PeerLink(peer_id, fp, boot, proto, dialed, merge_addrs(seen, advertised))
-        if info.fast is not None and self.fast_enabled:
-            link.fast_port, link.fast_key = info.fast
+        self.fast.adopt(link, info.fast)
         self.bindings[peer_id] = fp
         if self.boots.get(peer_id, boot) != boot:
             self.node.state.remove(peer_id)  # restarted: its announcement counter restarted too
@@ -221,17 +198,7 @@ class QuicTransport(Handshakes, Gossip):
         for other in list(self.links.values()):
             if other.id != link.id:
                 await self._send(other, Kind.PEERS, {"peers": [link.hint()]})
-        if link.fast_port is not None and link.fast_key is not None and self.fast_enabled:
-            try:
-                await probe(link.host, link.fast_port, link.fast_key)
-            except FastPathError as exc:
-                self._fast_failed(link, str(exc))
-            else:
-                link.fast_ok = True
-                log.info("link to %s: fast path (sealed TCP) at %s", link.id,
-                         host_port(link.host, link.fast_port))
-        else:
-            log.info("link to %s: QUIC only (no fast path offered)", link.id)
+        await self.fast.check(link)
 
     async def _watch(self, link: PeerLink, udp: asyncio.BaseTransport | None = None) -> None:
         await link.proto.wait_closed()
@@ -243,8 +210,7 @@ class QuicTransport(Handshakes, Gossip):
         if self.links.get(link.id) is not link:
             return
         del self.links[link.id]
-        for key in [k for k, v in self.fast_keys.items() if v == link.id]:
-            del self.fast_keys[key]
+        self.fast.forget(link.id)
         code, reason = link.proto.terminated or (0, "")
         if link.left or code == ERR_LEAVING:
             log.info("peer %s left the mesh", link.id)

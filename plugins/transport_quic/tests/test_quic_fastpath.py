@@ -38,7 +38,7 @@ async def linked_pair(quic_mesh: QuicMesh) -> tuple[Any, Any]:
 
 
 async def dial(node: Any) -> SocketStream:
-    return await anyio.connect_tcp("127.0.0.1", node.transport.fast_port)
+    return await anyio.connect_tcp("127.0.0.1", node.transport.fast.port)
 
 
 async def keyed(a: Any, b: Any) -> tuple[SocketStream, seal.Sealer, seal.Opener]:
@@ -118,8 +118,8 @@ async def test_hostile_fast_path_connections_are_dropped_and_tunnels_keep_workin
     for words in ("not a mesh-llm fast-path hello", "unknown key", "failed authentication",
                   "bad record header", "data before the OPEN", "unknown service"):
         assert any(words in w for w in warnings), (words, warnings)
-    assert b.transport.fast_server is not None
-    await wait_for(lambda: not b.transport.fast_server.live, 5, "dropped connections released")
+    assert b.transport.fast.server is not None
+    await wait_for(lambda: not b.transport.fast.server.live, 5, "dropped connections released")
     # the good peer's tunnel is untouched
     assert a.transport.link(b.id) == FAST
     stream = await a.transport.connect(b.id, "echo")
@@ -203,12 +203,12 @@ async def test_a_flood_of_idle_connections_is_capped(quic_mesh: QuicMesh,
     a, b = await linked_pair(quic_mesh)
     b.services["echo"] = ("127.0.0.1", await quic_mesh.tg.start(echo_server))
     idle = [await dial(b) for _ in range(4)]
-    await wait_for(lambda: b.transport.fast_server is not None
-                   and len(b.transport.fast_server.live) == 4, 5, "four pending connections")
+    await wait_for(lambda: b.transport.fast.server is not None
+                   and len(b.transport.fast.server.live) == 4, 5, "four pending connections")
     assert await closed_by_peer(await dial(b))  # the fifth is dropped
     for stream in idle:
         await stream.aclose()
-    await wait_for(lambda: not b.transport.fast_server.live, 5, "the idle ones released")
+    await wait_for(lambda: not b.transport.fast.server.live, 5, "the idle ones released")
     stream = await a.transport.connect(b.id, "echo")
     await stream.send(b"after the flood")
     assert await stream.receive() == b"after the flood"

@@ -1,0 +1,127 @@
+"""The fast path as one composed part of the QUIC transport: its control plane.
+
+:class:`FastLinks` owns what the handshake offers (this node's TCP port and a fresh key per
+peer, kept in ``keys``), the listening :class:`.fastserver.FastPathServer`, and per link
+whether tunnels use the fast path: probed after authentication, retried FAST_RETRY_S after a
+failure, ``link()``'s label. The data plane is :mod:`.session` (records), :mod:`.adapter`
+(asyncio) and :mod:`.splice` (relays); :mod:`.fastpath` dials, :mod:`.fastserver` listens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from anyio.abc import ByteStream, TaskGroup
+
+from meshcore.relay import Tally
+from meshcore_transport_quic.fastpath import FastPathError, open_fast, open_fast_raw, probe
+from meshcore_transport_quic.fastserver import FastPathServer, Lookup
+from meshcore_transport_quic.links import PeerLink, host_port
+from meshcore_transport_quic.splice import take_raw
+
+log = logging.getLogger("meshcore.transport.quic")
+
+KEY_BYTES = 32
+FAST_RETRY_S = 30.0
+FAST_LABEL = "TCP+AES-GCM"  # how ``link()`` names a peer reached on the fast path
+
+
+class FastLinks:
+    """The fast path of one transport (``enabled`` False: QUIC only, nothing listens)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.keys: dict[bytes, str] = {}  # keys we issued -> peer id ("": not proved yet)
+        self.port: int | None = None
+        self.server: FastPathServer | None = None
+
+    async def start(self, tg: TaskGroup, port: int, lookup: Lookup) -> None:
+        """Listen on ``port`` (or any free one); ``lookup`` finds a tunnel's local service."""
+        if self.enabled:
+            self.server = FastPathServer(self.keys, lookup)
+            self.port = await tg.start(self.server.serve, port)
+
+    # ---------------------------------------------------------------- keys (handshake)
+    @staticmethod
+    def new_key() -> bytes:
+        return secrets.token_bytes(KEY_BYTES)
+
+    def offer(self, key: bytes) -> dict[str, Any] | None:
+        """The handshake's ``fast`` field: where to connect and the key to present."""
+        return {"port": self.port, "key": key.hex()} if self.port else None
+
+    def forget(self, peer_id: str) -> None:
+        """The peer's connection is gone: the keys issued to it open nothing any more."""
+        for key in [k for k, v in self.keys.items() if v == peer_id]:
+            del self.keys[key]
+
+    # ---------------------------------------------------------------- per link
+    def adopt(self, link: PeerLink, offered: tuple[int, bytes] | None) -> None:
+        if offered is not None and self.enabled:
+            link.fast_port, link.fast_key = offered
+
+    def label(self, link: PeerLink) -> str:
+        return FAST_LABEL if link.fast_ok and self.enabled else "QUIC"
+
+    def usable(self, link: PeerLink) -> bool:
+        if not self.enabled or link.fast_port is None or link.fast_key is None:
+            return False
+        if link.fast_ok is False and time.monotonic() >= link.fast_retry_at:
+            link.fast_ok = None  # try again now and then: the path may have come back
+        return link.fast_ok is not False
+
+    def failed(self, link: PeerLink, why: str) -> None:
+        if link.fast_ok is not False:
+            log.warning("link to %s: fast path unreachable (%s); tunnels use QUIC", link.id, why)
+        link.fast_ok, link.fast_why = False, why
+        link.fast_retry_at = time.monotonic() + FAST_RETRY_S
+
+    async def check(self, link: PeerLink) -> None:
+        """Probe a new link's fast path; its tunnels use it only if that works."""
+        if link.fast_port is None or link.fast_key is None or not self.enabled:
+            log.info("link to %s: QUIC only (no fast path offered)", link.id)
+            return
+        try:
+            await probe(link.host, link.fast_port, link.fast_key)
+        except FastPathError as exc:
+            self.failed(link, str(exc))
+        else:
+            link.fast_ok = True
+            log.info("link to %s: fast path (sealed TCP) at %s", link.id,
+                     host_port(link.host, link.fast_port))
+
+    # ---------------------------------------------------------------- tunnels
+    async def connect(self, link: PeerLink, service: str) -> ByteStream | None:
+        """A tunnel as an anyio stream, or None when the link has no working fast path."""
+        if not self.usable(link):
+            return None
+        assert link.fast_port is not None and link.fast_key is not None
+        try:
+            return await open_fast(link.host, link.fast_port, link.fast_key, service)
+        except FastPathError as exc:
+            self.failed(link, str(exc))
+            return None
+
+    async def take(self, link: PeerLink, service: str, conn: socket.socket,
+                   tally: Tally | None) -> bool:
+        """Splice a local connection to a fast-path tunnel in Protocol callbacks; False (the
+        connection untouched) when the link has no working fast path."""
+        if not self.usable(link):
+            return False
+        assert link.fast_port is not None and link.fast_key is not None
+        host, port, key = link.host, link.fast_port, link.fast_key
+
+        async def open_raw(factory: Callable[[], asyncio.Protocol]) -> asyncio.Transport | None:
+            try:
+                return await open_fast_raw(host, port, key, service, factory)
+            except FastPathError as exc:
+                self.failed(link, str(exc))
+                return None
+
+        return await take_raw(conn, open_raw, tally)
