@@ -54,14 +54,17 @@ class Node:
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.base, self.token = "", ""
         assert self.proc.stderr is not None
+        seen: list[str] = []
         for line in self.proc.stderr:
+            seen.append(line)
             if m := re.search(r"API\s+http://[\d.]+:(\d+)/v1", line):
                 self.base = f"http://127.0.0.1:{m[1]}"
             if m := re.search(r"join with: mesh-llm --join (\S+)", line):
                 self.token = m[1]
                 break
         if not self.base:
-            raise SystemExit(f"mesh-llm {' '.join(args)} printed no banner")
+            raise SystemExit(f"mesh-llm {' '.join(args)} printed no banner:\n"
+                             + "".join(seen[-20:]))
 
     def status(self) -> dict[str, Any]:
         data: dict[str, Any] = httpx.get(f"{self.base}/mesh/status", timeout=10).json()

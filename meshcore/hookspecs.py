@@ -11,23 +11,30 @@ from meshcore import PROJECT
 
 if TYPE_CHECKING:
     import typer
+    from starlette.routing import BaseRoute
 
     from meshcore.api import ApiEvent
-    from meshcore.components import NodeHandle
+    from meshcore.components import UI, Backend, Elect, NodeHandle, Transport
     from meshcore.config import NodeConfig
     from meshcore.plan import Plan
     from meshcore.state import MeshView
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 
-Register = Callable[[str, Callable[..., Any]], None]  # (name, factory); see each hook
+# What each registration hook's ``register`` takes: (name, factory or function); Register is
+# the loose form any of them accepts.
+Register = Callable[[str, Callable[..., Any]], None]
+RegisterTransport = Callable[[str, "Callable[[NodeHandle], Transport]"], None]
+RegisterElection = Callable[[str, "Elect"], None]
+RegisterBackend = Callable[[str, "Callable[[NodeHandle], Backend]"], None]
+RegisterUI = Callable[[str, "Callable[[NodeHandle, int | None], UI]"], None]
 
 
 # ---------------------------------------------------------------- registration (sync)
 
 
 @hookspec
-def meshcore_register_transports(register: Register) -> None:
+def meshcore_register_transports(register: RegisterTransport) -> None:
     """Register transports: call ``register(name, factory)``; ``factory(node)`` (node: the
     :class:`meshcore.components.NodeHandle`) returns a :class:`meshcore.components.Transport`.
     Sync, every plugin is called, results ignored.
@@ -37,7 +44,7 @@ def meshcore_register_transports(register: Register) -> None:
 
 
 @hookspec
-def meshcore_register_elections(register: Register) -> None:
+def meshcore_register_elections(register: RegisterElection) -> None:
     """Register election policies: ``register(name, elect)`` where ``elect(view, request)``
     returns a :class:`meshcore.plan.Plan`. ``elect`` must be sync, pure and deterministic: the
     same view and request give the same plan on every node. Its settings arrive in
@@ -50,7 +57,7 @@ def meshcore_register_elections(register: Register) -> None:
 
 
 @hookspec
-def meshcore_register_backends(register: Register) -> None:
+def meshcore_register_backends(register: RegisterBackend) -> None:
     """Register inference backends: ``register(name, factory)``; ``factory(node)`` returns a
     :class:`meshcore.components.Backend` (its ``capabilities`` are announced and every
     election respects them; its ``api_base()`` is tunneled to every node by the core).
@@ -61,7 +68,7 @@ def meshcore_register_backends(register: Register) -> None:
 
 
 @hookspec
-def meshcore_register_uis(register: Register) -> None:
+def meshcore_register_uis(register: RegisterUI) -> None:
     """Register user interfaces: ``register(name, factory)``; ``factory(node, port)`` returns
     a :class:`meshcore.components.UI`, started when the user asks for it with
     ``--ui NAME[=PORT]`` (``--console [PORT]`` is ``--ui console``); ``port`` is None when
@@ -125,7 +132,7 @@ def meshcore_api_request(node: NodeHandle, event: ApiEvent) -> None:
 
 
 @hookspec
-def meshcore_console_routes(node: NodeHandle) -> list[Any]:
+def meshcore_console_routes(node: NodeHandle) -> list[BaseRoute]:
     """Extra starlette routes for the web console. Sync, every plugin is called; the console
     mounts every returned route (a plugin that raises is logged and skipped).
 

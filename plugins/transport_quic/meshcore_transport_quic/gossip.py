@@ -1,35 +1,74 @@
-"""The stream side of the QUIC transport: inbound streams, gossip frames, hints, tunnels."""
+"""The stream part of the QUIC transport: inbound streams, gossip frames, hints and tunnels.
+
+:class:`Gossip` gets every stream a peer opens. An AUTH stream goes to ``accept`` (the
+handshake, then membership); other streams wait for the connection to be a link. Hinted
+peers are dialed through ``dial``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from meshcore.state import Peer
-from meshcore_transport_quic.base import (
-    AUTH_TIMEOUT,
-    HINT_DELAY,
-    MAX_HINTED,
-    DialError,
-    JoinRefused,
-    TransportBase,
-    log,
-)
+from meshcore.state import MeshState, Peer
 from meshcore_transport_quic.frames import Frame, FrameError, Kind, StreamType
 from meshcore_transport_quic.links import PeerLink, host_port, parse_hint
 from meshcore_transport_quic.quicstream import MeshProtocol, QuicByteStream
+from meshcore_transport_quic.state import (
+    AUTH_TIMEOUT,
+    Dial,
+    DialError,
+    JoinRefused,
+    Mesh,
+    log,
+    send,
+)
 from meshcore_transport_quic.wire import read_frame, staple
 
+HINT_DELAY = 1.5  # the larger id waits this long for the smaller one to dial
+MAX_HINTED = 256  # hinted peers waiting to be dialed; more hints are dropped
+HINT_DIALS = 8  # hinted peers dialed at once
 
-class Gossip(TransportBase):
+Accept = Callable[[MeshProtocol, QuicByteStream, BufferedByteReceiveStream], Awaitable[None]]
+
+
+def accept_record(state: MeshState, link: PeerLink, data: Any) -> None:
+    """Take a peer's announcement of itself into the mesh state (any other is refused)."""
+    try:
+        peer = Peer.from_dict(data)
+    except (ValueError, TypeError) as exc:
+        log.warning("rejected an announcement from %s: %s", link.id, exc)
+        return
+    if peer.id != link.id:
+        log.warning("rejected an announcement for %s sent by %s: a node may only announce "
+                    "itself", peer.id, link.id)
+        return
+    state.upsert(dataclasses.replace(peer, rtt_ms=None))
+
+
+class Gossip:
     """Handles every stream a peer opens: gossip frames, hints and inbound tunnels."""
 
-    def _on_stream(self, proto: MeshProtocol, stream: QuicByteStream) -> None:
-        self._spawn(proto, "a stream", self._handle_stream, proto, stream)
+    def __init__(self, mesh: Mesh, *, accept: Accept, dial: Dial) -> None:
+        self.mesh = mesh
+        self.accept = accept  # authenticates an AUTH stream and adopts its peer
+        self.dial = dial
+        self.hinted: set[str] = set()  # hinted peers waiting for (or in) a dial
+        self.hint_slots = anyio.Semaphore(HINT_DIALS)
+
+    def on_stream(self, proto: MeshProtocol, stream: QuicByteStream) -> None:
+        self.mesh.spawn(proto, "a stream", self._handle_stream, proto, stream)
+
+    def fast_lookup(self, peer_id: str, service: str) -> tuple[str, int] | None:
+        """Where a fast-path tunnel from ``peer_id`` goes (the worker end of rpc tunnels)."""
+        if peer_id not in self.mesh.links:
+            return None
+        return self.mesh.node.service_address(service, peer_id)
 
     async def _handle_stream(self, proto: MeshProtocol, stream: QuicByteStream) -> None:
         reader = BufferedByteReceiveStream(stream)
@@ -39,11 +78,11 @@ class Gossip(TransportBase):
             await stream.aclose()
             return
         if kind == StreamType.AUTH and not proto.ready.is_set():
-            await self._accept_auth(proto, stream, reader)
+            await self.accept(proto, stream, reader)
             return
         with anyio.move_on_after(AUTH_TIMEOUT):
             await proto.ready.wait()
-        link = self.links.get(proto.peer_id or "")
+        link = self.mesh.links.get(proto.peer_id or "")
         if link is None or link.proto is not proto:
             await stream.aclose()
             return
@@ -71,26 +110,20 @@ class Gossip(TransportBase):
         except (anyio.IncompleteRead, anyio.BrokenResourceError):
             await stream.aclose()
             return
-        await self.node.serve_inbound(service, staple(reader, stream), peer_id=link.id)
-
-    def _fast_lookup(self, peer_id: str, service: str) -> tuple[str, int] | None:
-        """Where a fast-path tunnel from ``peer_id`` goes (the worker end of rpc tunnels)."""
-        if peer_id not in self.links:
-            return None
-        return self.node.service_address(service, peer_id)
+        await self.mesh.node.serve_inbound(service, staple(reader, stream), peer_id=link.id)
 
     async def _handle_frame(self, link: PeerLink, frame: Frame) -> None:
-        body = frame.body
+        body, state = frame.body, self.mesh.node.state
         if frame.kind is Kind.ANNOUNCE:
-            self._accept_record(link, body.get("peer"))
+            accept_record(state, link, body.get("peer"))
         elif frame.kind is Kind.PING:
-            await self._send(link, Kind.PONG, {"t": body.get("t")})
+            await send(link, Kind.PONG, {"t": body.get("t")})
         elif frame.kind is Kind.PONG:
             sent = body.get("t")
             if isinstance(sent, (int, float)) and not isinstance(sent, bool):
                 ms = (time.monotonic() - sent) * 1000
                 if 0 <= ms < 60_000:
-                    self.node.state.set_rtt(link.id, link.sample_rtt(ms))
+                    state.set_rtt(link.id, link.sample_rtt(ms))
         elif frame.kind is Kind.PEERS:
             hints = body.get("peers")
             if not isinstance(hints, list):
@@ -100,21 +133,9 @@ class Gossip(TransportBase):
                 self._on_hint(link, hint)
         elif frame.kind is Kind.LEAVE:
             link.left = True
-            self.node.state.remove(link.id)
+            state.remove(link.id)
         else:
             log.warning("peer %s sent an unexpected %s frame; ignored", link.id, frame.kind.name)
-
-    def _accept_record(self, link: PeerLink, data: Any) -> None:
-        try:
-            peer = Peer.from_dict(data)
-        except (ValueError, TypeError) as exc:
-            log.warning("rejected an announcement from %s: %s", link.id, exc)
-            return
-        if peer.id != link.id:
-            log.warning("rejected an announcement for %s sent by %s: a node may only announce "
-                        "itself", peer.id, link.id)
-            return
-        self.node.state.upsert(dataclasses.replace(peer, rtt_ms=None))
 
     def _on_hint(self, via: PeerLink, data: Any) -> None:
         parsed = parse_hint(data)
@@ -122,10 +143,11 @@ class Gossip(TransportBase):
             log.warning("ignored a malformed peer hint from %s", via.id)
             return
         peer_id, fp, addrs = parsed
-        if (peer_id == self.node.id or peer_id in self.links or peer_id in self.dialing
+        mesh = self.mesh
+        if (peer_id == mesh.node.id or peer_id in mesh.links or peer_id in mesh.dialing
                 or peer_id in self.hinted):
             return
-        if self.bindings.get(peer_id, fp) != fp:
+        if mesh.bindings.get(peer_id, fp) != fp:
             log.warning("ignored a hint from %s: %s has another certificate", via.id, peer_id)
             return
         if len(self.hinted) >= MAX_HINTED:
@@ -133,14 +155,14 @@ class Gossip(TransportBase):
                         "already", via.id, len(self.hinted))
             return
         self.hinted.add(peer_id)
-        self._spawn(None, f"dialing hinted peer {peer_id}", self._dial_hint, peer_id, fp,
-                    addrs[:4])
+        mesh.spawn(None, f"dialing hinted peer {peer_id}", self._dial_hint, peer_id, fp,
+                   addrs[:4])
 
     async def _dial_hint(self, peer_id: str, fp: bytes, addrs: list[tuple[str, int]]) -> None:
         """Dial a hinted peer; at most HINT_DIALS at once, so a member flooding hints costs
         a bounded number of sockets (each dial holds one UDP socket)."""
         try:
-            if self.node.id > peer_id:
+            if self.mesh.node.id > peer_id:
                 await anyio.sleep(HINT_DELAY)  # the smaller id dials first; avoid duplicates
             async with self.hint_slots:
                 await self._dial_addrs(peer_id, fp, addrs)
@@ -148,17 +170,17 @@ class Gossip(TransportBase):
             self.hinted.discard(peer_id)
 
     async def _dial_addrs(self, peer_id: str, fp: bytes, addrs: list[tuple[str, int]]) -> None:
+        mesh = self.mesh
         for host, port in addrs:
-            if peer_id in self.links or peer_id in self.dialing:
+            if peer_id in mesh.links or peer_id in mesh.dialing:
                 return
-            self.dialing.add(peer_id)
+            mesh.dialing.add(peer_id)
             try:
-                await self._dial(host, port, fp)
+                await self.dial(host, port, fp)
                 return
             except (DialError, JoinRefused, OSError) as exc:
                 log.debug("dialing %s at %s failed: %s", peer_id, host, exc)
             finally:
-                self.dialing.discard(peer_id)
+                mesh.dialing.discard(peer_id)
         log.warning("could not reach peer %s at %s", peer_id,
                     ", ".join(host_port(*a) for a in addrs))
-

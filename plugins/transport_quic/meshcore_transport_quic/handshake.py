@@ -1,9 +1,14 @@
-"""The connection side of the QUIC transport: accept and dial, TLS pinning, mesh handshake."""
+"""The handshake part of the QUIC transport: dial and accept, TLS pinning, HELLO and WELCOME.
+
+:class:`Handshake` turns a QUIC connection into an :class:`Authenticated` peer, or closes it
+with the reason. It makes no link itself: membership adopts what it returns.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -12,23 +17,24 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from meshcore_transport_quic.auth import (
     AuthError,
+    PeerInfo,
     check_hello,
     check_welcome,
     make_hello,
     make_welcome,
 )
-from meshcore_transport_quic.base import (
+from meshcore_transport_quic.frames import FrameError, Kind, StreamType, encode_frame
+from meshcore_transport_quic.links import host_port
+from meshcore_transport_quic.quicstream import MeshProtocol, QuicByteStream, StreamCallback
+from meshcore_transport_quic.state import (
     AUTH_TIMEOUT,
     ERR_AUTH,
     HANDSHAKE_TIMEOUT,
     DialError,
     JoinRefused,
-    TransportBase,
+    Mesh,
     log,
 )
-from meshcore_transport_quic.frames import FrameError, Kind, StreamType, encode_frame
-from meshcore_transport_quic.links import PeerLink, host_port
-from meshcore_transport_quic.quicstream import MeshProtocol, QuicByteStream
 from meshcore_transport_quic.wire import (
     peer_fingerprint,
     quic_config,
@@ -38,37 +44,43 @@ from meshcore_transport_quic.wire import (
 )
 
 
-class Handshakes(TransportBase):
-    """Turns QUIC connections into authenticated peer links (or closes them with a reason)."""
+@dataclass(frozen=True)
+class Authenticated:
+    """A connection that passed the mesh handshake: who is at the other end, and what it said."""
 
-    def _server_protocol(self, quic: QuicConnection, stream_handler: Any = None) -> MeshProtocol:
-        proto = MeshProtocol(quic, on_stream=self._on_stream)
-        self._spawn(proto, "an inbound connection", self._serve_connection, proto)
-        return proto
+    proto: MeshProtocol
+    peer_id: str
+    fp: bytes
+    boot: str
+    info: PeerInfo
+    dialed: bool  # this node opened the connection
 
-    async def _serve_connection(self, proto: MeshProtocol) -> None:
-        """Watch an inbound connection: it must authenticate in time, then it is a link."""
-        with anyio.move_on_after(AUTH_TIMEOUT + HANDSHAKE_TIMEOUT):
-            await proto.ready.wait()
-        if not proto.ready.is_set():
-            if proto.terminated is None:
-                log.warning("closing a connection from %s: no mesh handshake in time",
-                            proto.peer_addr)
-                proto.close(ERR_AUTH, "no mesh handshake in time")
-            return
-        link = self.links.get(proto.peer_id or "")
-        if link is not None and link.proto is proto:
-            await self._watch(link)
 
-    async def _dial(self, host: str, port: int, fp: bytes) -> PeerLink:
+class Handshake:
+    """Dials and accepts connections for one :class:`.state.Mesh`; every connection it makes
+    hands the streams its peer opens to ``on_stream``."""
+
+    def __init__(self, mesh: Mesh, on_stream: StreamCallback) -> None:
+        self.mesh = mesh
+        self.on_stream = on_stream
+
+    def protocol(self, quic: QuicConnection) -> MeshProtocol:
+        """The protocol of an inbound connection (it authenticates on its AUTH stream)."""
+        return MeshProtocol(quic, on_stream=self.on_stream)
+
+    async def dial(self, host: str, port: int,
+                   fp: bytes) -> tuple[Authenticated, asyncio.BaseTransport]:
+        """Connect to ``host``, pin ``fp`` and authenticate; the peer and the UDP socket (kept
+        in ``mesh.client_udp`` until the caller's watch closes it)."""
+        mesh = self.mesh
         loop = asyncio.get_running_loop()
         sock, v6 = udp_socket(0)
-        quic = QuicConnection(configuration=quic_config(self.identity_, client=True,
-                                                        datagram=self.datagram))
+        quic = QuicConnection(configuration=quic_config(mesh.ident, client=True,
+                                                        datagram=mesh.datagram))
         udp, proto = await loop.create_datagram_endpoint(
-            functools.partial(MeshProtocol, quic, on_stream=self._on_stream), sock=sock)
+            functools.partial(MeshProtocol, quic, on_stream=self.on_stream), sock=sock)
         assert isinstance(proto, MeshProtocol)
-        self._client_udp.add(udp)
+        mesh.client_udp.add(udp)
         try:
             proto.set_peer_addr((host, port))
             proto.connect(udp_target(host, port, v6))
@@ -84,27 +96,25 @@ class Handshakes(TransportBase):
                     f"{host_port(host, port)}: the node there presented certificate "
                     f"{(got or b'').hex()[:16]}, but the token pins {fp.hex()[:16]}: it is "
                     "another node (wrong or stale token); get a fresh token from a running node")
-            link = await self._client_auth(proto, fp, host, port)
+            peer = await self._client_auth(proto, fp, host_port(host, port))
         except BaseException:
             proto.close(ERR_AUTH, "dial aborted")
             udp.close()
-            self._client_udp.discard(udp)
+            mesh.client_udp.discard(udp)
             raise
-        self._spawn(proto, "watching the connection", self._watch, link, udp)
-        return link
+        return peer, udp
 
-    async def _client_auth(self, proto: MeshProtocol, fp: bytes, host: str,
-                           port: int) -> PeerLink:
-        fast_key = self.fast.new_key()
-        body, ctx = make_hello(self.identity_, self.secret, fp, self.node.id, self.boot,
-                               self._info(fast_key))
+    async def _client_auth(self, proto: MeshProtocol, fp: bytes, where: str) -> Authenticated:
+        mesh, fast = self.mesh, self.mesh.fast
+        fast_key = fast.new_key()
+        body, ctx = make_hello(mesh.ident, mesh.secret, fp, mesh.node.id, mesh.boot,
+                               self._offer(fast_key))
         stream = proto.open_stream()
         reader = BufferedByteReceiveStream(stream)
-        where = host_port(host, port)
         # Valid before the HELLO leaves: the server probes our fast path once its WELCOME is
         # sent, which may be before we read it. Until then the key names no peer, so it
         # opens nothing but a probe (no service is looked up for ""); a failure withdraws it.
-        self.fast.keys[fast_key] = ""
+        fast.keys[fast_key] = ""
         welcomed = False
         try:
             await stream.send(bytes([StreamType.AUTH]) + encode_frame(Kind.HELLO, body))
@@ -112,7 +122,7 @@ class Handshakes(TransportBase):
                 frame = await read_frame(reader)
             if frame.kind is not Kind.WELCOME:
                 raise AuthError(f"expected WELCOME, got {frame.kind.name}")
-            peer_id, boot, info = check_welcome(frame.body, self.secret, ctx)
+            peer_id, boot, info = check_welcome(frame.body, mesh.secret, ctx)
             self._check_binding(peer_id, fp)
             welcomed = True
         except AuthError as exc:
@@ -124,20 +134,23 @@ class Handshakes(TransportBase):
             raise DialError(f"{where}: mesh handshake failed ({exc!r})") from None
         finally:
             if not welcomed:
-                self.fast.keys.pop(fast_key, None)
+                fast.keys.pop(fast_key, None)
             await stream.aclose()
-        self.fast.keys[fast_key] = peer_id
-        return self._adopt(proto, peer_id, fp, boot, info, dialed=True)
+        fast.keys[fast_key] = peer_id
+        return Authenticated(proto, peer_id, fp, boot, info, dialed=True)
 
-    async def _accept_auth(self, proto: MeshProtocol, stream: QuicByteStream,
-                           reader: BufferedByteReceiveStream) -> None:
+    async def accept(self, proto: MeshProtocol, stream: QuicByteStream,
+                     reader: BufferedByteReceiveStream) -> Authenticated | None:
+        """Answer the HELLO on an inbound AUTH stream; None (the connection closed, or
+        closing, with the reason) when the node is refused or the WELCOME could not leave."""
+        mesh = self.mesh
         try:
             with anyio.fail_after(AUTH_TIMEOUT):
                 frame = await read_frame(reader)
             if frame.kind is not Kind.HELLO:
                 raise AuthError(f"expected HELLO, got {frame.kind.name}")
-            hello = check_hello(frame.body, self.secret, self.identity_.fingerprint)
-            if hello.node_id == self.node.id:
+            hello = check_hello(frame.body, mesh.secret, mesh.ident.fingerprint)
+            if hello.node_id == mesh.node.id:
                 raise AuthError(f"node id {hello.node_id} is this node's own id")
             self._check_binding(hello.node_id, hello.fingerprint)
         except (AuthError, FrameError, TimeoutError, anyio.BrokenResourceError,
@@ -145,22 +158,30 @@ class Handshakes(TransportBase):
             reason = str(exc) or type(exc).__name__
             log.warning("refused a node at %s: %s", proto.peer_addr, reason)
             proto.close(ERR_AUTH, reason)
-            return
-        fast_key = self.fast.new_key()
-        welcome = make_welcome(self.secret, hello, self.node.id, self.boot, self._info(fast_key))
-        self.fast.keys[fast_key] = hello.node_id  # before the WELCOME: the dialer probes at once
+            return None
+        fast_key = mesh.fast.new_key()
+        welcome = make_welcome(mesh.secret, hello, mesh.node.id, mesh.boot,
+                               self._offer(fast_key))
+        mesh.fast.keys[fast_key] = hello.node_id  # before the WELCOME: the dialer probes at once
         try:
             await stream.send(encode_frame(Kind.WELCOME, welcome))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            self.fast.keys.pop(fast_key, None)
-            return
+            mesh.fast.keys.pop(fast_key, None)
+            return None
         finally:
             await stream.aclose()
-        self._adopt(proto, hello.node_id, hello.fingerprint, hello.boot, hello.info, dialed=False)
+        return Authenticated(proto, hello.node_id, hello.fingerprint, hello.boot, hello.info,
+                             dialed=False)
+
+    def _offer(self, fast_key: bytes) -> dict[str, Any]:
+        """What this node says of itself in its HELLO or WELCOME (the auth ``info``)."""
+        mesh = self.mesh
+        return {"addrs": mesh.my_addresses(), "port": mesh.port,
+                "fast": mesh.fast.offer(fast_key),
+                "peer": mesh.node.state.me.to_dict()}
 
     def _check_binding(self, peer_id: str, fp: bytes) -> None:
-        bound = self.bindings.get(peer_id)
+        bound = self.mesh.bindings.get(peer_id)
         if bound is not None and bound != fp:
             raise AuthError(f"node id {peer_id} already belongs to another certificate in this "
                             "mesh; give the new node its own state dir (MESH_LLM_HOME)")
-

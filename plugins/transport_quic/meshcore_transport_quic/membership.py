@@ -1,0 +1,265 @@
+"""The membership part of the QUIC transport: adopt peers, watch, reconnect, heal, leave.
+
+:class:`Membership` makes a link of every connection the handshake authenticates (dialed
+through ``dial``, accepted through ``accept``), watches it, redials a lost peer, heals the
+mesh by redialing removed ones, sends the heartbeat and the leave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from aioquic.quic.connection import QuicConnection
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from meshcore_transport_quic.frames import Kind
+from meshcore_transport_quic.gossip import accept_record
+from meshcore_transport_quic.handshake import Authenticated, Handshake
+from meshcore_transport_quic.links import PeerLink, host_port, merge_addrs, rtt_table_changed
+from meshcore_transport_quic.quicstream import MeshProtocol, QuicByteStream
+from meshcore_transport_quic.state import (
+    AUTH_TIMEOUT,
+    ERR_AUTH,
+    ERR_DUPLICATE,
+    ERR_LEAVING,
+    ERR_TIMEOUT,
+    HANDSHAKE_TIMEOUT,
+    LEAVING,
+    DialError,
+    JoinRefused,
+    Mesh,
+    log,
+    send,
+)
+
+HEAL_MAX_S = 60.0  # longest wait between redials of a removed peer
+HEAL_FOR_S = 24 * 3600.0  # give a removed peer up after a day
+
+
+@dataclass
+class Departed:
+    """A removed peer that is still redialed: where it was, and when to try next."""
+
+    fp: bytes
+    addrs: list[tuple[str, int]]  # not the dead link itself: it holds the closed connection
+    since: float
+    next_try: float
+    backoff: float
+
+
+class Membership:
+    """The peer links of one :class:`.state.Mesh`, from adoption to removal."""
+
+    def __init__(self, mesh: Mesh, handshake: Handshake) -> None:
+        self.mesh = mesh
+        self.handshake = handshake
+        self.boots: dict[str, str] = {}  # peer id -> the boot id it last authenticated with
+        # Peers removed after a lost connection (not a clean leave): redialed with backoff so
+        # the mesh heals when the path returns, whichever side started it.
+        self.departed: dict[str, Departed] = {}
+        self._published_rtt: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ connections
+
+    def server_protocol(self, quic: QuicConnection, stream_handler: Any = None) -> MeshProtocol:
+        """The QuicServer's ``create_protocol``: a connection that must authenticate in time."""
+        proto = self.handshake.protocol(quic)
+        self.mesh.spawn(proto, "an inbound connection", self._serve_connection, proto)
+        return proto
+
+    async def _serve_connection(self, proto: MeshProtocol) -> None:
+        """Watch an inbound connection: it must authenticate in time, then it is a link."""
+        with anyio.move_on_after(AUTH_TIMEOUT + HANDSHAKE_TIMEOUT):
+            await proto.ready.wait()
+        if not proto.ready.is_set():
+            if proto.terminated is None:
+                log.warning("closing a connection from %s: no mesh handshake in time",
+                            proto.peer_addr)
+                proto.close(ERR_AUTH, "no mesh handshake in time")
+            return
+        link = self.mesh.links.get(proto.peer_id or "")
+        if link is not None and link.proto is proto:
+            await self.watch(link)
+
+    async def dial(self, host: str, port: int, fp: bytes) -> PeerLink:
+        """Connect to the node pinned by ``fp`` at ``host``; its link, watched."""
+        peer, udp = await self.handshake.dial(host, port, fp)
+        link = self.adopt(peer)
+        self.mesh.spawn(peer.proto, "watching the connection", self.watch, link, udp)
+        return link
+
+    async def accept(self, proto: MeshProtocol, stream: QuicByteStream,
+                     reader: BufferedByteReceiveStream) -> None:
+        """Authenticate an inbound AUTH stream; adopt the peer when it passes."""
+        peer = await self.handshake.accept(proto, stream, reader)
+        if peer is not None:
+            self.adopt(peer)
+
+    def adopt(self, peer: Authenticated) -> PeerLink:
+        """Make ``peer`` this node's link to it (of two simultaneous connections, the one
+        dialed by the larger id survives)."""
+        mesh, proto, peer_id = self.mesh, peer.proto, peer.peer_id
+        old = mesh.links.get(peer_id)
+        if old is not None and old.proto is not proto and old.proto.terminated is None:
+            old_dialer = mesh.node.id if old.dialed else peer_id
+            new_dialer = mesh.node.id if peer.dialed else peer_id
+            if old.boot == peer.boot and old_dialer != new_dialer and old_dialer > new_dialer:
+                proto.close(ERR_DUPLICATE, "duplicate connection")
+                return old
+            old.proto.close(ERR_DUPLICATE, "replaced by a newer connection")
+        port = peer.info.port
+        advertised = [(a, port) for a in peer.info.addrs]
+        seen = [(proto.peer_addr[0], port)] if proto.peer_addr and port else []
+        if peer.dialed and proto.peer_addr:
+            seen.insert(0, proto.peer_addr)
+        link = PeerLink(peer_id, peer.fp, peer.boot, proto, peer.dialed,
+                        merge_addrs(seen, advertised))
+        mesh.fast.adopt(link, peer.info.fast)
+        mesh.bindings[peer_id] = peer.fp
+        if self.boots.get(peer_id, peer.boot) != peer.boot:
+            mesh.node.state.remove(peer_id)  # restarted: its announcement counter restarted too
+        self.boots[peer_id] = peer.boot
+        mesh.links[peer_id] = link
+        mesh.lost.pop(peer_id, None)
+        self.departed.pop(peer_id, None)
+        proto.peer_id = peer_id
+        proto.ready.set()
+        accept_record(mesh.node.state, link, peer.info.peer)
+        log.info("peer %s connected (%s, %s)", peer_id, host_port(*link.addrs[0]),
+                 "dialed" if peer.dialed else "accepted")
+        mesh.spawn(proto, "setting up the link", self._after_connect, link)
+        return link
+
+    async def _after_connect(self, link: PeerLink) -> None:
+        links = self.mesh.links
+        others = [x.hint() for x in links.values() if x.id != link.id]
+        if others:
+            await send(link, Kind.PEERS, {"peers": others})
+        for other in list(links.values()):
+            if other.id != link.id:
+                await send(other, Kind.PEERS, {"peers": [link.hint()]})
+        await self.mesh.fast.check(link)
+
+    # ------------------------------------------------------------------ losing and healing
+
+    async def watch(self, link: PeerLink, udp: asyncio.BaseTransport | None = None) -> None:
+        """Wait for the link's connection to end; then forget it, or reconnect."""
+        mesh = self.mesh
+        await link.proto.wait_closed()
+        if udp is not None:
+            await anyio.sleep(0.05)  # let the close datagram leave
+            link.proto.stop_timer()
+            udp.close()
+            mesh.client_udp.discard(udp)
+        if mesh.links.get(link.id) is not link:
+            return
+        del mesh.links[link.id]
+        mesh.fast.forget(link.id)
+        code, reason = link.proto.terminated or (0, "")
+        if link.left or code == ERR_LEAVING:
+            log.info("peer %s left the mesh", link.id)
+            mesh.node.state.remove(link.id)
+            return
+        await self._reconnect(link, reason)
+
+    async def _reconnect(self, link: PeerLink, reason: str) -> None:
+        mesh = self.mesh
+        deadline = time.monotonic() + mesh.reconnect_s
+        mesh.lost[link.id] = deadline
+        log.warning("lost the connection to %s (%s); reconnecting for up to %.0f s",
+                    link.id, reason or "closed", mesh.reconnect_s)
+        while time.monotonic() < deadline and link.id not in mesh.links:
+            for host, port in link.addrs:
+                if link.id in mesh.links or link.id in mesh.dialing:
+                    break
+                mesh.dialing.add(link.id)
+                try:
+                    with anyio.move_on_after(max(0.1, deadline - time.monotonic())):
+                        await self.dial(host, port, link.fp)
+                except (DialError, JoinRefused, OSError) as exc:
+                    log.debug("reconnect to %s at %s failed: %s", link.id, host, exc)
+                finally:
+                    mesh.dialing.discard(link.id)
+            await anyio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        if link.id not in mesh.links and mesh.lost.get(link.id) == deadline:
+            del mesh.lost[link.id]
+            log.warning("peer %s removed: no connection for %.0f s; redialing it in the "
+                        "background", link.id, mesh.reconnect_s)
+            mesh.node.state.remove(link.id)
+            now = time.monotonic()
+            self.departed[link.id] = Departed(link.fp, list(link.addrs), now,
+                                              now + mesh.heal_s, mesh.heal_s)
+
+    async def heal_loop(self) -> None:
+        """Redial removed peers (backoff from ``quic_heal_s`` up to HEAL_MAX_S, for up to
+        HEAL_FOR_S): without it a node cut off longer than the reconnect window stays out
+        for good unless it is alone and has a token (e.g. the node that started the mesh)."""
+        mesh = self.mesh
+        while True:
+            await anyio.sleep(min(1.0, mesh.heal_s))
+            now = time.monotonic()
+            for peer_id, gone in list(self.departed.items()):
+                if peer_id in mesh.links or now - gone.since > HEAL_FOR_S:
+                    self.departed.pop(peer_id, None)
+                    continue
+                if now < gone.next_try or peer_id in mesh.dialing or peer_id in mesh.lost:
+                    continue
+                gone.backoff = min(HEAL_MAX_S, gone.backoff * 2)
+                gone.next_try = now + gone.backoff
+                mesh.dialing.add(peer_id)
+                try:
+                    await self._redial(peer_id, gone)
+                finally:
+                    mesh.dialing.discard(peer_id)
+
+    async def _redial(self, peer_id: str, gone: Departed) -> None:
+        for host, port in gone.addrs[:4]:
+            try:
+                with anyio.move_on_after(HANDSHAKE_TIMEOUT + 1):
+                    await self.dial(host, port, gone.fp)
+            except (DialError, JoinRefused, OSError) as exc:
+                log.debug("redial of %s at %s failed: %s", peer_id, host, exc)
+            if peer_id in self.mesh.links:
+                log.info("peer %s is reachable again", peer_id)
+                self.departed.pop(peer_id, None)
+                return
+
+    # ------------------------------------------------------------------ liveness and leaving
+
+    async def heartbeat_loop(self) -> None:
+        mesh = self.mesh
+        while True:
+            await anyio.sleep(mesh.heartbeat_s)
+            now = time.monotonic()
+            for link in list(mesh.links.values()):
+                silent = now - link.proto.last_rx
+                if silent > mesh.dead_after_s:
+                    log.warning("peer %s silent for %.1f s: dropping its connection",
+                                link.id, silent)
+                    link.proto.close(ERR_TIMEOUT, "heartbeat timeout")
+                    continue
+                await send(link, Kind.PING, {"t": now})
+            self._publish_rtt()
+
+    def _publish_rtt(self) -> None:
+        links = self.mesh.links
+        table = {k: round(v.rtt_ms, 2) for k, v in links.items() if v.rtt_ms is not None}
+        if rtt_table_changed(self._published_rtt, table):
+            self._published_rtt = table
+            self.mesh.node.announce(rtt_ms=table)
+
+    async def leave(self) -> None:
+        """Tell every peer this node leaves, and close the connections with LEAVING."""
+        links = list(self.mesh.links.values())
+        for link in links:
+            await send(link, Kind.LEAVE, {})
+        for link in links:
+            with contextlib.suppress(Exception):  # best effort: the socket may be gone
+                link.proto.close(ERR_LEAVING, LEAVING)
+        if links:
+            await anyio.sleep(0.05)  # let the close datagrams leave
