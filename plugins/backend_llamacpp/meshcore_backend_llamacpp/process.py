@@ -15,6 +15,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -58,14 +59,35 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# What a crashing llama.cpp prints after its own message: gdb's backtrace (llama.cpp attaches
+# gdb on abort) and the loader's noise. Not the cause, so never quoted as such.
+NOISE = re.compile(r"^\s*(#\d+\s|\[New LWP|\[New Thread|\[Inferior|\[Thread debugging|"
+                   r"Using host libthread_db|0x[0-9a-f]+ in |warning: |\(gdb\)|ptrace|"
+                   r"Could not attach|No stack\.|Detaching|==== )")
+CAUSE = re.compile(r"error|failed|GGML_ASSERT|exception|terminate called|abort|invalid|"
+                   r"cannot|unable|not found|out of memory", re.I)
+
+
 def tail(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of the log, gdb's backtrace and loader noise left out."""
     try:
         with path.open("rb") as fh:
-            fh.seek(max(0, path.stat().st_size - 16384))
+            fh.seek(max(0, path.stat().st_size - 65536))
             text = fh.read().decode(errors="replace")
     except OSError:
         return ""
-    return "\n".join(text.splitlines()[-lines:])
+    kept = [line for line in text.splitlines() if line.strip() and not NOISE.match(line)]
+    return "\n".join(kept[-lines:])
+
+
+def cause(text: str) -> str | None:
+    """The line that says why a llama.cpp process died: the last line of its log's tail that
+    says "error" (llama.cpp's specific message; the generic "failed ..." after it is the
+    fallback), or None. ``tail`` already dropped gdb's frames."""
+    found = [line.strip() for line in text.splitlines() if CAUSE.search(line)]
+    errors = [line for line in found if "error" in line.lower()]
+    best = errors or found
+    return best[-1] if best else None
 
 
 class Child:
@@ -111,8 +133,12 @@ class Child:
         return await self.proc.wait()
 
     def failure(self, what: str) -> ChildFailed:
-        return ChildFailed(f"{self.name} (pid {self.pid}) {what}; last lines of "
-                           f"{self.log_path}:\n{tail(self.log_path)}")
+        """The error for a failed child: its first line says what happened and, when the log
+        shows it, llama.cpp's own error line; then the log's last lines."""
+        last = tail(self.log_path)
+        why = (cause(last) or "")[:300]
+        return ChildFailed(f"{self.name} (pid {self.pid}) {what}" + (f": {why}" if why else "")
+                           + f"; last lines of {self.log_path}:\n{last}")
 
     async def stop(self, grace: float = STOP_GRACE_S) -> None:
         """SIGTERM the process group, SIGKILL it after ``grace`` seconds. Shield the caller."""

@@ -56,6 +56,36 @@ async def test_failure_quotes_the_log_tail(tmp_path: Path) -> None:
     assert "broken-42" in (tmp_path / "talker.log").read_text()
 
 
+GDB_TAIL = """\
+llama_model_load: error loading model: tensor 'blk.3.attn_q.weight' is out of the file bounds
+llama_model_load_from_file_impl: failed to load model
+[New LWP 4242]
+[Thread debugging using libthread_db enabled]
+Using host libthread_db library "/lib/x86_64-linux-gnu/libthread_db.so.1".
+0x00007f1c2b4e3c17 in wait4 () from /lib/x86_64-linux-gnu/libc.so.6
+#0  0x00007f1c2b4e3c17 in wait4 () from /lib/x86_64-linux-gnu/libc.so.6
+#1  0x000055d0c1a2b3c4 in ggml_print_backtrace ()
+#2  0x000055d0c1a2b5e6 in ggml_abort ()
+[Inferior 1 (process 4241) detached]
+"""
+
+
+async def test_the_error_line_is_llama_cpps_not_gdbs(tmp_path: Path) -> None:
+    """A crashing llama.cpp prints gdb's backtrace after its message: the failure's first line
+    must name llama.cpp's error, and the quoted tail leaves the frames out."""
+    script = tmp_path / "crash.sh"
+    script.write_text(f"cat <<'EOF'\n{GDB_TAIL}EOF\nexit 134\n")
+    child = Child("llama-server", ["sh", str(script)], tmp_path)
+    await child.start()
+    with pytest.raises(ChildFailed) as caught:
+        await wait_healthy(child, 9, timeout=10)
+    first, _, rest = str(caught.value).partition("\n")
+    assert "exited with code 134" in first
+    assert first.endswith("error loading model: tensor 'blk.3.attn_q.weight' is out of the "
+                          f"file bounds; last lines of {tmp_path / 'llama-server.log'}:")
+    assert "failed to load model" in rest and "#0" not in rest and "[New LWP" not in rest
+
+
 async def test_missing_executable_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ChildFailed, match="could not start: /nonexistent/llama-server"):
         async with supervised("x", ["/nonexistent/llama-server"], tmp_path):
