@@ -61,10 +61,26 @@ def verify_signature(cert_der: bytes, data: bytes, signature: bytes) -> bool:
     return True
 
 
+SECRET_FILES = ("quic-key.pem", "mesh-secret")
+
+
 def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)  # O_CREAT's mode does not apply to an existing file
         f.write(data)
+
+
+def private_dir(state_dir: Path) -> None:
+    """Create the state dir, and on every start make it (and the secrets in it) private
+    again: 0700 and 0600, whatever a copy, an old version or an umask left."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for path, mode in [(state_dir, 0o700), *((state_dir / n, 0o600) for n in SECRET_FILES)]:
+        try:
+            if path.stat().st_mode & 0o077:
+                os.chmod(path, mode)
+        except FileNotFoundError:
+            pass
 
 
 def _new_certificate(key: ec.EllipticCurvePrivateKey, name: str) -> x509.Certificate:
@@ -85,7 +101,7 @@ def _new_certificate(key: ec.EllipticCurvePrivateKey, name: str) -> x509.Certifi
 
 def load_identity(state_dir: Path, name: str) -> Identity:
     """Load the key and certificate from ``state_dir``, creating both on first start."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(state_dir)
     key_path, cert_path = state_dir / "quic-key.pem", state_dir / "quic-cert.pem"
     if key_path.exists() and cert_path.exists():
         loaded = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
@@ -106,13 +122,13 @@ def load_identity(state_dir: Path, name: str) -> Identity:
 def load_mesh_secret(state_dir: Path) -> bytes:
     """The secret of the mesh this node starts (``state_dir/mesh-secret``), created once."""
     path = state_dir / "mesh-secret"
+    private_dir(state_dir)
     try:
         value = bytes.fromhex(path.read_text().strip())
         if len(value) == SECRET_BYTES:
             return value
     except (FileNotFoundError, ValueError):
         pass
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     value = secrets.token_bytes(SECRET_BYTES)
     _write_private(path, value.hex().encode() + b"\n")
     return value

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -114,3 +115,20 @@ def test_rtt_table_changes_only_meaningfully() -> None:
     assert rtt_table_changed(old, {"a": 13.0, "b": 1.0})  # 30% and 3 ms
     assert rtt_table_changed(old, {"a": 10.0})  # a peer went away
     assert rtt_table_changed({}, {"a": 1.0})
+
+
+def test_state_dir_and_secrets_are_made_private_on_every_start(tmp_path: Path) -> None:
+    from meshcore_transport_quic.identity import load_identity, load_mesh_secret
+
+    home = tmp_path / "home"
+    home.mkdir(mode=0o755)
+    home.chmod(0o755)
+    (home / "mesh-secret").write_text("not hex\n")  # regenerated below, over a 0644 file
+    (home / "mesh-secret").chmod(0o644)
+    load_mesh_secret(home)
+    load_identity(home, "n1")
+    (home / "quic-key.pem").chmod(0o644)  # loosened by hand (a copy, an old version)
+    load_identity(home, "n1")
+    assert home.stat().st_mode & 0o777 == 0o700
+    assert (home / "mesh-secret").stat().st_mode & 0o777 == 0o600
+    assert (home / "quic-key.pem").stat().st_mode & 0o777 == 0o600
