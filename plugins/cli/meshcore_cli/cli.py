@@ -182,6 +182,29 @@ def plugins(
     print(json.dumps(listed, indent=2))
 
 
+@app.command()
+def status(
+    url: Annotated[str, typer.Option(
+        help="The node to ask: its API address.")] = f"http://127.0.0.1:{DEFAULT_API_PORT}",
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the node's status JSON as is (one object a line with --watch).")
+    ] = False,
+    watch: Annotated[bool, typer.Option(
+        "--watch", help="Refresh every --interval seconds until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(
+        help="Seconds between refreshes with --watch.", min=0.1)] = 2.0,
+    api_key: Annotated[str | None, typer.Option(
+        help="The node's API key, if it was started with one.", envvar="MESH_LLM_API_KEY")
+    ] = None,
+) -> None:
+    """Show the mesh as a running node sees it: this node's role, the plan, every peer
+    (role, VRAM, RTT, link, state, share), the model and draft, tunnels and API counters."""
+    from meshcore_cli.status import run_status
+
+    raise typer.Exit(run_status(url, as_json=as_json, watch=watch, interval=interval,
+                                api_key=api_key))
+
+
 def _commands_by_plugin(pm: pluggy.PluginManager) -> dict[str, list[str]]:
     """The sub-commands each plugin adds (each asked on its own, with a scratch app)."""
     out: dict[str, list[str]] = {}
