@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,11 +27,33 @@ from meshcore.server import serve_asgi
 
 MAX_BODY = 8 * 1024 * 1024
 PASSED_HEADERS = ("content-type", "cache-control", "content-encoding")
+CLIENT_LEFT = 499  # the status of a request whose client disconnected (as nginx logs it)
 
 
 def error(status: int, message: str, kind: str) -> JSONResponse:
     """An OpenAI-style error body."""
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status)
+
+
+QUANT = re.compile(r"[-_.](i?q\d\w*|bf16|f16|f32)$", re.IGNORECASE)  # -Q4_K_M, .f16, ...
+
+
+def names_served(asked: object, served: str | None) -> bool:
+    """Whether a request's ``model`` names the model the mesh serves. Accepted: no model
+    (absent or null), ``default``, and any mesh when no model is known yet (the request then
+    meets the no-host answer); else, compared case-insensitively with ``.gguf`` dropped, the
+    served name, that name without its quantisation suffix (``-Q4_K_M``, ``.f16``), or a
+    prefix of either that ends where a ``-``, ``_`` or ``.`` follows (served
+    ``SmolLM2-135M-Instruct-Q8_0`` accepts ``smollm2-135m`` and ``SmolLM2-135M-Instruct``)."""
+    if asked is None or asked == "default" or served is None:
+        return True
+    if not isinstance(asked, str) or not asked.strip():
+        return False
+    want = asked.strip().lower().removesuffix(".gguf")
+    for name in {served.lower(), QUANT.sub("", served.lower())}:
+        if name == want or (name.startswith(want) and name[len(want)] in "-_."):
+            return True
+    return False
 
 
 class ApiKeyMiddleware:
@@ -91,7 +114,7 @@ class Observed:
     TAIL = 64 * 1024
 
     def __init__(self, node: NodeHandle, path: str, payload: dict[str, Any]) -> None:
-        self.node, self.began = node, time.monotonic()
+        self.node, self.began, self.done = node, time.monotonic(), False
         model = payload.get("model")
         node.counters.requests += 1
         self.event = ApiEvent("started", node.counters.requests, path,
@@ -100,6 +123,9 @@ class Observed:
         node.collect("meshcore_api_request", node=node, event=self.event)
 
     def finish(self, status: int, tail: bytes = b"", first_byte_s: float | None = None) -> None:
+        if self.done:  # once per request
+            return
+        self.done = True
         usage = usage_of(tail) if status < 400 else {}
         prompt, completion = (v if isinstance(v := usage.get(k), int) else None
                               for k in ("prompt_tokens", "completion_tokens"))
@@ -114,14 +140,23 @@ class Observed:
                                    first_byte_s=first_byte_s)
         self.node.collect("meshcore_api_request", node=self.node, event=done)
 
-    async def relay(self, status: int, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        tail, first = b"", None
+    async def relay(self, resp: httpx.Response) -> AsyncGenerator[bytes]:
+        """The upstream body, chunk by chunk; closing it early (the client left: Starlette
+        cancels the stream, then the background task closes this generator) closes the
+        upstream connection, which cancels the request there, and finishes as 499."""
+        tail, first, status = b"", None, CLIENT_LEFT
         try:
-            async for chunk in chunks:
+            async for chunk in resp.aiter_raw():
                 first = time.monotonic() - self.began if first is None else first
                 tail = (tail + chunk)[-self.TAIL:]
                 yield chunk
+            status = resp.status_code
+        except Exception:
+            status = resp.status_code
+            raise
         finally:
+            with anyio.CancelScope(shield=True):
+                await resp.aclose()
             self.finish(status, tail, first)
 
 
@@ -161,6 +196,13 @@ def build_api(node: Routing) -> Starlette:
             return error(400, f"request body is not valid JSON: {exc}", "invalid_request_error")
         if not isinstance(payload, dict):
             return error(400, "request body must be a JSON object", "invalid_request_error")
+        served = node.plan.model or node.state.me.model
+        if not names_served(payload.get("model"), served):
+            return JSONResponse({"error": {
+                "message": f"The model {payload.get('model')!r} does not exist: this mesh "
+                           f"serves {served!r} (or send 'default', or no model)",
+                "type": "invalid_request_error", "param": "model", "code": "model_not_found"}},
+                404)
         seen = Observed(node, request.url.path, payload)
         upstream = await node.upstream()
         if upstream is None:
@@ -170,13 +212,44 @@ def build_api(node: Routing) -> Starlette:
         req = client.build_request("POST", upstream + request.url.path, content=body,
                                    headers={"content-type": "application/json"})
         try:
-            resp = await client.send(req, stream=True)
+            resp = await send_unless_gone(request, req)
         except httpx.HTTPError as exc:
             seen.finish(502)
             return error(502, f"host {node.plan.host_id} did not answer: {exc!r}", "bad_gateway")
+        if resp is None:
+            seen.finish(CLIENT_LEFT)
+            return Response(status_code=CLIENT_LEFT)
         headers = {k: v for k, v in resp.headers.items() if k.lower() in PASSED_HEADERS}
-        return StreamingResponse(seen.relay(resp.status_code, resp.aiter_raw()),
-                                 resp.status_code, headers, background=BackgroundTask(resp.aclose))
+        body_chunks = seen.relay(resp)
+
+        async def end() -> None:  # also when the client left before the body was started
+            await body_chunks.aclose()
+            await resp.aclose()
+            seen.finish(CLIENT_LEFT)
+
+        return StreamingResponse(body_chunks, resp.status_code, headers,
+                                 background=BackgroundTask(end))
+
+    async def send_unless_gone(request: Request, req: httpx.Request) -> httpx.Response | None:
+        """Send ``req`` upstream, watching the client while no response has come yet (a
+        non-streaming answer sends nothing until done): None when the client left first,
+        the upstream request cancelled (its connection closed)."""
+        resp: httpx.Response | httpx.HTTPError | None = None
+        async with anyio.create_task_group() as tg:
+            async def watch() -> None:
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            try:
+                resp = await client.send(req, stream=True)
+            except httpx.HTTPError as exc:  # raised below, not wrapped in an ExceptionGroup
+                resp = exc
+            tg.cancel_scope.cancel()
+        if isinstance(resp, httpx.HTTPError):
+            raise resp
+        return resp
 
     async def close_client() -> None:
         await client.aclose()

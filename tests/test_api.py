@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import httpx
 import pytest
 from meshcore_testing import fakes as testing
 
+from meshcore.api import names_served
 from meshcore.state import Serving
 
 pytestmark = pytest.mark.anyio
@@ -126,3 +128,54 @@ async def test_completion_keeps_timings(mesh_harness: Any) -> None:
         data = r.json()
         assert data["choices"][0]["text"] == " a"
         assert data["timings"]["predicted_n"] == 1
+
+
+@pytest.mark.parametrize(("asked", "served", "ok"), [
+    (None, "fake-model", True), ("default", "fake-model", True), ("fake-model", "fake-model", True),
+    ("FAKE-Model", "fake-model", True), ("fake", "fake-model", True), ("gpt-4o", None, True),
+    ("SmolLM2-135M", "SmolLM2-135M-Instruct", True), ("smollm2-135m-instruct.gguf",
+                                                       "SmolLM2-135M-Instruct-Q8_0", True),
+    ("SmolLM2-135M-Instruct-Q8_0", "SmolLM2-135M-Instruct-Q8_0", True),
+    ("gpt-4o", "fake-model", False), ("fak", "fake-model", False), ("", "fake-model", False),
+    ("fake-model-2", "fake-model", False), (5, "fake-model", False),
+    ("SmolLM2-135M-Instruct-Q4_0", "SmolLM2-135M-Instruct-Q8_0", False),
+])
+def test_which_model_names_are_the_served_model(asked: object, served: str | None,
+                                                ok: bool) -> None:
+    assert names_served(asked, served) is ok
+
+
+async def test_an_unknown_model_is_404_and_known_names_are_answered(mesh_harness: Any) -> None:
+    async with mesh_harness() as mesh:
+        _host, worker = await ready_mesh(mesh, 8, 4)
+        async with httpx.AsyncClient(base_url=api(worker)) as client:
+            for name in ("fake-model", "Fake-Model", "fake", "default", None):
+                r = await client.post("/v1/chat/completions", json={**CHAT, "model": name})
+                assert r.status_code == 200, (name, r.text)
+            r = await client.post("/v1/completions", json={"prompt": "a", "model": "gpt-4o"})
+            assert r.status_code == 404
+            err = r.json()["error"]
+            assert err["type"] == "invalid_request_error" and err["param"] == "model"
+            assert err["code"] == "model_not_found"
+            assert "'gpt-4o'" in err["message"] and "'fake-model'" in err["message"]
+            models = (await client.get("/v1/models")).json()
+            assert [m["id"] for m in models["data"]] == ["fake-model"]
+        assert worker.counters.requests == 5, "a refused request never reaches the host"
+
+
+async def test_an_upstream_that_does_not_answer_is_502(
+        mesh_harness: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    async with mesh_harness() as mesh:
+        (node,) = await ready_mesh(mesh, 8)
+
+        async def nowhere() -> str:
+            return f"http://127.0.0.1:{dead}"
+
+        monkeypatch.setattr(node, "upstream", nowhere)
+        async with httpx.AsyncClient(base_url=api(node)) as client:
+            r = await client.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 502 and r.json()["error"]["type"] == "bad_gateway"
+        assert node.counters.by_status == {502: 1}

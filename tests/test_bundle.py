@@ -162,7 +162,7 @@ def test_bundled_solo_node_answers_on_the_bundled_binaries(installed: Installed,
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
                 reply = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
-                    "model": "any", "max_tokens": 8, "temperature": 0,
+                    "model": "default", "max_tokens": 8, "temperature": 0,
                     "messages": [{"role": "user", "content": "The capital of France is"}]})
                 if reply.status_code == 200:
                     break

@@ -29,8 +29,14 @@ def fake_reply(prompt: str, max_tokens: int) -> list[str]:
     return [f" {w}" for w in words][:max_tokens]
 
 
-def build_fake_openai(server_id: str) -> Any:
-    """A starlette app that mimics llama-server's OpenAI endpoints, with ``timings``."""
+def build_fake_openai(server_id: str, delay_s: float = 0.0,
+                      cancelled: list[dict[str, Any]] | None = None) -> Any:
+    """A starlette app that mimics llama-server's OpenAI endpoints, with ``timings``.
+
+    ``delay_s``: seconds spent on each token (a non-streaming answer waits for all of them).
+    Like llama-server, a request whose client disconnects first is cancelled; its body is
+    appended to ``cancelled``.
+    """
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -48,12 +54,25 @@ def build_fake_openai(server_id: str) -> Any:
         else:
             prompt = str(body.get("prompt", ""))
         tokens = fake_reply(prompt, int(body.get("max_tokens") or 16))
+        gone = cancelled if cancelled is not None else []
         created = int(time.time())
         base = {"id": "fake-1", "created": created, "model": body.get("model", "fake"),
                 "system_fingerprint": server_id}
         if body.get("stream"):
             async def events() -> AsyncIterator[bytes]:
+                done = False
+                try:
+                    async for chunk in token_events():
+                        yield chunk
+                    done = True
+                finally:
+                    if not done:
+                        gone.append(body)
+
+            async def token_events() -> AsyncIterator[bytes]:
                 for tok in tokens:
+                    if delay_s:
+                        await anyio.sleep(delay_s)
                     choice: dict[str, Any] = (
                         {"index": 0, "delta": {"content": tok}, "finish_reason": None}
                         if chat else {"index": 0, "text": tok, "finish_reason": None}
@@ -71,6 +90,9 @@ def build_fake_openai(server_id: str) -> Any:
                 yield b"data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
+        if delay_s and await left_within(request, delay_s * len(tokens)):
+            gone.append(body)
+            return Response(status_code=499)
         text = "".join(tokens)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text},
                    "finish_reason": "stop"} if chat
@@ -83,6 +105,14 @@ def build_fake_openai(server_id: str) -> Any:
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
+
+    async def left_within(request: Request, seconds: float) -> bool:
+        """Wait ``seconds``; True as soon as the client disconnects meanwhile."""
+        with anyio.move_on_after(seconds):
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            return True
+        return False
 
     return Starlette(routes=[
         Route("/health", health),
@@ -99,7 +129,8 @@ class FakeBackend:
     loopback port; as a plan worker it offers an ``rpc`` echo service.
 
     Options (``NodeConfig.options``): ``fake_vram_gb`` (default 8), ``fake_model_gb``
-    (default 1).
+    (default 1), ``fake_delay_s`` (seconds per token the OpenAI server takes, default 0).
+    ``cancelled`` lists the bodies of requests whose client left before the answer.
     """
 
     capabilities = Capabilities(host=True, rpc_worker=True, uses_workers=True)
@@ -108,6 +139,7 @@ class FakeBackend:
         self.node = node
         self.plan: Plan | None = None
         self.applied: list[Plan] = []  # every distinct plan applied, for tests
+        self.cancelled: list[dict[str, Any]] = []  # requests whose client left, for tests
         self._wake = anyio.Event()
         self._port: int | None = None
 
@@ -162,7 +194,9 @@ class FakeBackend:
     async def _serve_openai(self, *, task_status: TaskStatus[int]) -> None:
         from meshcore.server import serve_asgi
 
-        await serve_asgi(build_fake_openai(self.node.id), "127.0.0.1", 0, task_status=task_status)
+        delay = float(self.node.config.options.get("fake_delay_s", 0))
+        app = build_fake_openai(self.node.id, delay, self.cancelled)
+        await serve_asgi(app, "127.0.0.1", 0, task_status=task_status)
 
 
 async def _echo_server(*, task_status: TaskStatus[int]) -> None:
