@@ -145,7 +145,7 @@ class Gossip:
         peer_id, fp, addrs = parsed
         mesh = self.mesh
         if (peer_id == mesh.node.id or peer_id in mesh.links or peer_id in mesh.dialing
-                or peer_id in self.hinted):
+                or peer_id in self.hinted or fp in mesh.dialing_fps):
             return
         if mesh.bindings.get(peer_id, fp) != fp:
             log.warning("ignored a hint from %s: %s has another certificate", via.id, peer_id)
@@ -172,7 +172,7 @@ class Gossip:
     async def _dial_addrs(self, peer_id: str, fp: bytes, addrs: list[tuple[str, int]]) -> None:
         mesh = self.mesh
         for host, port in addrs:
-            if peer_id in mesh.links or peer_id in mesh.dialing:
+            if peer_id in mesh.links or peer_id in mesh.dialing or fp in mesh.dialing_fps:
                 return
             mesh.dialing.add(peer_id)
             try:

@@ -88,7 +88,14 @@ class Membership:
 
     async def dial(self, host: str, port: int, fp: bytes) -> PeerLink:
         """Connect to the node pinned by ``fp`` at ``host``; its link, watched."""
-        peer, udp = await self.handshake.dial(host, port, fp)
+        dialing = self.mesh.dialing_fps
+        dialing[fp] += 1
+        try:
+            peer, udp = await self.handshake.dial(host, port, fp)
+        finally:
+            dialing[fp] -= 1
+            if dialing[fp] <= 0:
+                del dialing[fp]
         link = self.adopt(peer)
         self.mesh.spawn(peer.proto, "watching the connection", self.watch, link, udp)
         return link

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVarTuple, Unpack
@@ -71,6 +72,9 @@ class Mesh:
     bindings: dict[str, bytes] = field(default_factory=dict)  # node id -> certificate fp
     lost: dict[str, float] = field(default_factory=dict)  # peer id -> reconnect deadline
     dialing: set[str] = field(default_factory=set)
+    # certificates being dialed now: a join dials by fingerprint before it knows the id, and
+    # a hint for that node arriving meanwhile (over another link) must not dial it twice
+    dialing_fps: Counter[bytes] = field(default_factory=Counter)  # fingerprint -> dials
     client_udp: set[asyncio.BaseTransport] = field(default_factory=set)  # dialed sockets
     task_group: TaskGroup | None = None
     _addresses: tuple[float, list[str]] | None = field(default=None, init=False, repr=False)
