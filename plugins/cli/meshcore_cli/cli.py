@@ -32,7 +32,7 @@ from meshcore.plugins import (
     each_plugin,
     get_plugin_manager,
 )
-from meshcore.registry import RegistryError, check_config, collect
+from meshcore.registry import Registry, RegistryError, check_config, collect
 
 HELP = """Pool the GPUs (or CPUs) of several machines into one OpenAI-compatible LLM service.
 
@@ -172,7 +172,7 @@ def plugins(
     """List the loaded plugins as JSON: name, version, hooks, and the components (transports,
     elections, backends, UIs, commands) each registers."""
     pm = _plugin_manager(ctx)
-    regs, commands = collect(pm), _commands_by_plugin(pm)
+    regs, commands = _registries(ctx), _commands_by_plugin(pm)
     listed = describe_plugins(pm)
     for entry in listed:
         entry["components"] = {f"{kind}s": names for kind, reg in regs.items()
@@ -227,10 +227,17 @@ def _plugin_manager(ctx: typer.Context) -> pluggy.PluginManager:
     return pm if isinstance(pm, pluggy.PluginManager) else get_plugin_manager()
 
 
+def _registries(ctx: typer.Context) -> dict[str, Registry]:
+    """The registries ``main`` collected once (collected afresh when invoked directly)."""
+    obj = ctx.find_root().obj
+    regs = obj.get("regs") if isinstance(obj, dict) else None
+    return regs if isinstance(regs, dict) else collect(_plugin_manager(ctx))
+
+
 def _check_components(ctx: typer.Context, config: NodeConfig) -> None:
     """Fail with one line, before anything starts, when a component name is unknown."""
     try:
-        check_config(collect(_plugin_manager(ctx)), config)
+        check_config(_registries(ctx), config)
     except RegistryError as exc:
         _fail(str(exc))
 
@@ -260,10 +267,9 @@ def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
     return root
 
 
-def _list_known_names(command: Any, pm: pluggy.PluginManager) -> None:
+def _list_known_names(command: Any, regs: dict[str, Registry]) -> None:
     """Append the registered names to the help of --election, --backend, --transport and
     --ui, so ``--help`` says what is installed."""
-    regs = collect(pm)
     for param in getattr(command, "params", ()):
         if param.name in regs:
             param.help = f"{param.help} Installed: {', '.join(regs[param.name].names())}."
@@ -274,10 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _normalise_console(list(sys.argv[1:] if argv is None else argv))
     try:
         pm = get_plugin_manager()
+        regs = collect(pm)
         command = typer.main.get_command(build_app(pm))
-        _list_known_names(command, pm)
+        _list_known_names(command, regs)
         result = command.main(args, prog_name="mesh-llm", standalone_mode=False,
-                              obj={"pm": pm})
+                              obj={"pm": pm, "regs": regs})
     except (PluginLoadError, RegistryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
