@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import weakref
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
@@ -107,10 +108,20 @@ def call_contained(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> list[A
     return results
 
 
+_CALLERS: weakref.WeakKeyDictionary[pluggy.PluginManager, dict[str, Any]] = (
+    weakref.WeakKeyDictionary())
+
+
 def each_plugin(pm: pluggy.PluginManager, hook: str) -> list[tuple[Any, Any]]:
     """``(hookimpl, caller)`` per plugin implementing ``hook``, in pluggy's call order; each
-    caller calls that plugin alone (through pluggy, so MESHCORE_TRACE_HOOKS still shows it)."""
-    impls = list(reversed(getattr(pm.hook, hook).get_hookimpls()))
-    plugins = [impl.plugin for impl in impls]
-    return [(impl, pm.subset_hook_caller(hook, [p for p in plugins if p is not impl.plugin]))
-            for impl in impls]
+    caller calls that plugin alone (through pluggy, so MESHCORE_TRACE_HOOKS still shows it).
+    Built once per plugin set: the API's observer hook runs twice per request."""
+    impls = tuple(reversed(getattr(pm.hook, hook).get_hookimpls()))
+    cached = _CALLERS.setdefault(pm, {}).get(hook)
+    if cached is None or cached[0] != impls:
+        plugins = [impl.plugin for impl in impls]
+        cached = (impls, [(impl, pm.subset_hook_caller(
+            hook, [p for p in plugins if p is not impl.plugin])) for impl in impls])
+        _CALLERS[pm][hook] = cached
+    callers: list[tuple[Any, Any]] = cached[1]
+    return callers
