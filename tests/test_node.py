@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
+from meshcore_testing import port_open
 
 from meshcore.config import NodeConfig
 from meshcore.node import Node
@@ -15,15 +16,6 @@ from meshcore.plan import PlanState
 from meshcore.state import Role, Serving
 
 pytestmark = pytest.mark.anyio
-
-
-async def port_open(port: int) -> bool:
-    try:
-        stream = await anyio.connect_tcp("127.0.0.1", port)
-    except OSError:
-        return False
-    await stream.aclose()
-    return True
 
 
 async def test_stop_stops_every_service(tmp_path: Path) -> None:

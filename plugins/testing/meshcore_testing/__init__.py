@@ -27,11 +27,13 @@ if TYPE_CHECKING:
         HealthPoller,
         MeshHarness,
         election_request,
+        port_open,
         run_mesh,
         wait_until,
     )
 
-_HARNESS = {"HealthPoller", "MeshHarness", "election_request", "run_mesh", "wait_until"}
+_HARNESS = {"HealthPoller", "MeshHarness", "election_request", "port_open", "run_mesh",
+            "wait_until"}
 
 
 def __getattr__(name: str) -> object:
@@ -55,6 +57,7 @@ __all__ = [
     "fake_reply",
     "meshcore_register_backends",
     "meshcore_register_transports",
+    "port_open",
     "run_mesh",
     "wait_until",
 ]

@@ -70,7 +70,7 @@ class MeshHarness:
         node.stop()
         self.nodes.remove(node)
         with anyio.fail_after(10):
-            while node.id in self.hub.members or await _listening(node.api_port):
+            while node.id in self.hub.members or await port_open(node.api_port):
                 await anyio.sleep(0.01)
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10,
@@ -83,7 +83,8 @@ class MeshHarness:
             node.stop()
 
 
-async def _listening(port: int | None) -> bool:
+async def port_open(port: int | None) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port`` (None: no port)."""
     if port is None:
         return False
     try:
