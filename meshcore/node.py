@@ -150,10 +150,7 @@ class Node:
 
     def announce(self, **changes: Any) -> None:
         """Gossip declared fields (see meshcore.fields) of this node's announcement."""
-        me = self.state.me
-        merged = {**me.extra, **fields.checked(changes)}
-        if merged != dict(me.extra):
-            self.state.update_me(extra=merged)
+        self.set_serving(self.state.me.serving, **changes)
 
     def set_serving(self, serving: Serving, **changes: Any) -> None:
         """Backends report what they run; the change is gossiped to every peer."""
