@@ -68,16 +68,27 @@ CAUSE = re.compile(r"error|failed|GGML_ASSERT|exception|terminate called|abort|i
                    r"cannot|unable|not found|out of memory", re.I)
 
 
-def tail(path: Path, lines: int = 20) -> str:
-    """The last ``lines`` lines of the log, gdb's backtrace and loader noise left out."""
+def tail(path: Path, lines: int = 20, start: int = 0) -> str:
+    """The last ``lines`` lines of the log from byte ``start`` on (this run's part), gdb's
+    backtrace and loader noise left out."""
     try:
         with path.open("rb") as fh:
-            fh.seek(max(0, path.stat().st_size - 65536))
+            fh.seek(max(start, path.stat().st_size - 65536))
             text = fh.read().decode(errors="replace")
     except OSError:
         return ""
     kept = [line for line in text.splitlines() if line.strip() and not NOISE.match(line)]
     return "\n".join(kept[-lines:])
+
+
+def exit_text(code: int | None) -> str:
+    """``exited with code 1``, or ``was killed by SIGSEGV`` for a signal (negative code)."""
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def cause(text: str) -> str | None:
@@ -101,6 +112,7 @@ class Child:
         self.env = dict(env) if env is not None else None
         self.proc: asyncio.subprocess.Process | None = None
         self.started_at = 0.0
+        self.log_start = 0  # where this run's lines begin in the (appended) log
 
     @property
     def pid(self) -> int | None:
@@ -119,6 +131,7 @@ class Child:
         with self.log_path.open("ab") as logf:
             logf.write(f"\n==== {time.strftime('%H:%M:%S')} {' '.join(self.argv)}\n".encode())
             logf.flush()
+            self.log_start = logf.tell()
             try:
                 self.proc = await asyncio.create_subprocess_exec(
                     *self.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
@@ -135,7 +148,7 @@ class Child:
     def failure(self, what: str) -> ChildFailed:
         """The error for a failed child: its first line says what happened and, when the log
         shows it, llama.cpp's own error line; then the log's last lines."""
-        last = tail(self.log_path)
+        last = tail(self.log_path, start=self.log_start)
         why = (cause(last) or "")[:300]
         return ChildFailed(f"{self.name} (pid {self.pid}) {what}" + (f": {why}" if why else "")
                            + f"; last lines of {self.log_path}:\n{last}")
@@ -221,7 +234,7 @@ async def wait_healthy(child: Child, port: int, timeout: float, every: float = 5
     last_note = started
     while True:
         if not child.alive:
-            raise child.failure(f"exited with code {child.returncode} while loading")
+            raise child.failure(f"{exit_text(child.returncode)} while loading")
         if await http_status(port, "/health") == 200:
             log.info("%s is healthy after %.1f s", child.name, time.monotonic() - started)
             return
@@ -240,7 +253,7 @@ async def wait_listening(child: Child, port: int, timeout: float) -> None:
     started = time.monotonic()
     while True:
         if not child.alive:
-            raise child.failure(f"exited with code {child.returncode} while starting")
+            raise child.failure(f"{exit_text(child.returncode)} while starting")
         try:
             stream = await anyio.connect_tcp("127.0.0.1", port)
         except OSError:

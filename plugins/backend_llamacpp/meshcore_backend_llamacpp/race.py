@@ -13,7 +13,7 @@ from typing import Generic, TypeVar
 
 import anyio
 
-from meshcore_backend_llamacpp.process import Child
+from meshcore_backend_llamacpp.process import Child, exit_text
 
 T = TypeVar("T")
 
@@ -57,7 +57,7 @@ async def race(wake: anyio.Event, children: Sequence[Child],
         async def watch(c: Child) -> None:
             code = await c.wait()
             if outcome.error is None:
-                outcome.error = c.failure(f"exited with code {code}")
+                outcome.error = c.failure(exit_text(code))
             tg.cancel_scope.cancel()
 
         async def on_wake() -> None:

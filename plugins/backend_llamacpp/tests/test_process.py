@@ -56,6 +56,24 @@ async def test_failure_quotes_the_log_tail(tmp_path: Path) -> None:
     assert "broken-42" in (tmp_path / "talker.log").read_text()
 
 
+async def test_a_restart_quotes_its_own_run_and_names_the_signal(tmp_path: Path) -> None:
+    """The log is appended across restarts: a failure quotes this run's lines only, and a
+    death by signal says which (a SIGSEGV showed as "exited with code -11" amid the lines of
+    five earlier runs)."""
+    first = Child("llama-server", ["sh", "-c", "echo error: first-run-only; exit 1"], tmp_path)
+    await first.start()
+    with pytest.raises(ChildFailed):
+        await wait_healthy(first, 9, timeout=10)
+    second = Child("llama-server", ["sh", "-c", "echo second-run; kill -SEGV $$"], tmp_path)
+    await second.start()
+    with pytest.raises(ChildFailed) as caught:
+        await wait_healthy(second, 9, timeout=10)
+    text = str(caught.value)
+    assert "was killed by SIGSEGV while loading" in text.partition("\n")[0]
+    assert "second-run" in text and "first-run-only" not in text
+    assert "first-run-only" in (tmp_path / "llama-server.log").read_text()
+
+
 GDB_TAIL = """\
 llama_model_load: error loading model: tensor 'blk.3.attn_q.weight' is out of the file bounds
 llama_model_load_from_file_impl: failed to load model
