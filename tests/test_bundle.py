@@ -175,3 +175,69 @@ def test_bundled_solo_node_answers_on_the_bundled_binaries(installed: Installed,
         digest = hashlib.sha256(exe.read_bytes()).hexdigest()
         bundled = hashlib.sha256((installed.top / "bin" / "llama-server").read_bytes())
         assert exe.parent == installed.top / "bin" and digest == bundled.hexdigest()
+
+
+STUB_PYTHON = r"""#!/bin/sh
+# Stands in for python in install.sh: reports the bundle's version, makes a "venv" whose
+# mesh-llm prints its arguments and MESH_LLM_BIN_DIR, and installs nothing.
+case "$1" in
+  -c) echo "@PYVER@" ;;
+  -m) if [ "$2" = venv ]; then
+        mkdir -p "$3/bin"
+        cp "$0" "$3/bin/python"
+        printf '%s\n' '#!/bin/sh' 'for a in "$@"; do printf "arg:%s\n" "$a"; done' \
+          'printf "bin:%s\n" "$MESH_LLM_BIN_DIR"' > "$3/bin/mesh-llm"
+        chmod +x "$3/bin/mesh-llm"
+      fi ;;
+esac
+"""
+HOSTILE_PREFIXES = [
+    "with space",
+    """it's "quoted" $(touch INJECTED-1) `touch INJECTED-2`; touch INJECTED-3""",
+    "back\\slash ${HOME} $HOME \\$(touch INJECTED-4) '; touch INJECTED-5; '",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE_PREFIXES, ids=["space", "quotes-subst", "escapes"])
+def test_install_sh_quotes_a_hostile_prefix(tmp_path: Path, name: str) -> None:
+    """The real install.sh under /bin/sh (python stubbed: no wheels needed) with a PREFIX full
+    of shell syntax: the launcher it writes runs the venv's mesh-llm in that very folder, with
+    the arguments untouched, and nothing in the name is ever executed."""
+    from meshcore_backend_llamacpp.bundle import install_script
+
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    top = tmp_path / "bundle"
+    (top / "bin").mkdir(parents=True)
+    (top / "bin" / "llama-server").write_text("not a real binary")
+    (top / "install.sh").write_text(install_script(pyver))
+    stub = tmp_path / "python-stub"
+    stub.write_text(STUB_PYTHON.replace("@PYVER@", pyver))
+    stub.chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = offline_env(PYTHON=str(stub), HOME=str(tmp_path / "home"))
+    done = subprocess.run(["/bin/sh", str(top / "install.sh"), str(work / name)], cwd=work,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    prefix = work / name
+    assert (prefix / "bin" / "llama-server").is_file()
+    ran = subprocess.run([str(prefix / "mesh-llm"), "two words", "$(touch INJECTED-6)"],
+                         cwd=work, env=env, capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.splitlines() == ["arg:two words", "arg:$(touch INJECTED-6)",
+                                       f"bin:{prefix / 'bin'}"]
+    assert os.listdir(work) == [name], "a command pasted into the PREFIX ran"
+    assert not list(tmp_path.rglob("INJECTED-*[0-9]"))
+
+
+def test_install_sh_refuses_a_prefix_with_a_newline(tmp_path: Path) -> None:
+    from meshcore_backend_llamacpp.bundle import install_script
+
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    (tmp_path / "install.sh").write_text(install_script(pyver))
+    done = subprocess.run(["/bin/sh", str(tmp_path / "install.sh"), str(tmp_path / "a\nb")],
+                          env=offline_env(PYTHON=sys.executable), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr == "error: the install folder must not contain a newline; pick another\n"
+    assert not (tmp_path / "a\nb").exists()

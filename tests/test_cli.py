@@ -137,6 +137,42 @@ def test_api_key_from_env(parse: Callable[..., NodeConfig],
     assert parse("--model", "m").api_key == "from-env"
 
 
+def test_join_from_file_and_env(parse: Callable[..., NodeConfig], tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    token_file = tmp_path / "join"
+    token_file.write_text("\n  # the mesh at home\n  AbC-12_x  \n\nmemory:1f\n")
+    assert parse("--join-file", str(token_file)).joins == ("AbC-12_x", "memory:1f")
+    assert parse("--join", "T1", "--join-file", str(token_file)).joins == (
+        "T1", "AbC-12_x", "memory:1f")
+    monkeypatch.setenv("MESH_LLM_JOIN", "E1  E2")
+    assert parse().joins == ("E1", "E2")
+    assert parse("--join", "T1").joins == ("T1",)  # the flag wins over the environment
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (None, "no such file; write the token a running node printed"),
+    ("", "is empty; write the token"),
+    ("  \n# only a comment\n", "is empty"),
+    ("secret-token and more words\n", "does not hold a join token"),
+    (b"\xff\xfe binary \x00", "does not hold a join token"),
+    ("x" * 5000, "does not hold a join token"),
+    ("dir", "cannot read it (Is a directory)"),
+], ids=["missing", "empty", "blank", "words", "binary", "too-long", "directory"])
+def test_join_file_errors_name_the_file(fails: Callable[..., str], tmp_path: Path,
+                                        content: str | bytes | None, expected: str) -> None:
+    path = tmp_path / "token file"
+    if content == "dir":
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    line = fails("--join-file", str(path), *FAKE)
+    assert line.startswith(f"error: --join-file {path}"), line
+    assert expected in line, line
+    assert "secret-token" not in line and "binary" not in line, "the content is a secret"
+
+
 @pytest.mark.parametrize(("args", "expected"), [
     (["--client", "--join", "T", "--model", "m"], "--client runs no model"),
     ([], "--model is required"),
@@ -270,6 +306,58 @@ def test_signal_stops_cleanly(mesh_process: Callable[..., MeshProcess], sig: int
     log = node.log()
     assert "Traceback" not in log and "error" not in log.lower(), log
     assert f"{signal.Signals(sig).name} received: stopping" in log
+
+
+def argv_of_tree(pid: int) -> str:
+    """The command lines of a process and all its children, as ``ps`` shows them."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return "\n".join(" ".join(p.cmdline()) for p in [root, *root.children(recursive=True)])
+
+
+def mesh_peers(node: MeshProcess, key: str) -> set[str]:
+    r = httpx.get(f"http://127.0.0.1:{node.api_port}/mesh/status",
+                  headers={"authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    return {p["id"] for p in r.json()["peers"]}
+
+
+def test_secrets_from_file_and_env_stay_out_of_argv(
+        mesh_process: Callable[..., MeshProcess], tmp_path: Path) -> None:
+    """A token from --join-file or $MESH_LLM_JOIN and a key from $MESH_LLM_API_KEY: the nodes
+    join and check the key, and neither secret is in any process's command line."""
+    fake_quic = ["--model", "x", "--backend", "fake"]  # the real QUIC transport: real tokens
+    a = mesh_process(*fake_quic, env={"MESH_LLM_API_KEY": "key-of-a-0001"})
+    assert a.token is not None
+    token_file = tmp_path / "join-token"
+    token_file.write_text(f"\n  {a.token}  \n")
+    b = mesh_process(*fake_quic, "--join-file", str(token_file),
+                     env={"MESH_LLM_API_KEY": "key-of-b-0002"})
+    c = mesh_process(*fake_quic, env={"MESH_LLM_JOIN": a.token,
+                                      "MESH_LLM_API_KEY": "key-of-c-0003"})
+    for node in (a, b, c):
+        shown = argv_of_tree(node.proc.pid)
+        assert a.token not in shown and "key-of-" not in shown, shown
+    for _ in range(600):
+        if len(mesh_peers(a, "key-of-a-0001")) == 2:
+            break
+        time.sleep(0.05)
+    assert len(mesh_peers(a, "key-of-a-0001")) == 2, a.log()
+    assert len(mesh_peers(b, "key-of-b-0002")) == 2 and len(mesh_peers(c, "key-of-c-0003")) == 2
+    for node in (b, c):
+        for wrong in ({}, {"authorization": "Bearer key-of-a-0001"}):
+            r = httpx.get(f"http://127.0.0.1:{node.api_port}/mesh/status", headers=wrong)
+            assert r.status_code == 401, (wrong, r.text)
+    # `mesh-llm status` takes the key from the environment too
+    url = f"http://127.0.0.1:{b.api_port}"
+    done = mesh_llm("status", "--url", url, "--json", home=tmp_path / "s",
+                    env={"MESH_LLM_API_KEY": "key-of-b-0002"})
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)["peers"]) == 2
+    done = mesh_llm("status", "--url", url, home=tmp_path / "s",
+                    env={"MESH_LLM_API_KEY": "wrong-key"})
+    assert done.returncode != 0 and "rejected the API key" in done.stderr, done.stderr
 
 
 def wait_until_serving(node: MeshProcess) -> None:

@@ -131,7 +131,8 @@ def test_repo_quant_errors(env: tuple[HubStandIn, str, Path]) -> None:
 
 def test_hub_url_form(env: tuple[HubStandIn, str, Path]) -> None:
     stand, url, tmp = env
-    model = resolve(f"{url}/{REPO}/resolve/main/tiny-Q4_K_M.gguf")
+    pin = sha(stand.repos[REPO]["tiny-Q4_K_M.gguf"])  # the stand-in speaks plain http
+    model = resolve(f"{url}/{REPO}/resolve/main/tiny-Q4_K_M.gguf#sha256={pin}")
     assert model.path.is_relative_to(tmp / "hub")
     assert sha(model.path) == sha(stand.repos[REPO]["tiny-Q4_K_M.gguf"])
 
@@ -142,10 +143,81 @@ def test_plain_url_form_resumes_a_partial_file(env: tuple[HubStandIn, str, Path]
     target = hub.url_target(f"{url}/files/plain-Q4_0.gguf")
     target.parent.mkdir(parents=True)
     target.with_name(target.name + ".partial").write_bytes(data[:50_000])  # an earlier run
-    model = resolve(f"{url}/files/plain-Q4_0.gguf")
+    model = resolve(f"{url}/files/plain-Q4_0.gguf#sha256={sha(data)}")
     assert model.path == target and model.path.is_relative_to(tmp / "models")
     assert model.path.read_bytes() == data
     assert stand.gets("plain-Q4_0.gguf") == ["bytes=50000-"]
+
+
+@pytest.mark.parametrize("path", ["files/plain-Q4_0.gguf", f"{REPO}/resolve/main/tiny-Q4_K_M.gguf",
+                                  "files/x-Q8_0-00001-of-00002.gguf"])
+def test_plain_http_url_without_a_checksum_is_refused(env: tuple[HubStandIn, str, Path],
+                                                      path: str) -> None:
+    stand, url, tmp = env
+    with pytest.raises(ModelError) as exc:
+        resolve(f"{url}/{path}")
+    assert str(exc.value) == (
+        f"--model {url}/{path}: a plain http:// download can be altered on the way and has no "
+        f"checksum; use https://, or pin the file with {url}/{path}#sha256=<its "
+        f"64-hex-digit sha256>")
+    assert stand.log == [] and not (tmp / "models").exists()  # nothing fetched, nothing kept
+
+
+def test_pinned_http_url_is_checked(env: tuple[HubStandIn, str, Path]) -> None:
+    stand, url, _ = env
+    data = stand.plain["plain-Q4_0.gguf"]
+    plain = f"{url}/files/plain-Q4_0.gguf"
+    target = hub.url_target(plain)
+    wrong = "0" * 64
+    with pytest.raises(ModelError) as exc:  # the server sends a different file than pinned
+        resolve(f"{plain}#sha256={wrong}")
+    assert str(exc.value) == (f"checksum mismatch for {plain}: expected sha256 {wrong}, got "
+                              f"{sha(data)}; the download was deleted: check the URL and the "
+                              f"checksum")
+    assert list(target.parent.iterdir()) == []
+    stand.corrupt.add("files/plain-Q4_0.gguf")  # altered on the way
+    with pytest.raises(ModelError, match="checksum mismatch"):
+        resolve(f"{plain}#sha256={sha(data)}")
+    assert list(target.parent.iterdir()) == []
+    stand.corrupt.clear()
+    assert resolve(f"{plain}#sha256={sha(data).upper()}").path.read_bytes() == data
+    stand.log.clear()
+    assert resolve(f"{plain}#sha256={sha(data)}").path == target  # kept: no new request
+    assert stand.log == []
+    # a kept copy that is not what a later pin names is deleted, not used
+    with pytest.raises(ModelError, match=f"the kept copy {target} is not sha256 {wrong}; it "
+                                         f"was deleted"):
+        resolve(f"{plain}#sha256={wrong}")
+    assert not target.exists()
+    # a hub URL: the pin is checked against the (already verified) blob
+    hub_url = f"{url}/{REPO}/resolve/main/tiny-Q4_K_M.gguf"
+    with pytest.raises(ModelError, match=f"checksum mismatch for {hub_url}: the hub's file"):
+        resolve(f"{hub_url}#sha256={wrong}")
+
+
+@pytest.mark.parametrize(("fragment", "message"), [
+    ("#md5=abc", "after '#' give the file's checksum as sha256= and 64 hex digits"),
+    ("#sha256=" + "g" * 64, "after '#' give the file's checksum"),
+    ("#sha256=" + "a" * 63, "after '#' give the file's checksum"),
+])
+def test_bad_pin_is_a_clear_error(env: tuple[HubStandIn, str, Path], fragment: str,
+                                  message: str) -> None:
+    stand, url, _ = env
+    with pytest.raises(ModelError, match=message):
+        resolve(f"{url}/files/plain-Q4_0.gguf{fragment}")
+    assert stand.log == []
+
+
+def test_split_model_cannot_be_pinned(env: tuple[HubStandIn, str, Path]) -> None:
+    _, url, _ = env
+    with pytest.raises(ModelError, match="a #sha256= pin covers one file, and this is a split"):
+        resolve(f"{url}/files/x-Q8_0-00001-of-00002.gguf#sha256={'a' * 64}")
+
+
+def test_https_url_needs_no_pin(env: tuple[HubStandIn, str, Path]) -> None:
+    """https is unchanged: no pin asked for (here: not downloaded, and no network used)."""
+    with pytest.raises(ModelError, match="is not downloaded yet: run `mesh-llm download"):
+        resolve("https://models.example.invalid/files/x-Q4_0.gguf", download=False)
 
 
 def test_interrupted_download_resumes(env: tuple[HubStandIn, str, Path]) -> None:

@@ -41,9 +41,11 @@ STABLE_S = 60.0  # a child that ran this long resets the backoff
 
 
 def child_status(c: Child | None, port: int | None = None) -> dict[str, Any] | None:
-    """A child process as ``status()`` shows it."""
-    return None if c is None else {"pid": c.pid, "argv": c.argv, "port": port,
-                                   "log": str(c.log_path), "alive": c.alive}
+    """A running child process as ``status()`` shows it; None once it has exited (a stopped
+    server's pid and argv would mislead; why it died is in ``error``)."""
+    if c is None or not c.alive:
+        return None
+    return {"pid": c.pid, "argv": c.argv, "port": port, "log": str(c.log_path), "alive": True}
 
 
 class LlamaCppBackend:

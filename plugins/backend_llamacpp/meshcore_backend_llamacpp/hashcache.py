@@ -8,6 +8,14 @@ from the file ``<dir>/<hash as %016x>`` (``get_cached_file``) when it exists, an
 bytes are not sent. llama-server uploads each weight tensor in one
 call with exactly the bytes stored in the GGUF, so a worker that has the same model file can
 write those cache entries itself before the host loads: only the small tensors cross the wire.
+
+The cache is trusted only for what this node wrote. rpc-server also writes entries itself
+(``rpc_server::set_tensor``: a SET_TENSOR with the cache flag from the host is saved under the
+FNV of its bytes, overwriting any entry of that name), and FNV-1a is no cryptographic hash: a
+host can craft bytes with the FNV of a real tensor, and a later host's load would take them.
+So every entry the node writes is recorded in a ledger (name, size, mtime, inode), and
+:func:`prune_foreign`, run before each rpc-server start, deletes every entry that is not in
+it or whose size, mtime or inode changed: cheap stat calls, no re-hashing.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import stat
 import struct
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -29,6 +39,7 @@ HASH_THRESHOLD = 10 * 1024 * 1024  # bytes; llama.cpp hashes tensors strictly la
 FNV_OFFSET = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
 MANIFEST_PREFIX = ".seeded-"  # rpc-server only opens 16-hex-digit names, so this is ignored
+LEDGER = ".owned.json"  # entry name -> [size, mtime_ns, inode] of every entry this node wrote
 _FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF scalars
 _STRING, _ARRAY = 8, 9
 _U64 = struct.Struct("<Q")
@@ -145,24 +156,100 @@ def _known_hashes(manifest: Path, key: str) -> list[str] | None:
     return hashes if isinstance(hashes, list) and all(isinstance(h, str) for h in hashes) else None
 
 
-def _write_entry(path: Path, data: bytes) -> None:
-    """Write atomically: a running rpc-server must never read a half-written entry."""
+Stamp = list[int]  # [size, mtime_ns, inode]
+
+
+def _stamp(st: os.stat_result) -> Stamp:
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def load_ledger(cache_dir: Path) -> dict[str, Stamp]:
+    """The entries this node wrote into ``cache_dir`` (empty when there is no ledger)."""
+    try:
+        data = json.loads((Path(cache_dir) / LEDGER).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {name: stamp for name, stamp in data.items()
+            if isinstance(stamp, list) and len(stamp) == 3
+            and all(type(x) is int for x in stamp)}
+
+
+def _save_ledger(cache_dir: Path, ledger: Mapping[str, Stamp]) -> None:
+    tmp = cache_dir / f".{LEDGER}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(ledger))
+    os.replace(tmp, cache_dir / LEDGER)
+
+
+def _owned(entry: Path, stamp: Stamp | None, size: int | None = None) -> bool:
+    """Whether ``entry`` is still the file this node wrote (and, given ``size``, that big)."""
+    if stamp is None or (size is not None and stamp[0] != size):
+        return False
+    try:
+        st = entry.lstat()
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and _stamp(st) == stamp
+
+
+def prune_foreign(cache_dir: Path) -> list[str]:
+    """Delete everything in ``cache_dir`` this node did not write, or that changed since it
+    did (see the module doc); call it while no rpc-server runs on the directory. Returns the
+    names deleted. The ledger and the per-model manifests (names rpc-server cannot write)
+    are kept."""
+    cache_dir = Path(cache_dir)
+    ledger, kept, removed = load_ledger(cache_dir), {}, []
+    try:
+        entries = list(cache_dir.iterdir())
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        name = entry.name
+        if name == LEDGER or (name.startswith(MANIFEST_PREFIX) and name.endswith(".json")):
+            continue
+        if _owned(entry, ledger.get(name)):
+            kept[name] = ledger[name]
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(name)
+    if kept != ledger:
+        _save_ledger(cache_dir, kept)
+    if removed:
+        log.warning("rpc cache %s: deleted %d entries this node did not write or that changed "
+                    "since (e.g. saved by rpc-server from a host's upload): %s", cache_dir,
+                    len(removed), ", ".join(sorted(removed)[:5]))
+    return removed
+
+
+def _write_entry(path: Path, data: bytes) -> Stamp:
+    """Write atomically (a running rpc-server must never read a half-written entry); returns
+    the stamp of the file written, taken before it is visible under its name."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        stamp = _stamp(os.fstat(fh.fileno()))
     os.replace(tmp, path)
+    return stamp
 
 
 def _seed_spans(spans: Iterable[TensorSpan], cache_dir: Path,
                 known: Mapping[str, str]) -> tuple[int, dict[str, str]]:
     """Write the cache entry of every span; ``known`` (tensor name -> entry name, from an
-    earlier pass over the same file) skips hashing what is already there. Returns the bytes
-    written and the entry name of every span."""
+    earlier pass over the same file) skips hashing what is already there. An entry counts as
+    there only if the ledger says this node wrote it and it is unchanged; anything else of
+    that name is replaced. Returns the bytes written and the entry name of every span."""
     written, hashes = 0, {}
+    ledger = load_ledger(cache_dir)
     with contextlib.ExitStack() as stack:
         files: dict[Path, BinaryIO] = {}
         for span in spans:
             name = known.get(span.name)
-            if name is not None and _entry_ok(cache_dir / name, span.size):
+            if name is not None and _owned(cache_dir / name, ledger.get(name), span.size):
                 hashes[span.name] = name
                 continue
             if span.path not in files:
@@ -175,24 +262,21 @@ def _seed_spans(spans: Iterable[TensorSpan], cache_dir: Path,
                                  f"({len(data)} of {span.size} bytes); download it again")
             name = cache_name(fnv1a_64(data))
             hashes[span.name] = name
-            if not _entry_ok(cache_dir / name, span.size):
-                _write_entry(cache_dir / name, data)
+            if not _owned(cache_dir / name, ledger.get(name), span.size):
+                ledger[name] = _write_entry(cache_dir / name, data)
+                _save_ledger(cache_dir, ledger)  # after each entry: a cancelled pass keeps them
                 written += span.size
     return written, hashes
 
 
-def _entry_ok(entry: Path, size: int) -> bool:
-    try:
-        return entry.stat().st_size == size
-    except OSError:
-        return False
-
-
 def cache_complete(model_path: Path, cache_dir: Path) -> bool:
-    """Whether an earlier :func:`seed_cache` of this unchanged file left every entry."""
+    """Whether an earlier :func:`seed_cache` of this unchanged file left every entry, each
+    still as this node wrote it."""
     manifest, key = _manifest(model_path, Path(cache_dir))
     recorded = _known_hashes(manifest, key)
-    return recorded is not None and all((Path(cache_dir) / h).is_file() for h in recorded)
+    ledger = load_ledger(Path(cache_dir))
+    return recorded is not None and all(_owned(Path(cache_dir) / h, ledger.get(h))
+                                        for h in recorded)
 
 
 def seed_cache(model_path: Path, cache_dir: Path, threshold: int = HASH_THRESHOLD,

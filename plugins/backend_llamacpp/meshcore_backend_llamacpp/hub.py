@@ -23,6 +23,7 @@ from meshcore_backend_llamacpp.models import ModelError, models_dir
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+PINNED_RE = re.compile(r"^sha256=(?P<hex>[0-9a-fA-F]{64})$")
 HF_URL_RE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/(?:resolve|blob)/(?P<rev>[^/]+)/(?P<file>.+)$")
 
 
@@ -184,10 +185,52 @@ def url_target(url: str) -> Path:
     return models_dir() / "urls" / host / name
 
 
-def fetch_url(url: str, *, download: bool = True) -> Path:
-    """A plain http(s) file, kept under the models dir; a rerun resumes a partial download."""
+def split_pin(url: str) -> tuple[str, str | None]:
+    """A model URL without its ``#sha256=HEX`` fragment, and that sha256 (None when absent)."""
+    base, hash_sign, fragment = url.partition("#")
+    if not hash_sign:
+        return url, None
+    if (m := PINNED_RE.fullmatch(fragment)) is None:
+        raise ModelError(f"URL {url}: after '#' give the file's checksum as sha256= and 64 hex "
+                         f"digits ({base}#sha256=HEX), or drop the '#...' part")
+    return base, m["hex"].lower()
+
+
+def _sha256_of(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def pinned_matches(path: Path, sha256: str) -> bool:
+    """Whether ``path`` has this sha256. A hub blob is named by its sha256 (checked when it was
+    downloaded); a plain file's check is remembered in ``NAME.sha256`` until the file changes."""
+    if SHA256_RE.fullmatch(path.resolve().name):
+        return path.resolve().name == sha256
+    mark = path.with_name(path.name + ".sha256")
+    try:
+        if (mark.read_text().strip() == sha256
+                and mark.stat().st_mtime_ns >= path.stat().st_mtime_ns):
+            return True
+    except OSError:
+        pass
+    _say(f"verifying sha256 of {path.name}")
+    if _sha256_of(path) != sha256:
+        return False
+    mark.write_text(sha256 + "\n")
+    return True
+
+
+def fetch_url(url: str, *, download: bool = True, sha256: str | None = None) -> Path:
+    """A plain http(s) file, kept under the models dir; a rerun resumes a partial download.
+
+    With ``sha256`` the file (cached or fresh) must have that checksum: a mismatching one is
+    deleted and the error says so."""
     target = url_target(url)
     if target.is_file():
+        if sha256 is not None and not pinned_matches(target, sha256):
+            target.unlink(missing_ok=True)
+            raise ModelError(f"checksum mismatch for {url}: the kept copy {target} is not sha256 "
+                             f"{sha256}; it was deleted: run the command again to download it")
         return target
     if not download or offline():
         raise _not_local(url, f"run `mesh-llm download {url}`")
@@ -198,5 +241,13 @@ def fetch_url(url: str, *, download: bool = True) -> Path:
     _say(f"downloading {url} into {target.parent}")
     with _hub_errors(url, url), partial.open("ab") as fh:
         http_get(url, fh, resume_size=fh.tell(), displayed_filename=target.name)
+    if sha256 is not None:
+        _say(f"verifying sha256 of {target.name}")
+        if (got := _sha256_of(partial)) != sha256:
+            partial.unlink(missing_ok=True)
+            raise ModelError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {got};"
+                             f" the download was deleted: check the URL and the checksum")
     partial.replace(target)
+    if sha256 is not None:
+        target.with_name(target.name + ".sha256").write_text(sha256 + "\n")
     return target

@@ -196,15 +196,30 @@ def _resolve_hub_file(repo: str, filename: str, revision: str, *,
     return ResolvedModel(name=model_name(pure.name), path=paths[0], shards=paths)
 
 
-def _resolve_url(url: str, *, download: bool) -> ResolvedModel:
+def _resolve_url(spec: str, *, download: bool) -> ResolvedModel:
+    """A URL (``#sha256=HEX`` pins the file); plain http needs that pin: it can be altered on
+    the way, and for a hub URL the checksum would come over the same unprotected path."""
     from meshcore_backend_llamacpp import hub
 
+    url, sha256 = hub.split_pin(spec)
+    if url.startswith("http://") and sha256 is None:
+        raise ModelError(f"--model {url}: a plain http:// download can be altered on the way "
+                         f"and has no checksum; use https://, or pin the file with "
+                         f"{url}#sha256=<its 64-hex-digit sha256>")
+    if sha256 is not None and len(shard_names(hub.url_target(url).name)) > 1:
+        raise ModelError(f"--model {spec}: a #sha256= pin covers one file, and this is a "
+                         f"split model; use https://, or download the shards and pass the "
+                         f"first one as a local path")
     if hub_file := hub.parse_hub_url(url):
         repo, revision, filename = hub_file
-        return _resolve_hub_file(repo, filename, revision, download=download)
+        found = _resolve_hub_file(repo, filename, revision, download=download)
+        if sha256 is not None and not hub.pinned_matches(found.path, sha256):
+            raise ModelError(f"checksum mismatch for {url}: the hub's file is not sha256 "
+                             f"{sha256}; check the URL and the checksum")
+        return found
     names = shard_names(hub.url_target(url).name)
     if len(names) == 1:
-        paths: tuple[Path, ...] = (hub.fetch_url(url, download=download),)
+        paths: tuple[Path, ...] = (hub.fetch_url(url, download=download, sha256=sha256),)
     else:
         base = url.split("?", 1)[0].rsplit("/", 1)[0]
         paths = tuple(hub.fetch_url(f"{base}/{n}", download=download) for n in names)

@@ -91,15 +91,19 @@ class RpcWorker:
                                 self.node.id)
 
     async def _seed(self, plan: Plan, cache_dir: Path) -> dict[str, str] | None:
-        """Pre-fill rpc-server's hash cache from our own copy of the plan's model, if any:
+        """Drop cache entries this node did not write, then pre-fill rpc-server's hash cache
+        from our own copy of the plan's model, if any:
         the tensors of the layers this worker will hold first (the rest follows once the
         rpc-server runs, see ``_seed_rest``). Returns what the second pass may skip, or None
         when there is no second pass."""
         self.seeded_bytes = None
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # Before every start, whether or not we have the model: what an earlier host made
+        # rpc-server save (or anyone else left) must not reach the next host (hashcache.py).
+        await anyio.to_thread.run_sync(hashcache.prune_foreign, cache_dir)
         info = self.node.model
         if info is None or info.path is None or info.name != plan.model:
             return None
-        cache_dir.mkdir(parents=True, exist_ok=True)
         if await anyio.to_thread.run_sync(hashcache.cache_complete, info.path, cache_dir):
             self.seeded_bytes = 0
             return None

@@ -310,7 +310,7 @@ def test_seeding_a_workers_layers_first_then_the_rest(tmp_path: Path,
     written, known = hashcache.seed_tensors(path, cache, names)
     assert written == sum(len(contents[n]) for n in names)
     assert sorted(known) == sorted(names)
-    assert {p.name for p in cache.iterdir()} == set(known.values())  # no manifest yet
+    assert {p.name for p in cache.iterdir() if p.name != hashcache.LEDGER} == set(known.values())
     assert not hashcache.cache_complete(path, cache)
     hashed: list[int] = []
     real = hashcache.fnv1a_64
@@ -324,3 +324,153 @@ def test_seeding_a_workers_layers_first_then_the_rest(tmp_path: Path,
     for data in contents.values():
         if len(data) > HASH_THRESHOLD:
             assert (cache / cache_name(fnv1a_64(data))).read_bytes() == data
+
+
+# ---------------------------------------------------------------- only our own entries are used
+
+
+def past_clock_tick(stamp_ns: int, probe: Path) -> None:
+    """Return once the file clock has moved past ``stamp_ns`` (file times are coarse: a write
+    in the same tick as ours would keep the mtime; see the module doc of hashcache)."""
+    while True:
+        probe.write_bytes(b"")
+        if probe.stat().st_mtime_ns > stamp_ns:
+            probe.unlink()
+            return
+
+
+def test_foreign_and_changed_entries_are_pruned(model: tuple[Path, dict[str, bytes]],
+                                                tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """What rpc-server saved for a host (a colliding copy over our entry, or a new one) and
+    anything else left in the directory is deleted before the next start; ours stay."""
+    path, contents = model
+    cache = tmp_path / "cache"
+    seed_cache(path, cache)
+    big = cache / cache_name(fnv1a_64(contents["big.weight"]))
+    bigger = cache / cache_name(fnv1a_64(contents["bigger.weight"]))
+    past_clock_tick(big.stat().st_mtime_ns, tmp_path / "probe")
+    with open(big, "wb") as fh:  # as rpc-server's std::ofstream does: same name, same size
+        fh.write(os.urandom(len(contents["big.weight"])))
+    (cache / "0123456789abcdef").write_bytes(os.urandom(HASH_THRESHOLD + 64))  # a new entry
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"not in the cache")
+    (cache / "fedcba9876543210").symlink_to(outside)
+    (cache / "00000000000000aa").mkdir()
+    hashed: list[int] = []
+
+    def counting(data: bytes) -> int:
+        hashed.append(len(data))
+        return 0
+
+    monkeypatch.setattr(hashcache, "fnv1a_64", counting)
+    removed = hashcache.prune_foreign(cache)
+    assert sorted(removed) == sorted([big.name, "0123456789abcdef", "fedcba9876543210",
+                                      "00000000000000aa"])
+    assert hashed == [] and outside.read_bytes() == b"not in the cache"
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == [bigger.name]
+    assert bigger.read_bytes() == contents["bigger.weight"]
+    assert set(hashcache.load_ledger(cache)) == {bigger.name}
+    assert not hashcache.cache_complete(path, cache)
+    monkeypatch.undo()
+    assert seed_cache(path, cache) == len(contents["big.weight"])  # only the deleted one
+    assert big.read_bytes() == contents["big.weight"]
+    assert hashcache.prune_foreign(cache) == []
+
+
+def test_own_entries_survive_without_rehashing(model: tuple[Path, dict[str, bytes]],
+                                               tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    path, _ = model
+    cache = tmp_path / "cache"
+    seed_cache(path, cache)
+    before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()
+              if not p.name.startswith(".")}
+    monkeypatch.setattr(hashcache, "fnv1a_64", lambda data: pytest.fail("re-hashed"))
+    assert hashcache.prune_foreign(cache) == []
+    assert hashcache.cache_complete(path, cache) and seed_cache(path, cache) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()
+            if not p.name.startswith(".")} == before
+
+
+def test_an_entry_we_did_not_write_is_replaced_not_trusted(
+        model: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
+    """Seeding does not take an entry of the right name and size on trust (the size-only
+    check did): one a host left under our tensor's name is overwritten with our bytes."""
+    path, contents = model
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    big = cache / cache_name(fnv1a_64(contents["big.weight"]))
+    big.write_bytes(os.urandom(len(contents["big.weight"])))  # there before our first seed
+    seed_cache(path, cache)
+    assert big.read_bytes() == contents["big.weight"]
+
+
+@pytest.mark.real
+def test_what_a_real_rpc_server_saved_is_pruned(tmp_path: Path) -> None:
+    """A real ggml-rpc-server -c saves the host's big upload (SmolLM2's token_embd) itself:
+    that entry is deleted by the next prune; once we seed it, it stays."""
+    from meshcore_backend_llamacpp.models import smollm2_path
+
+    model = smollm2_path()
+    root = tmp_path / "root"
+    _load_through_rpc(model, root, tmp_path)
+    saved = sorted(p.name for p in (root / "rpc").iterdir())
+    (span,) = large_tensors(model)
+    with open(model, "rb") as f:
+        f.seek(span.offset)
+        name = cache_name(fnv1a_64(f.read(span.size)))
+    assert saved == [name]
+    assert hashcache.prune_foreign(root / "rpc") == [name]
+    seed_cache(model, root / "rpc")
+    assert hashcache.prune_foreign(root / "rpc") == [] and (root / "rpc" / name).is_file()
+
+
+@pytest.mark.real
+def test_worker_prunes_a_poisoned_cache_before_its_rpc_server_starts(
+        mesh_process: Any, tmp_path: Path) -> None:
+    """Real nodes: B's rpc cache holds, before B starts, a poisoned entry under the name of
+    SmolLM2's token_embd (same size, other bytes: what a colliding upload leaves) and a
+    stray entry. Once B serves A's split, the first holds the real bytes, the second is gone,
+    and the split answers."""
+    import time
+
+    import httpx
+    from meshcore_backend_llamacpp.build import cached_bin_dir
+    from meshcore_backend_llamacpp.models import smollm2_path
+
+    if cached_bin_dir() is None:
+        pytest.skip("llama.cpp binaries are not built")
+    model = smollm2_path()
+    (span,) = large_tensors(model)
+    with open(model, "rb") as f:
+        f.seek(span.offset)
+        real = f.read(span.size)
+    cache = tmp_path / "node1" / "rpc-cache" / "rpc"  # the second node's home (mesh_process)
+    cache.mkdir(parents=True)
+    poisoned = cache / cache_name(fnv1a_64(real))
+    poisoned.write_bytes(os.urandom(span.size))
+    stray = cache / "0123456789abcdef"
+    stray.write_bytes(os.urandom(HASH_THRESHOLD + 4))
+    env = {"MESH_LLM_THREADS": "1"}
+    a = mesh_process("--model", str(model), "--max-vram", "8", "--split", "--no-draft",
+                     env=env, timeout=240)
+    b = mesh_process("--model", str(model), "--max-vram", "4", "--join", a.token,
+                     "--no-draft", env=env, timeout=240)
+    assert b.home == tmp_path / "node1"
+    deadline = time.monotonic() + 240
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            status = httpx.get(f"{a.url.removesuffix('/v1')}/mesh/status", timeout=10).json()
+            if status["plan"]["state"] == "SPLIT" and status["backend"].get("rpc"):
+                break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"no split: {status}\n{a.log()}\n{b.log()}")
+    reply = httpx.post(f"{a.url}/completions", json={"prompt": "The capital of France is",
+                       "max_tokens": 4, "temperature": 0}, timeout=120)
+    assert reply.status_code == 200 and reply.json()["choices"][0]["text"], reply.text
+    assert poisoned.read_bytes() == real, "the poisoned entry survived B's rpc-server start"
+    assert not stray.exists(), b.log()
+    assert "deleted 2 entries this node did not write" in b.log()

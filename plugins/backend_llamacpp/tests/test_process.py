@@ -166,3 +166,14 @@ async def test_slots_busy_reads_llama_servers_slots(body: bytes, busy: bool) -> 
         port = server.sockets[0].getsockname()[1]
         assert await slots_busy(port) is busy
     assert await slots_busy(port) is False  # nobody listening any more
+
+
+async def test_status_shows_running_children_only(tmp_path: Path) -> None:
+    """``/mesh/status`` kept a stopped llama-server's pid and argv after a hand-over."""
+    from meshcore_backend_llamacpp.backend import child_status
+
+    async with supervised("sleeper", ["sleep", "60"], tmp_path) as child:
+        shown = child_status(child, 1234)
+        assert shown is not None and shown["pid"] == child.pid and shown["alive"]
+    assert not child.alive and child_status(child, 1234) is None
+    assert child_status(None) is None
