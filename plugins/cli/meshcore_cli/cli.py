@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -58,7 +59,15 @@ def run(
         help="Model to serve: a catalog name (SmolLM2-135M), a .gguf path, org/repo/file.gguf, "
              "org/repo:QUANT or an https URL.")] = None,
     join: Annotated[list[str] | None, typer.Option(
-        "--join", help="Join token of a running node; repeat to try several.")] = None,
+        "--join", envvar="MESH_LLM_JOIN",
+        help="Join token of a running node; repeat to try several. Visible in ps: prefer "
+             "--join-file or $MESH_LLM_JOIN (tokens separated by spaces).")] = None,
+    join_file: Annotated[Path | None, typer.Option(
+        "--join-file", help="Read the join token from this file (one token a line), so it "
+                            "stays out of ps.")] = None,
+    join_timeout: Annotated[float, typer.Option(
+        help="Give up (exit 1) when no --join address answers for this many seconds; "
+             "0 = keep trying.", min=0)] = 60.0,
     bind_port: Annotated[int, typer.Option(help="UDP port for the mesh (QUIC); 0 = any.")] = 0,
     split: Annotated[bool, typer.Option(
         "--split", help="Spread layers over every worker even if the model fits the host.")
@@ -94,7 +103,8 @@ def run(
         "--listen-all", help="Serve the API and console on every interface, not only loopback.")
     ] = False,
     api_key: Annotated[str | None, typer.Option(
-        help="Require 'Authorization: Bearer KEY' on the API.", envvar="MESH_LLM_API_KEY")
+        help="Require 'Authorization: Bearer KEY' on the API. Visible in ps: prefer "
+             "$MESH_LLM_API_KEY.", envvar="MESH_LLM_API_KEY")
     ] = None,
     state_dir: Annotated[Path | None, typer.Option(
         help="Where keys and logs live (default ~/.mesh-llm, or $MESH_LLM_HOME).")] = None,
@@ -107,12 +117,14 @@ def run(
         return
     try:
         config = NodeConfig(
-            model=model, joins=tuple(join or ()), bind_port=bind_port, split=split,
+            model=model, joins=(*(join or ()), *_join_file(join_file)), bind_port=bind_port,
+            split=split,
             client=client, console_port=console, api_port=port, max_vram_gb=max_vram,
             draft=draft, no_draft=no_draft, draft_max=draft_max, election=election,
             backend=backend, transport=transport, listen_all=listen_all, api_key=api_key,
             state_dir=state_dir or default_state_dir(), bin_dir=bin_dir,
-            options=_env_options(), uis=_pairs(ui, "--ui", "NAME=PORT", port=True),
+            options={"join_timeout_s": join_timeout, **_env_options()},
+            uis=_pairs(ui, "--ui", "NAME=PORT", port=True),
             election_options=_pairs(election_opt, "--election-opt", "KEY=VALUE"), name=name,
         )
     except ConfigError as exc:
@@ -146,6 +158,41 @@ def _pairs(items: list[str] | None, flag: str, form: str, *, port: bool = False)
             raise ConfigError(f"{flag} {item!r}: expected {form}")
         out[key] = (int(value) if eq else None) if port else value
     return out
+
+
+MAX_TOKEN_FILE = 64 * 1024
+TOKEN_LINE = re.compile(r"[!-~]{1,4096}")  # printable ASCII, no blanks (base64url, memory:..)
+
+
+def _join_file(path: Path | None) -> tuple[str, ...]:
+    """The join tokens in ``--join-file``, one a line (blank lines and ``#`` comments skipped).
+
+    The content is never echoed in an error: it is a secret."""
+    if path is None:
+        return ()
+    hint = ("write the token a running node printed ('join with: mesh-llm --join TOKEN') "
+            "into it, one token a line")
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_TOKEN_FILE + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"--join-file {path}: no such file; {hint}") from None
+    except OSError as exc:
+        raise ConfigError(f"--join-file {path}: cannot read it ({exc.strerror or exc}); "
+                          f"check the path and its permissions") from None
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        text = None
+    lines = [line.strip() for line in (text or "").splitlines()]
+    tokens = tuple(line for line in lines if line and not line.startswith("#"))
+    if text is not None and not tokens:
+        raise ConfigError(f"--join-file {path} is empty; {hint}")
+    if (text is None or len(raw) > MAX_TOKEN_FILE
+            or not all(TOKEN_LINE.fullmatch(t) for t in tokens)):
+        raise ConfigError(f"--join-file {path} does not hold a join token (a token is one "
+                          f"line of letters, digits, - and _); {hint}")
+    return tokens
 
 
 def _env_options() -> dict[str, Any]:
@@ -194,7 +241,8 @@ def status(
     interval: Annotated[float, typer.Option(
         help="Seconds between refreshes with --watch.", min=0.1)] = 2.0,
     api_key: Annotated[str | None, typer.Option(
-        help="The node's API key, if it was started with one.", envvar="MESH_LLM_API_KEY")
+        help="The node's API key, if it was started with one; $MESH_LLM_API_KEY keeps it "
+             "out of ps.", envvar="MESH_LLM_API_KEY")
     ] = None,
 ) -> None:
     """Show the mesh as a running node sees it: this node's role, the plan, every peer
