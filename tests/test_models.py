@@ -79,11 +79,11 @@ def test_catalog_entries_are_complete() -> None:
     ("Llama-3.3-70B-Instruct", "Llama-3.2-1B-Instruct"),
     ("Hermes-3-Llama-3.1-405B", "Llama-3.2-1B-Instruct"),
     ("Gemma-3-27B-it", "Gemma-3-1B-it"),
-    (DEFAULT_MODEL, DEFAULT_MODEL),
 ])
 def test_draft_pairs(model: str, draft: str) -> None:
     paired = catalog.load().draft_for(model)
     assert paired is not None and paired.name == draft
+
 
 
 @pytest.mark.parametrize(("file_name", "draft"), [
@@ -169,14 +169,19 @@ def test_draft_found_for_a_local_file_by_name(isolated: Path, tmp_path: Path) ->
     assert found is not None and found.name == "Qwen3-0.6B"
 
 
-def test_smollm2_is_its_own_draft(isolated: Path) -> None:
+def test_smollm2_has_no_draft_unless_asked(isolated: Path) -> None:
+    """Drafting SmolLM2 with itself halved its speed on CPU (22.6 vs 46.2 tok/s): the default
+    run must not do it (issue 13); ``--draft SmolLM2-135M`` still can (the tests that exercise
+    the speculative path do)."""
     path = isolated / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     path.parent.mkdir()
     path.write_bytes(b"GGUF")
     for spec in (DEFAULT_MODEL, "smollm2-135m-instruct", str(path)):
         model = resolve(spec, download=False)
         assert model.path == path
-        assert resolve_draft(model) == model
+        assert resolve_draft(model) is None
+        forced = resolve_draft(model, override=DEFAULT_MODEL)
+        assert forced is not None and forced.path == path
 
 
 def test_draft_override(tmp_path: Path) -> None:

@@ -171,7 +171,8 @@ def check_split_runs(status_a: dict[str, Any], status_b: dict[str, Any]) -> None
 
 
 def test_forced_split_matches_solo_answer(mesh_process: Callable[..., MeshProcess]) -> None:
-    a = start(mesh_process, "--max-vram", "8", "--split")
+    # the draft is asked for: SmolLM2 has none by default, and this test checks it runs
+    a = start(mesh_process, "--max-vram", "8", "--split", "--draft", MODEL)
     assert a.token, a.log()
     status = wait_ready(a, "a alone (solo despite --split)")
     assert status["plan"]["state"] == "SOLO" and "--rpc" not in server_info(status)["argv"]

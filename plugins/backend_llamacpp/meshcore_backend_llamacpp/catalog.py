@@ -98,7 +98,7 @@ class Catalog:
 
     def draft_for(self, model_name: str, file_name: str = "") -> CatalogEntry | None:
         """The draft paired with a model: its catalog entry's draft, else the first matching
-        pair. Never the model itself unless the catalog says so explicitly (SmolLM2)."""
+        pair. Never the model itself unless the catalog says so explicitly."""
         entry = self.get(model_name) or (self.by_file(file_name) if file_name else None)
         if entry is not None:
             return self.get(entry.draft) if entry.draft else None
