@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import secrets
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -20,19 +19,14 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meshcore.components import NodeHandle
+from meshcore.httpguard import HttpGuard, error
 from meshcore.server import serve_asgi
 
 MAX_BODY = 8 * 1024 * 1024
 PASSED_HEADERS = ("content-type", "cache-control", "content-encoding")
 CLIENT_LEFT = 499  # the status of a request whose client disconnected (as nginx logs it)
-
-
-def error(status: int, message: str, kind: str) -> JSONResponse:
-    """An OpenAI-style error body."""
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status)
 
 
 QUANT = re.compile(r"[-_.](i?q\d\w*|bf16|f16|f32)$", re.IGNORECASE)  # -Q4_K_M, .f16, ...
@@ -54,26 +48,6 @@ def names_served(asked: object, served: str | None) -> bool:
         if name == want or (name.startswith(want) and name[len(want)] in "-_."):
             return True
     return False
-
-
-class ApiKeyMiddleware:
-    """Require ``Authorization: Bearer KEY`` on /v1 and /mesh when ``--api-key`` is set."""
-
-    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
-        self.app = app
-        self.api_key = api_key
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.api_key and scope["type"] == "http" and scope["path"].startswith(("/v1", "/mesh")):
-            headers = dict(scope["headers"])
-            given = headers.get(b"authorization", b"").decode(errors="replace")
-            if not secrets.compare_digest(given, f"Bearer {self.api_key}"):
-                response = error(401, "missing or wrong API key: send "
-                                      "'Authorization: Bearer <key>' (the node's --api-key)",
-                                 "invalid_api_key")
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 @dataclass(frozen=True)
@@ -187,9 +161,7 @@ def build_api(node: Routing) -> Starlette:
         return JSONResponse(node.status())
 
     async def proxy(request: Request) -> Response:
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            return error(413, f"request body over {MAX_BODY} bytes", "invalid_request_error")
+        body = await request.body()  # HttpGuard caps it at MAX_BODY while it streams in
         try:
             payload: Any = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -262,7 +234,8 @@ def build_api(node: Routing) -> Starlette:
             Route("/v1/completions", proxy, methods=["POST"]),
             Route("/mesh/status", status),
         ],
-        middleware=[Middleware(ApiKeyMiddleware, api_key=node.config.api_key)],
+        middleware=[Middleware(HttpGuard, bind_host=node.config.bind_host,
+                               api_key=node.config.api_key, max_body=MAX_BODY)],
     )
     app.state.close_client = close_client
     return app

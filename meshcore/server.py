@@ -16,10 +16,13 @@ async def serve_asgi(app: Any, host: str, port: int, *,
                      task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
     """Serve ``app`` on ``host:port`` (0 = a free port) until cancelled; reports the port.
 
+    Connections are capped and must send their requests in time (:mod:`meshcore.httplimits`).
     The socket is bound here, before uvicorn starts, so a taken port fails fast with a clear
     OSError and the caller learns the real port number.
     """
-    import uvicorn
+    import uvicorn  # heavy: imported when a server starts, not with the CLI
+
+    from meshcore.httplimits import KEEP_ALIVE_S, LimitedH11Protocol  # imports uvicorn
 
     class _Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -38,7 +41,8 @@ async def serve_asgi(app: Any, host: str, port: int, *,
     sock.listen(128)
     bound = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
-                            timeout_graceful_shutdown=1)
+                            timeout_graceful_shutdown=1, http=LimitedH11Protocol, ws="none",
+                            timeout_keep_alive=KEEP_ALIVE_S)
     server = _Server(config)
     # uvicorn is asyncio-only; run it as its own task so a cancelled caller can still ask it
     # to shut down gracefully (close connections) instead of abandoning it mid-flight.

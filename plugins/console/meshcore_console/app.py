@@ -14,6 +14,7 @@ import anyio
 import httpx
 from anyio.abc import TaskGroup, TaskStatus
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
@@ -21,7 +22,9 @@ from starlette.staticfiles import StaticFiles
 
 from meshcore.components import NodeHandle
 from meshcore.config import DEFAULT_CONSOLE_PORT
+from meshcore.httpguard import HttpGuard, bearer_ok
 from meshcore.server import serve_asgi
+from meshcore_console.access import enter_with_key, key_challenge, passes_key, query_key
 from meshcore_console.payload import build_payload
 
 DEFAULT_HEARTBEAT_S = 15.0
@@ -49,12 +52,21 @@ def is_loopback(request: Request) -> bool:
     return True
 
 
+def may_see_token(node: NodeHandle, request: Request) -> bool:
+    """The join token goes to a caller that passed the node's --api-key, or, on a node
+    without one, to a caller on the node itself."""
+    key = node.config.api_key
+    if key:
+        return passes_key(request.scope, key) or bearer_ok(request.scope, key)
+    return is_loopback(request)
+
+
 def payload_for(node: NodeHandle, request: Request) -> dict[str, Any]:
-    """The status payload as this caller may see it (the join token only on loopback)."""
+    """The status payload as this caller may see it (see :func:`may_see_token`)."""
     api_host = "127.0.0.1"
     if node.config.listen_all:
         api_host = request.url.hostname or api_host
-    return build_payload(node, loopback=is_loopback(request), api_host=api_host)
+    return build_payload(node, loopback=may_see_token(node, request), api_host=api_host)
 
 
 def sse(event: str, data: Any, event_id: int | None = None, retry_ms: int | None = None
@@ -119,18 +131,9 @@ class ChatProxy:
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0))
 
     async def handle(self, request: Request) -> Response:
-        # JSON only: a cross-site form post (no CORS preflight) cannot drive the model.
-        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-            return JSONResponse({"error": "POST /api/chat needs 'Content-Type: "
-                                          "application/json'"}, 415)
-        if self.node.config.api_key and not is_loopback(request):
-            return JSONResponse({"error": "this node's API needs its --api-key, which the console "
-                                          "only lends to callers on the node itself: open the "
-                                          "console at 127.0.0.1, or call the API with the key"},
-                                403)
+        # HttpGuard already required JSON (a cross-site form post cannot drive the model),
+        # the node's --api-key (which this relay then lends), and a body under MAX_CHAT_BODY.
         body = await request.body()
-        if len(body) > MAX_CHAT_BODY:
-            return JSONResponse({"error": f"chat request over {MAX_CHAT_BODY} bytes"}, 413)
         try:
             payload = json.loads(body)
             if not isinstance(payload, dict) or not isinstance(payload.get("messages"), list):
@@ -175,6 +178,8 @@ def build_app(node: NodeHandle) -> Starlette:
     chat = ChatProxy(node)
 
     async def index(request: Request) -> Response:
+        if node.config.api_key and query_key(request.scope) is not None:  # checked by the guard
+            return enter_with_key(request.scope, node.config.api_key)
         return HTMLResponse(static.joinpath("index.html").read_text(encoding="utf-8"),
                             headers={"cache-control": "no-cache"})
 
@@ -198,7 +203,12 @@ def build_app(node: NodeHandle) -> Starlette:
     ]
     for extra in node.collect("meshcore_console_routes", node=node):
         routes.extend(extra)
-    app = Starlette(routes=routes)
+    key = node.config.api_key
+    guard = Middleware(HttpGuard, bind_host=node.config.bind_host, api_key=key,
+                       max_body=MAX_CHAT_BODY, open_paths=(),
+                       authorized=functools.partial(passes_key, api_key=key) if key else None,
+                       challenge=key_challenge)
+    app = Starlette(routes=routes, middleware=[guard])
     app.state.aclose = chat.aclose
     return app
 

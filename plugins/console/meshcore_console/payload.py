@@ -38,8 +38,14 @@ def missing_gb(plan: Plan) -> float:
     return math.ceil(plan.missing_vram / GB * 10) / 10  # as the election words it
 
 
-def badge(plan: Plan, me: Peer, host: Peer | None, missing: float) -> dict[str, str]:
-    """The status badge: ``kind`` (a CSS class), ``text`` and a one-line ``detail``."""
+ALONE = "serving alone: no other node has joined yet (add one with the join command)"
+
+
+def badge(plan: Plan, me: Peer, host: Peer | None, missing: float, *, alone: bool = False
+          ) -> dict[str, str]:
+    """The status badge: ``kind`` (a CSS class), ``text`` and a one-line ``detail``.
+    ``alone``: no other node that could work for this one has joined (a lone host is not
+    told to ``--split``: there is nobody to split with)."""
     if me.is_client:
         if plan.state is PlanState.WAITING:
             return {"kind": "client", "text": "Client", "detail": plan.reason}
@@ -51,7 +57,8 @@ def badge(plan: Plan, me: Peer, host: Peer | None, missing: float) -> dict[str, 
         return {"kind": "waiting", "text": text, "detail": plan.reason}
     if plan.host_id == me.id:
         if me.serving is Serving.READY:
-            return {"kind": "host", "text": "Host", "detail": plan.reason}
+            solo_alone = alone and plan.state is PlanState.SOLO
+            return {"kind": "host", "text": "Host", "detail": ALONE if solo_alone else plan.reason}
         if me.serving is Serving.ERROR:
             return {"kind": "error", "text": "Host failed",
                     "detail": fields.ERROR.read(me) or "the model server did not start; "
@@ -141,8 +148,9 @@ def diagram(view: MeshView, plan: Plan, transport_links: Mapping[str, str]
 
 
 def build_payload(node: NodeHandle, *, loopback: bool, api_host: str) -> dict[str, Any]:
-    """Everything the page shows. ``loopback``: the caller is on this machine (only then is the
-    join token included); ``api_host``: the host name the caller should use for the API."""
+    """Everything the page shows. ``loopback``: the caller may see the join token (it passed
+    the --api-key, or, on a node without one, is on this machine: ``app.may_see_token``);
+    ``api_host``: the host name the caller should use for the API."""
     status: dict[str, Any] = node.status()
     view: MeshView = node.view()
     plan: Plan = node.plan
@@ -165,7 +173,8 @@ def build_payload(node: NodeHandle, *, loopback: bool, api_host: str) -> dict[st
         **status,
         "role": me.role.value,
         "is_client": me.role is Role.CLIENT,
-        "badge": badge(plan, me, host, missing),
+        "badge": badge(plan, me, host, missing,
+                       alone=not any(not p.is_client for p in view.others)),
         "peers": peers,
         "peers_count": len(peers),
         "nodes": nodes,

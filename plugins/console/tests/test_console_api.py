@@ -67,6 +67,9 @@ async def test_solo_host(mesh_harness: Any) -> None:
     assert data["id"] == host.id
     assert (data["role"], data["is_host"], data["is_client"]) == ("HOST", True, False)
     assert data["badge"]["text"] == "Host"
+    # a lone host is not told to --split: there is nobody to split with
+    assert data["badge"]["detail"] == ("serving alone: no other node has joined yet "
+                                       "(add one with the join command)")
     assert (data["peers_count"], data["peers"]) == (0, [])
     assert (data["plan_state"], data["tensor_split"], data["rpc_entries"]) == ("SOLO", [1.0], [])
     assert data["plan_reason"] == "model fits on host; use --split to force"
@@ -83,12 +86,13 @@ async def test_join_token_only_for_loopback_callers(mesh_harness: Any) -> None:
         remote = await status(host, caller="10.1.2.3")
         local = await status(host, caller="::1", base_url="http://[::1]:3131")
         named = await status(host, base_url="http://localhost:3131")
-        rebound = await status(host, base_url="http://evil.example:3131")  # DNS rebinding
+        async with console(host, base_url="http://evil.example:3131") as client:
+            rebound = await client.get("/api/status")  # DNS rebinding: refused outright
     assert remote["join_token"] is None and remote["join_command"] is None
     assert remote["token_hidden"] is True
     token = host.transport.invite_token()
     assert local["join_token"] == named["join_token"] == token and not local["token_hidden"]
-    assert rebound["join_token"] is None
+    assert rebound.status_code == 421 and "evil.example" in rebound.json()["error"]["message"]
 
 
 async def test_idle_worker(mesh_harness: Any) -> None:
@@ -96,7 +100,8 @@ async def test_idle_worker(mesh_harness: Any) -> None:
         host = await mesh.add(8, console_port=0)
         worker = await mesh.add(4, console_port=0)
         await ready(mesh, host, worker, peers=2)
-        data = await status(worker)
+        data, hosting = await status(worker), await status(host)
+    assert hosting["badge"]["detail"] == "model fits on host; use --split to force"  # not alone
     assert (data["role"], data["is_host"]) == ("WORKER", False)
     assert data["badge"] == {"kind": "idle", "text": "Worker idle",
                              "detail": "model fits on host; use --split to force"}
@@ -204,10 +209,12 @@ async def test_events_push_joins_plan_changes_and_leaves(mesh_harness: Any) -> N
                 assert [n["id"] for n in left["nodes"]] == [host.id]
 
 
-async def chat(node: Any, content: str) -> tuple[str, dict[str, Any]]:
+async def chat(node: Any, content: str, key: str | None = None) -> tuple[str, dict[str, Any]]:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
     async with console(node) as client:
         r = await client.post("/api/chat", json={"messages": [{"role": "user",
-                                                               "content": content}]})
+                                                               "content": content}]},
+                              headers=headers)
     assert r.status_code == 200, r.text
     text, timings = "", dict[str, Any]()
     for _, chunk in parse_sse(r.text.replace("data: [DONE]\n\n", "")):
@@ -221,14 +228,14 @@ async def test_chat_streams_from_the_host_for_host_and_client(mesh_harness: Any)
         host = await mesh.add(8, console_port=0, api_key="s3cret")
         client = await mesh.add(client=True, console_port=0)
         await ready(mesh, host, client, peers=2)
-        assert await chat(host, "hello mesh") == (" hello mesh", {
+        assert await chat(host, "hello mesh", key="s3cret") == (" hello mesh", {
             "predicted_n": 2, "predicted_ms": 10.0, "predicted_per_second": 200.0,
             "prompt_n": 1, "draft_n": 2, "draft_n_accepted": 1})
         text, _ = await chat(client, "through the tunnel")
         assert text == " through the tunnel"
-        async with console(host, caller="10.1.2.3") as remote:  # the key is not lent out
-            refused = await remote.post("/api/chat", json={"messages": []})
-        assert refused.status_code == 403 and "--api-key" in refused.json()["error"]
+        async with console(host, caller="10.1.2.3") as remote:  # the key is lent only to
+            refused = await remote.post("/api/chat", json={"messages": []})  # its holders
+        assert refused.status_code == 401 and "--api-key" in refused.json()["error"]["message"]
         async with httpx.AsyncClient() as direct:  # the key the console passed is needed
             r = await direct.post(f"http://127.0.0.1:{host.api_port}/v1/chat/completions",
                                   json={"messages": []})
@@ -245,7 +252,7 @@ async def test_chat_rejects_bad_bodies_and_reports_no_host(mesh_harness: Any) ->
                                     headers={"content-type": "application/json"})
             wrong = await client.post("/api/chat", json={"prompt": "hi"})
             waiting = await client.post("/api/chat", json={"messages": []})
-    assert form.status_code == 415 and "application/json" in form.json()["error"]
+    assert form.status_code == 415 and "application/json" in form.json()["error"]["message"]
     assert bad.status_code == 400 and "chat request body is not valid" in bad.json()["error"]
     assert wrong.status_code == 400 and "'messages' list" in wrong.json()["error"]
     assert waiting.status_code == 503 and "waiting for" in waiting.text

@@ -116,3 +116,78 @@ async def test_screenshot_of_a_three_node_mesh(tmp_path: Path) -> None:
     out = tmp_path / "console.png"
     await screenshot_three_nodes(out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+HOSTILE_MODEL = "m'; touch PWNED; echo '$(touch PWNED2)\"`touch PWNED3`"
+
+
+async def test_a_hostile_model_name_pastes_as_plain_text(browser: Any, mesh_harness: Any,
+                                                         tmp_path: Path) -> None:
+    """The curl snippet, run by a real POSIX shell (curl stubbed to print its arguments),
+    passes the model name as data and runs nothing."""
+    import json
+    import subprocess
+
+    from playwright.async_api import expect
+
+    async with mesh_harness() as mesh:
+        host = await mesh.add(8, model=HOSTILE_MODEL, console_port=0)
+        await mesh.wait_for(lambda: host.state.me.serving is Serving.READY, what="host ready")
+        page = await open_console(browser, host)
+        await expect(page.locator("#snippet-curl")).to_contain_text("touch PWNED")
+        snippet = await page.locator("#snippet-curl").inner_text()
+    script = 'curl() { for a in "$@"; do printf "%s\\0" "$a"; done; }\n' + snippet
+    out = subprocess.run(["sh", "-c", script], cwd=tmp_path, capture_output=True, check=True)
+    args = out.stdout.decode().split("\0")[:-1]
+    assert not list(tmp_path.iterdir()), "pasting the snippet ran a command"
+    assert args[0] == f"http://127.0.0.1:{host.api_port}/v1/chat/completions"
+    assert json.loads(args[args.index("-d") + 1])["model"] == HOSTILE_MODEL
+
+
+async def test_a_long_client_id_stays_inside_its_box(browser: Any, mesh_harness: Any) -> None:
+    from playwright.async_api import expect
+
+    long_id = "client-" + "0123456789abcdef" * 4
+    async with mesh_harness() as mesh:
+        host = await mesh.add(8, console_port=0)
+        await mesh.add(client=True, node_id=long_id)
+        await mesh.wait_for(lambda: len(host.view().peers) == 2, what="client joined")
+        page = await open_console(browser, host)
+        node = page.locator(f'#topology g.node[data-id="{long_id}"]')
+        await expect(node).to_be_visible()
+        box = await node.locator(".box").bounding_box()
+        label = await node.locator("text").nth(1).bounding_box()  # role, id, VRAM
+        assert box and label and label["width"] <= box["width"], (label, box)
+        assert await node.locator("title").text_content() == long_id
+        cell = page.locator(f'#peers tr[data-id="{long_id}"] td').first
+        span = await cell.locator(".cell").bounding_box()
+        td = await cell.bounding_box()
+        assert span and td and span["width"] <= td["width"]
+        assert await cell.locator(".cell").get_attribute("title") == long_id
+
+
+async def test_a_keyed_console_asks_for_the_key_once(browser: Any, mesh_harness: Any) -> None:
+    from playwright.async_api import expect
+
+    async with mesh_harness() as mesh:
+        host = await mesh.add(8, console_port=0, api_key="k3y")
+        await mesh.wait_for(lambda: host.state.me.serving is Serving.READY, what="host ready")
+        base = f"http://127.0.0.1:{host.uis['console'].port}/"
+        page = await browser.new_page()
+        first = await page.goto(base)
+        assert first is not None and first.status == 401
+        await page.fill("#key-input", "wrong")
+        await page.click("#key-form button")
+        await expect(page.locator("h2")).to_have_text("This node needs its API key")
+        assert "That key is wrong" in await page.content()
+        await page.fill("#key-input", "k3y")
+        await page.click("#key-form button")
+        await expect(page.locator("#conn")).to_have_text("live")
+        assert page.url == base, "the key does not stay in the address"
+        await expect(page.locator("#join-command")).to_contain_text("mesh-llm --join")
+        cookie = (await page.context.cookies())[0]
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        assert "k3y" not in cookie["value"]
+        await page.fill("#chat-input", "keyed chat")
+        await page.click("#chat-send")
+        await expect(page.locator(".msg.assistant")).to_have_text(" keyed chat")

@@ -36,6 +36,9 @@ def test_rpc_entries_accept_other_shapes_and_junk() -> None:
 def test_badges() -> None:
     host = Peer("h", Role.HOST, serving=Serving.READY)
     assert badge(SPLIT, host, host, 0)["text"] == "Host"
+    solo = Plan(PlanState.SOLO, host_id="h", reason="model fits on host; use --split to force")
+    assert "--split" in badge(solo, host, host, 0)["detail"]  # a worker could be split with
+    assert badge(solo, host, host, 0, alone=True)["detail"].startswith("serving alone")
     loading = Peer("h", Role.HOST, serving=Serving.LOADING)
     assert badge(SPLIT, loading, loading, 0)["text"] == "Loading"
     failed = Peer("h", Role.HOST, serving=Serving.ERROR, extra={"error": "exit 1: bad gguf"})

@@ -23,6 +23,18 @@ function svgText(parent, x, y, content, cls) {
   return t;
 }
 
+// An id cut to fit `width` px of 11px text ("…" at the end); the full id goes in a title.
+function fit(value, width) {
+  const max = Math.max(4, Math.floor((width - 12) / 6.4));
+  return value.length <= max ? value : `${value.slice(0, max - 1)}…`;
+}
+
+// POSIX shell single quotes: nothing inside is special, and a ' becomes '\'' (close the
+// quotes, an escaped quote, reopen), so a hostile model name pastes as plain text.
+function shellQuote(value) {
+  return `'${String(value).replace(/'/g, "'\\''")}'`;
+}
+
 function linkClass(label) {
   if (label === "RPC") return "rpc";
   if (label === "API tunnel") return "api";
@@ -81,7 +93,9 @@ function drawTopology(p) {
     svgEl("rect", { class: "box", x: at.x - at.w / 2, y: at.y, width: at.w, height: at.h,
       rx: 6 }, g);
     svgText(g, at.x, at.y + 17, n.role, "role");
-    svgText(g, at.x, at.y + 32, n.id + (n.is_self ? " (you)" : ""));
+    svgEl("title", {}, g).textContent = n.id;
+    const suffix = n.is_self ? " (you)" : "";
+    svgText(g, at.x, at.y + 32, fit(n.id, at.w - suffix.length * 6.4) + suffix, "id");
     const vram = n.role === "CLIENT" ? "no VRAM" : `${gb(n.vram_gb)} · ${n.serving}`;
     svgText(g, at.x, at.y + 46, vram);
     if (n.share != null) {
@@ -101,7 +115,11 @@ function drawPeers(p) {
     for (const v of [peer.id, peer.role, vram, peer.model || "-", rtt, peer.link || "-",
       peer.serving]) {
       const td = document.createElement("td");
-      td.textContent = v;
+      const cell = document.createElement("span");
+      cell.className = "cell";
+      cell.textContent = v;
+      cell.title = v;  // long ids and model names are cut with an ellipsis; hover shows all
+      td.appendChild(cell);
       tr.appendChild(td);
     }
     body.appendChild(tr);
@@ -109,17 +127,20 @@ function drawPeers(p) {
   text("peer-count", `${p.peers_count} peer${p.peers_count === 1 ? "" : "s"}`);
 }
 
+// Every value a member or the network chose (model name, API address) is quoted for the
+// language it is pasted into: POSIX shell single quotes, JSON string literals for Python.
 function snippets(p) {
   const model = p.model || "default";
+  const body = JSON.stringify({ model, messages: [{ role: "user", content: "Hello!" }] });
   const auth = p.api_key_required ? ' \\\n  -H "Authorization: Bearer $MESH_LLM_API_KEY"' : "";
   $("snippet-curl").textContent =
-    `curl ${p.api_url}/chat/completions \\\n  -H "Content-Type: application/json"${auth} \\\n` +
-    `  -d '{"model": "${model}", "messages": [{"role": "user", "content": "Hello!"}]}'`;
+    `curl ${shellQuote(`${p.api_url}/chat/completions`)} \\\n` +
+    `  -H 'Content-Type: application/json'${auth} \\\n  -d ${shellQuote(body)}`;
   const key = p.api_key_required ? 'os.environ["MESH_LLM_API_KEY"]' : '"none"';
   $("snippet-python").textContent =
     (p.api_key_required ? "import os\n" : "") + "from openai import OpenAI\n\n" +
-    `client = OpenAI(base_url="${p.api_url}", api_key=${key})\n` +
-    `reply = client.chat.completions.create(\n    model="${model}",\n` +
+    `client = OpenAI(base_url=${JSON.stringify(p.api_url)}, api_key=${key})\n` +
+    `reply = client.chat.completions.create(\n    model=${JSON.stringify(model)},\n` +
     '    messages=[{"role": "user", "content": "Hello!"}],\n)\n' +
     "print(reply.choices[0].message.content)";
 }
