@@ -141,8 +141,13 @@ class Routing(NodeHandle, Protocol):
     def not_ready_reason(self) -> str: ...
 
 
+STOPPING = "the node is shutting down; retry on another node of the mesh"
+
+
 def build_api(node: Routing) -> Starlette:
     client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0))
+    inflight: set[httpx.Response | anyio.CancelScope] = set()  # what a stopping node ends
+    stopping = anyio.Event()
 
     async def health(request: Request) -> Response:
         upstream = await node.upstream()
@@ -189,17 +194,32 @@ def build_api(node: Routing) -> Starlette:
             seen.finish(502)
             return error(502, f"host {node.plan.host_id} did not answer: {exc!r}", "bad_gateway")
         if resp is None:
-            seen.finish(CLIENT_LEFT)
+            seen.finish(503 if stopping.is_set() else CLIENT_LEFT)
+            if stopping.is_set():
+                return error(503, STOPPING, "unavailable")
             return Response(status_code=CLIENT_LEFT)
         headers = {k: v for k, v in resp.headers.items() if k.lower() in PASSED_HEADERS}
         body_chunks = seen.relay(resp)
+        inflight.add(resp)
+
+        async def relayed() -> AsyncGenerator[bytes]:
+            try:
+                async for chunk in body_chunks:
+                    yield chunk
+            except httpx.HTTPError:
+                if not stopping.is_set():
+                    raise
+                if payload.get("stream") is True:  # the stream ends with a clear reason
+                    yield b'data: {"error": {"message": "%s", "code": 503}}\n\n' % (
+                        STOPPING.encode())
 
         async def end() -> None:  # also when the client left before the body was started
+            inflight.discard(resp)
             await body_chunks.aclose()
             await resp.aclose()
             seen.finish(CLIENT_LEFT)
 
-        return StreamingResponse(body_chunks, resp.status_code, headers,
+        return StreamingResponse(relayed(), resp.status_code, headers,
                                  background=BackgroundTask(end))
 
     async def send_unless_gone(request: Request, req: httpx.Request) -> httpx.Response | None:
@@ -214,10 +234,13 @@ def build_api(node: Routing) -> Starlette:
                 tg.cancel_scope.cancel()
 
             tg.start_soon(watch)
+            inflight.add(tg.cancel_scope)
             try:
                 resp = await client.send(req, stream=True)
             except httpx.HTTPError as exc:  # raised below, not wrapped in an ExceptionGroup
                 resp = exc
+            finally:
+                inflight.discard(tg.cancel_scope)
             tg.cancel_scope.cancel()
         if isinstance(resp, httpx.HTTPError):
             raise resp
@@ -225,6 +248,13 @@ def build_api(node: Routing) -> Starlette:
 
     async def close_client() -> None:
         await client.aclose()
+
+    async def end_inflight() -> None:
+        """The node stops: end every relayed request now (503, or a last SSE error event),
+        so the server's graceful shutdown finds none left and the host's server is free."""
+        stopping.set()
+        for item in list(inflight):
+            await item.aclose() if isinstance(item, httpx.Response) else item.cancel()
 
     app = Starlette(
         routes=[
@@ -238,6 +268,7 @@ def build_api(node: Routing) -> Starlette:
                                api_key=node.config.api_key, max_body=MAX_BODY)],
     )
     app.state.close_client = close_client
+    app.state.end_inflight = end_inflight
     return app
 
 
@@ -246,7 +277,8 @@ async def serve_api(node: Routing, *, task_status: TaskStatus[int] = anyio.TASK_
     """Serve the node's API on ``--port`` (loopback unless ``--listen-all``)."""
     app = build_api(node)
     try:
-        await serve_asgi(app, node.config.bind_host, node.config.api_port, task_status=task_status)
+        await serve_asgi(app, node.config.bind_host, node.config.api_port,
+                         task_status=task_status, on_stop=app.state.end_inflight)
     finally:
         with anyio.CancelScope(shield=True):
             await app.state.close_client()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -13,8 +13,10 @@ from anyio.abc import TaskStatus
 
 
 async def serve_asgi(app: Any, host: str, port: int, *,
-                     task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+                     task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+                     on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
     """Serve ``app`` on ``host:port`` (0 = a free port) until cancelled; reports the port.
+    ``on_stop`` runs first when cancelled, before the graceful shutdown (to end requests).
 
     Connections are capped and must send their requests in time (:mod:`meshcore.httplimits`).
     The socket is bound here, before uvicorn starts, so a taken port fails fast with a clear
@@ -52,6 +54,9 @@ async def serve_asgi(app: Any, host: str, port: int, *,
         await asyncio.shield(serving)
     finally:
         if not serving.done():
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                if on_stop is not None:
+                    await on_stop()
             server.should_exit = True
             with anyio.CancelScope(shield=True):
                 with anyio.move_on_after(2):

@@ -199,3 +199,44 @@ def test_killed_llama_server_gives_503_with_a_reason_then_recovers(tmp_path: Pat
         assert r.status_code == 200, r.text
         status = node.status()["backend"]
         assert status["llama_server"]["pid"] != old and status["restarts"] >= 1
+
+
+def test_ctrl_c_mid_request_ends_requests_cleanly_and_exits_0(tmp_path: Path) -> None:
+    """Issue 14: Ctrl-C (SIGINT) while a streamed and a plain request are generating: both
+    end with a clear 503 reason (the stream with a last ``data:`` error event), llama-server
+    is stopped by SIGTERM (exit 0, not SIGKILLed), mesh-llm exits 0 without a traceback.
+    (Before: uvicorn's 1 s graceful limit printed an ASGI traceback and the plain request got
+    a bare 'Internal Server Error'.)"""
+    with mesh_node(tmp_path) as node:
+        ask = {"messages": [{"role": "user", "content": "Write a very long story."}],
+               "max_tokens": 3000}
+        results: dict[str, Any] = {}
+
+        def plain() -> None:
+            r = httpx.post(f"{node.url}/v1/chat/completions", json=ask, timeout=60)
+            results["plain"] = (r.status_code, r.text)
+
+        def streamed() -> None:
+            with httpx.stream("POST", f"{node.url}/v1/chat/completions", timeout=60,
+                              json={**ask, "stream": True}) as r:
+                lines = [line for line in r.iter_lines() if line.startswith("data:")]
+            results["stream"] = lines
+
+        threads = [threading.Thread(target=f) for f in (plain, streamed)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while node.status()["api"]["requests"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.5)  # both are generating now (the stream has sent tokens)
+        node.proc.send_signal(signal.SIGINT)
+        assert node.proc.wait(20) == 0, "".join(node.lines[-20:])
+        for t in threads:
+            t.join(30)
+    log = "".join(node.lines)
+    assert "Traceback" not in log, log
+    code, text = results["plain"]
+    assert code == 503 and "shutting down" in text, (code, text)
+    lines = results["stream"]
+    assert len(lines) > 3 and "shutting down" in lines[-1], lines[-3:]
+    assert re.search(r"stopped llama-server \(pid \d+, exit 0\)", log), log
