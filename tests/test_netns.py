@@ -78,11 +78,13 @@ def ns_node(tmp_path: Path) -> Iterator[Callable[..., NsNode]]:
     namespaces go."""
     started: list[NsNode] = []
 
-    def start(ns: Namespace, *args: str, name: str = "") -> NsNode:
+    def start(ns: Namespace, *args: str, name: str = "",
+              options: dict[str, Any] | None = None) -> NsNode:
         home = tmp_path / (name or ns.name)
         home.mkdir(exist_ok=True)
         env = {**os.environ, "MESH_LLM_HOME": str(home), "PYTHONUNBUFFERED": "1",
-               "MESH_LLM_OPTIONS": json.dumps(FAST)}
+               "MESH_LLM_OPTIONS": json.dumps(FAST if options is None else options),
+               "MESH_LLM_THREADS": "1"}
         log_path = home / "mesh-llm.log"
         argv = [sys.executable, "-m", "meshcore_cli", *args, "--port", "0"]
         with log_path.open("wb") as log:
@@ -167,3 +169,61 @@ def test_cut_origin_node_is_redialed_by_the_others_when_the_link_returns(
         logs = a.log() + b.log() + c.log()
         assert "reachable again" in logs
         assert "Traceback" not in logs
+
+
+CUT_S = float(os.environ.get("MESH_LLM_TEST_CUT_S", "7"))  # the issue's 3 s, and then some
+
+
+def test_a_cut_during_a_split_keeps_llama_server_and_answers_every_request(
+        ns_node: Callable[..., NsNode]) -> None:
+    """Issue 14: the link between a split's host and worker is cut for 7 s (default timers;
+    the issue asks for 3 s): the QUIC connection is not dropped (silence, not death: with the
+    old 5 s limit it was), the split's tunnel is a
+    TCP fast-path connection that outlives the cut, so llama-server keeps its pid (before, the
+    tunnel died, llama-server aborted and was restarted) and every request is answered."""
+    from meshcore_backend_llamacpp.build import cached_bin_dir
+
+    if cached_bin_dir() is None:
+        pytest.skip("llama.cpp binaries are not built")
+    real = ("--model", "SmolLM2-135M")
+    with veth_pair("10.78.0") as (ns_a, ns_b):
+        a = ns_node(ns_a, *real, "--max-vram", "8", "--split", options={})
+        b = ns_node(ns_b, *real, "--max-vram", "4", "--join", a.token, options={})
+        status = a.wait(lambda s: s["plan"]["state"] == "SPLIT"
+                        and s["backend"]["serving_current_plan"], "a's split server", 240)
+        pid = status["backend"]["llama_server"]["pid"]
+        b_id = status["plan"]["participants"][0]["peer_id"]
+        assert {p["id"]: p["link"] for p in status["peers"]}[b_id] == "TCP+AES-GCM", status
+
+        def ask() -> tuple[int, str]:
+            body = json.dumps({"prompt": "The capital of France is", "max_tokens": 8,
+                               "temperature": 0})
+            argv = ns_a.exec_argv(["curl", "-s", "-m", "60", "-w", "\n%{http_code}", "-H",
+                                   "content-type: application/json", "-d", body,
+                                   f"http://127.0.0.1:{a.api_port}/v1/completions"])
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=90)
+            text, _, code = done.stdout.rpartition("\n")
+            return (int(code) if code.isdigit() else 0), text
+
+        answers: list[tuple[int, str]] = []
+        stop = time.monotonic() + CUT_S + 9
+
+        def keep_asking() -> None:
+            while time.monotonic() < stop:
+                answers.append(ask())
+
+        import threading
+
+        asker = threading.Thread(target=keep_asking)
+        asker.start()
+        time.sleep(2)
+        ns_a.link(up=False)
+        time.sleep(CUT_S)
+        ns_a.link(up=True)
+        asker.join(120)
+        assert len(answers) >= 2 and all(code == 200 for code, _ in answers), answers
+        after = a.wait(lambda s: True, "a's status")
+        assert after["backend"]["llama_server"]["pid"] == pid, after["backend"]
+        assert after["backend"]["restarts"] == 0 and b_id in peers(after)
+        assert ask()[0] == 200
+        assert "Traceback" not in a.log() + b.log()

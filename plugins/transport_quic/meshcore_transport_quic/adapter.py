@@ -179,7 +179,10 @@ class RecordTransport(asyncio.BufferedProtocol, asyncio.Transport):
         if tcp is None or tcp.is_closing() or self.session.eof_sent:
             return
         tcp.write(self.session.send_eof())
-        tcp.write_eof()  # asyncio sends the FIN after the buffered bytes
+        try:
+            tcp.write_eof()  # asyncio sends the FIN after the buffered bytes
+        except OSError:  # the peer is gone already (shutdown() raises ENOTCONN)
+            tcp.abort()
 
     def get_write_buffer_size(self) -> int:
         return self.tcp.get_write_buffer_size() if self.tcp is not None else 0

@@ -1,10 +1,13 @@
 """The mesh handshake run on the first QUIC stream, after TLS pinned the server's certificate.
 
-The client sends HELLO: its id, a per-process boot id, its certificate, a nonce, a signature
-over the context by its own key (so the server can bind the node id to a certificate) and an
-HMAC of the context with the mesh secret. The server checks both, then answers WELCOME with its
-own HMAC. The context hashes both fingerprints, so a proof made for one server is useless
-against any other. Nothing else is accepted on a connection before this succeeds.
+The server speaks first: CHALLENGE, a fresh random nonce of this connection. The client
+answers HELLO: its id, a per-process boot id, its certificate, its own nonce, the challenge, a
+signature over the context by its own key (so the server can bind the node id to a
+certificate) and an HMAC of the context with the mesh secret. The server checks both, then
+answers WELCOME with its own HMAC. The context hashes both fingerprints and both nonces, so a
+proof made for one server is useless against any other, and a HELLO captured on one
+connection is useless on the next (its challenge is stale). Nothing else is accepted on a
+connection before this succeeds.
 """
 
 from __future__ import annotations
@@ -20,17 +23,17 @@ from typing import Any
 
 from meshcore_transport_quic.identity import Identity, fingerprint, verify_signature
 
-LABEL = b"mesh-llm/1 auth\x00"
+LABEL = b"mesh-llm/2 auth\x00"  # /2: the server's challenge is in the context
 
 
 class AuthError(Exception):
     """The peer failed the handshake; ``str()`` is the reason sent in the close."""
 
 
-def _context(client_fp: bytes, server_fp: bytes, nonce: bytes, client_id: str,
-             client_boot: str) -> bytes:
+def _context(client_fp: bytes, server_fp: bytes, nonce: bytes, challenge: bytes,
+             client_id: str, client_boot: str) -> bytes:
     ids = json.dumps([client_id, client_boot]).encode()
-    return hashlib.sha256(LABEL + client_fp + server_fp + nonce + ids).digest()
+    return hashlib.sha256(LABEL + client_fp + server_fp + nonce + challenge + ids).digest()
 
 
 def _mac(secret: bytes, role: bytes, context: bytes, extra: str = "") -> bytes:
@@ -59,12 +62,23 @@ class Hello:
     info: PeerInfo
 
 
-def make_hello(identity: Identity, secret: bytes, server_fp: bytes, node_id: str, boot: str,
-               info: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-    """The HELLO body and the context the WELCOME must answer."""
-    nonce = secrets.token_bytes(16)
-    ctx = _context(identity.fingerprint, server_fp, nonce, node_id, boot)
-    body = {"id": node_id, "boot": boot, "nonce": nonce.hex(),
+def new_challenge() -> tuple[dict[str, Any], bytes]:
+    """The server's CHALLENGE body and its nonce (fresh per connection)."""
+    nonce = secrets.token_bytes(NONCE)
+    return {"nonce": nonce.hex()}, nonce
+
+
+def check_challenge(body: dict[str, Any]) -> bytes:
+    """The nonce of a server's CHALLENGE; :class:`AuthError` when malformed."""
+    return _hex(body, "nonce", "CHALLENGE", NONCE)
+
+
+def make_hello(identity: Identity, secret: bytes, server_fp: bytes, challenge: bytes,
+               node_id: str, boot: str, info: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    """The HELLO body answering ``challenge`` and the context the WELCOME must answer."""
+    nonce = secrets.token_bytes(NONCE)
+    ctx = _context(identity.fingerprint, server_fp, nonce, challenge, node_id, boot)
+    body = {"id": node_id, "boot": boot, "nonce": nonce.hex(), "challenge": challenge.hex(),
             "cert": base64.b64encode(identity.cert_der).decode(),
             "sig": identity.sign(ctx).hex(), "mac": _mac(secret, b"client", ctx).hex(),
             "info": info}
@@ -72,6 +86,7 @@ def make_hello(identity: Identity, secret: bytes, server_fp: bytes, node_id: str
 
 
 MAX_ID = 128  # node ids and boot ids: printable ASCII, bounded
+NONCE = 16
 MAX_CERT = 8192
 
 
@@ -120,11 +135,18 @@ def _info(body: dict[str, Any], what: str) -> PeerInfo:
     return PeerInfo(port or 0, checked if port else (), offer, info.get("peer"))
 
 
-def check_hello(body: dict[str, Any], secret: bytes, server_fp: bytes) -> Hello:
-    """Verify a HELLO as the server; raises :class:`AuthError` with the reason to send (and
-    nothing else, whatever the body holds: it comes from a peer not yet authenticated)."""
+def check_hello(body: dict[str, Any], secret: bytes, server_fp: bytes,
+                challenge: bytes) -> Hello:
+    """Verify a HELLO as the server, on the connection it sent ``challenge`` on; raises
+    :class:`AuthError` with the reason to send (and nothing else, whatever the body holds: it
+    comes from a peer not yet authenticated)."""
     node_id, boot = _text(body, "id", "HELLO"), _text(body, "boot", "HELLO")
-    nonce = _hex(body, "nonce", "HELLO", 16)
+    if "challenge" not in body:
+        raise AuthError("the HELLO answers no challenge: the joining node runs an older "
+                        "mesh-llm; upgrade it to this node's version")
+    if not hmac.compare_digest(_hex(body, "challenge", "HELLO", NONCE), challenge):
+        raise AuthError("the HELLO answers another connection's challenge (a replayed HELLO)")
+    nonce = _hex(body, "nonce", "HELLO", NONCE)
     mac = _hex(body, "mac", "HELLO", 32)
     sig = _text(body, "sig", "HELLO", 1024)
     try:
@@ -134,7 +156,7 @@ def check_hello(body: dict[str, Any], secret: bytes, server_fp: bytes) -> Hello:
         raise AuthError("malformed HELLO: 'cert' is not base64 or 'sig' is not hex") from None
     info = _info(body, "HELLO")
     fp = fingerprint(cert)
-    ctx = _context(fp, server_fp, nonce, node_id, boot)
+    ctx = _context(fp, server_fp, nonce, challenge, node_id, boot)
     if not hmac.compare_digest(mac, _mac(secret, b"client", ctx)):
         raise AuthError("mesh secret proof failed: the joining node's token carries another "
                         "mesh's secret; get a fresh token from a node of this mesh")

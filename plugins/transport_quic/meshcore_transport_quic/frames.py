@@ -21,7 +21,7 @@ HEADER = struct.Struct("!BBI")
 
 
 class StreamType(IntEnum):
-    AUTH = 1  # bidirectional: HELLO then WELCOME
+    AUTH = 1  # bidirectional: CHALLENGE (server), HELLO (client), WELCOME (server)
     GOSSIP = 2  # unidirectional: one frame
     TUNNEL = 3  # bidirectional: u8 name length, service name, then raw bytes
 
@@ -34,6 +34,7 @@ class Kind(IntEnum):
     PING = 5
     PONG = 6
     LEAVE = 7
+    CHALLENGE = 8
 
 
 class FrameError(ValueError):

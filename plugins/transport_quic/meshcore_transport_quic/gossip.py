@@ -33,22 +33,29 @@ from meshcore_transport_quic.wire import read_frame, staple
 HINT_DELAY = 1.5  # the larger id waits this long for the smaller one to dial
 MAX_HINTED = 256  # hinted peers waiting to be dialed; more hints are dropped
 HINT_DIALS = 8  # hinted peers dialed at once
+ANNOUNCE_EVERY_S = 0.5  # a peer's announcements are applied at most this often (the latest)
 
 Accept = Callable[[MeshProtocol, QuicByteStream, BufferedByteReceiveStream], Awaitable[None]]
 
 
-def accept_record(state: MeshState, link: PeerLink, data: Any) -> None:
-    """Take a peer's announcement of itself into the mesh state (any other is refused)."""
+def checked_record(link: PeerLink, data: Any) -> Peer | None:
+    """A peer's announcement of itself, checked; None (logged) for a bad one or any other's."""
     try:
         peer = Peer.from_dict(data)
     except (ValueError, TypeError) as exc:
         log.warning("rejected an announcement from %s: %s", link.id, exc)
-        return
+        return None
     if peer.id != link.id:
         log.warning("rejected an announcement for %s sent by %s: a node may only announce "
                     "itself", peer.id, link.id)
-        return
-    state.upsert(dataclasses.replace(peer, rtt_ms=None))
+        return None
+    return dataclasses.replace(peer, rtt_ms=None)
+
+
+def accept_record(state: MeshState, link: PeerLink, data: Any) -> None:
+    """Take a peer's announcement of itself into the mesh state (any other is refused)."""
+    if (peer := checked_record(link, data)) is not None:
+        state.upsert(peer)
 
 
 class Gossip:
@@ -60,6 +67,8 @@ class Gossip:
         self.dial = dial
         self.hinted: set[str] = set()  # hinted peers waiting for (or in) a dial
         self.hint_slots = anyio.Semaphore(HINT_DIALS)
+        self.announced_at: dict[str, float] = {}  # peer id -> when its record was applied
+        self.held: dict[str, tuple[PeerLink, Peer]] = {}  # peer id -> its latest, held back
 
     def on_stream(self, proto: MeshProtocol, stream: QuicByteStream) -> None:
         self.mesh.spawn(proto, "a stream", self._handle_stream, proto, stream)
@@ -79,6 +88,10 @@ class Gossip:
             return
         if kind == StreamType.AUTH and not proto.ready.is_set():
             await self.accept(proto, stream, reader)
+            return
+        if proto.guard is not None:  # an inbound connection not yet authenticated
+            proto.guard(proto, f"opened a stream of type {kind} before the handshake")
+            await stream.aclose()
             return
         with anyio.move_on_after(AUTH_TIMEOUT):
             await proto.ready.wait()
@@ -115,7 +128,7 @@ class Gossip:
     async def _handle_frame(self, link: PeerLink, frame: Frame) -> None:
         body, state = frame.body, self.mesh.node.state
         if frame.kind is Kind.ANNOUNCE:
-            accept_record(state, link, body.get("peer"))
+            self._on_announce(link, body.get("peer"))
         elif frame.kind is Kind.PING:
             await send(link, Kind.PONG, {"t": body.get("t")})
         elif frame.kind is Kind.PONG:
@@ -136,6 +149,34 @@ class Gossip:
             state.remove(link.id)
         else:
             log.warning("peer %s sent an unexpected %s frame; ignored", link.id, frame.kind.name)
+
+    def _on_announce(self, link: PeerLink, data: Any) -> None:
+        """Apply a peer's announcement, at most one per ANNOUNCE_EVERY_S: a faster one is held
+        back and replaced by any later one, so a chatty peer costs a bounded rate of state
+        changes (each may re-plan) and its latest record still arrives. A bad record is
+        rejected at once."""
+        if (peer := checked_record(link, data)) is None:
+            return
+        if link.id in self.held:
+            self.held[link.id] = (link, peer)
+            return
+        wait = self.announced_at.get(link.id, -ANNOUNCE_EVERY_S) + ANNOUNCE_EVERY_S
+        wait -= time.monotonic()
+        if wait <= 0:
+            self.announced_at[link.id] = time.monotonic()
+            self.mesh.node.state.upsert(peer)
+            return
+        self.held[link.id] = (link, peer)
+        self.mesh.spawn(link.proto, "applying an announcement", self._apply_held, link.id, wait)
+
+    async def _apply_held(self, peer_id: str, wait: float) -> None:
+        try:
+            await anyio.sleep(wait)
+        finally:
+            link, peer = self.held.pop(peer_id)
+        self.announced_at[peer_id] = time.monotonic()
+        if self.mesh.links.get(peer_id) is link:  # not for a link that is gone or replaced
+            self.mesh.node.state.upsert(peer)
 
     def _on_hint(self, via: PeerLink, data: Any) -> None:
         parsed = parse_hint(data)

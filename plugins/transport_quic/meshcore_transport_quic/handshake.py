@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +19,12 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from meshcore_transport_quic.auth import (
     AuthError,
     PeerInfo,
+    check_challenge,
     check_hello,
     check_welcome,
     make_hello,
     make_welcome,
+    new_challenge,
 )
 from meshcore_transport_quic.frames import FrameError, Kind, StreamType, encode_frame
 from meshcore_transport_quic.links import host_port
@@ -29,6 +32,7 @@ from meshcore_transport_quic.quicstream import MeshProtocol, QuicByteStream, Str
 from meshcore_transport_quic.state import (
     AUTH_TIMEOUT,
     ERR_AUTH,
+    ERR_PROTOCOL,
     HANDSHAKE_TIMEOUT,
     DialError,
     JoinRefused,
@@ -36,6 +40,7 @@ from meshcore_transport_quic.state import (
     log,
 )
 from meshcore_transport_quic.wire import (
+    MAX_DATA,
     peer_fingerprint,
     quic_config,
     read_frame,
@@ -56,6 +61,10 @@ class Authenticated:
     dialed: bool  # this node opened the connection
 
 
+MAX_PENDING = 64  # inbound connections not yet authenticated (the fast path's cap too)
+BUSY_LOG_S = 10.0  # a flood is logged once per this many seconds, not once per connection
+
+
 class Handshake:
     """Dials and accepts connections for one :class:`.state.Mesh`; every connection it makes
     hands the streams its peer opens to ``on_stream``."""
@@ -63,10 +72,32 @@ class Handshake:
     def __init__(self, mesh: Mesh, on_stream: StreamCallback) -> None:
         self.mesh = mesh
         self.on_stream = on_stream
+        self.pending: set[MeshProtocol] = set()  # inbound, not yet authenticated
+        self._busy_logged = -BUSY_LOG_S
 
     def protocol(self, quic: QuicConnection) -> MeshProtocol:
-        """The protocol of an inbound connection (it authenticates on its AUTH stream)."""
-        return MeshProtocol(quic, on_stream=self.on_stream)
+        """The protocol of an inbound connection (it authenticates on its AUTH stream,
+        guarded until then); beyond MAX_PENDING such connections a new one is dropped
+        unanswered (the dialer times out and retries; no TLS work is spent on it)."""
+        proto = MeshProtocol(quic, on_stream=self.on_stream, guard=self._violation)
+        self.pending = {p for p in self.pending if p.guard is not None and p.terminated is None}
+        if len(self.pending) < MAX_PENDING:
+            self.pending.add(proto)
+            return proto
+        now = time.monotonic()
+        if now - self._busy_logged >= BUSY_LOG_S:
+            self._busy_logged = now
+            log.warning("refusing inbound connections: %d are authenticating already "
+                        "(a flood, or many nodes joining at once; they retry)", MAX_PENDING)
+        proto.refuse()
+        return proto
+
+    @staticmethod
+    def _violation(proto: MeshProtocol, what: str) -> None:
+        """A connection not yet authenticated broke the pre-handshake rules: close it."""
+        if proto.terminated is None:
+            log.warning("refused a node at %s: it %s", proto.peer_addr, what)
+            proto.close(ERR_PROTOCOL, f"protocol error: {what}")
 
     async def dial(self, host: str, port: int,
                    fp: bytes) -> tuple[Authenticated, asyncio.BaseTransport]:
@@ -107,8 +138,6 @@ class Handshake:
     async def _client_auth(self, proto: MeshProtocol, fp: bytes, where: str) -> Authenticated:
         mesh, fast = self.mesh, self.mesh.fast
         fast_key = fast.new_key()
-        body, ctx = make_hello(mesh.ident, mesh.secret, fp, mesh.node.id, mesh.boot,
-                               self._offer(fast_key))
         stream = proto.open_stream()
         reader = BufferedByteReceiveStream(stream)
         # Valid before the HELLO leaves: the server probes our fast path once its WELCOME is
@@ -117,7 +146,14 @@ class Handshake:
         fast.keys[fast_key] = ""
         welcomed = False
         try:
-            await stream.send(bytes([StreamType.AUTH]) + encode_frame(Kind.HELLO, body))
+            await stream.send(bytes([StreamType.AUTH]))
+            with anyio.fail_after(AUTH_TIMEOUT):
+                frame = await read_frame(reader)
+            if frame.kind is not Kind.CHALLENGE:
+                raise AuthError(f"expected CHALLENGE, got {frame.kind.name}")
+            body, ctx = make_hello(mesh.ident, mesh.secret, fp, check_challenge(frame.body),
+                                   mesh.node.id, mesh.boot, self._offer(fast_key))
+            await stream.send(encode_frame(Kind.HELLO, body))
             with anyio.fail_after(AUTH_TIMEOUT):
                 frame = await read_frame(reader)
             if frame.kind is not Kind.WELCOME:
@@ -125,6 +161,7 @@ class Handshake:
             peer_id, boot, info = check_welcome(frame.body, mesh.secret, ctx)
             self._check_binding(peer_id, fp)
             welcomed = True
+            proto.admit(MAX_DATA)
         except AuthError as exc:
             proto.close(ERR_AUTH, str(exc))
             raise JoinRefused(f"{where}: {exc}") from None
@@ -144,21 +181,24 @@ class Handshake:
         """Answer the HELLO on an inbound AUTH stream; None (the connection closed, or
         closing, with the reason) when the node is refused or the WELCOME could not leave."""
         mesh = self.mesh
+        challenge, nonce = new_challenge()
         try:
+            await stream.send(encode_frame(Kind.CHALLENGE, challenge))
             with anyio.fail_after(AUTH_TIMEOUT):
                 frame = await read_frame(reader)
             if frame.kind is not Kind.HELLO:
                 raise AuthError(f"expected HELLO, got {frame.kind.name}")
-            hello = check_hello(frame.body, mesh.secret, mesh.ident.fingerprint)
+            hello = check_hello(frame.body, mesh.secret, mesh.ident.fingerprint, nonce)
             if hello.node_id == mesh.node.id:
                 raise AuthError(f"node id {hello.node_id} is this node's own id")
             self._check_binding(hello.node_id, hello.fingerprint)
         except (AuthError, FrameError, TimeoutError, anyio.BrokenResourceError,
-                anyio.EndOfStream) as exc:
+                anyio.ClosedResourceError, anyio.EndOfStream) as exc:
             reason = str(exc) or type(exc).__name__
             log.warning("refused a node at %s: %s", proto.peer_addr, reason)
             proto.close(ERR_AUTH, reason)
             return None
+        proto.admit(MAX_DATA)  # before the WELCOME: the peer's gossip may follow it at once
         fast_key = mesh.fast.new_key()
         welcome = make_welcome(mesh.secret, hello, mesh.node.id, mesh.boot,
                                self._offer(fast_key))

@@ -39,6 +39,29 @@ from meshcore_transport_quic.state import (
 
 HEAL_MAX_S = 60.0  # longest wait between redials of a removed peer
 HEAL_FOR_S = 24 * 3600.0  # give a removed peer up after a day
+PROBE_S = 1.0  # how long the liveness check waits for the peer's TCP port
+
+
+async def process_gone(link: PeerLink) -> bool:
+    """Whether a silent peer's process is gone: its fast-path TCP port refuses a connection.
+
+    A node that is only busy (loading a model, a blocked event loop, a stopped process) still
+    has its kernel accept the connection, and one behind a cut link does not answer at all:
+    both wait for ``dead_after_s``. A dead process's port is refused at once, so a crashed
+    host is dropped (and a new one elected) in seconds. Peers without a fast path (disabled)
+    listen on no TCP port, and one whose fast path never worked may sit behind a firewall
+    that rejects TCP: neither is judged this way."""
+    if not link.fast_port or not link.fast_ok:
+        return False
+    try:  # asyncio's: anyio's connect_tcp folds a refusal into a generic OSError
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(link.host, link.fast_port), PROBE_S)
+    except ConnectionRefusedError:
+        return True
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return False
 
 
 @dataclass
@@ -69,7 +92,8 @@ class Membership:
     def server_protocol(self, quic: QuicConnection, stream_handler: Any = None) -> MeshProtocol:
         """The QuicServer's ``create_protocol``: a connection that must authenticate in time."""
         proto = self.handshake.protocol(quic)
-        self.mesh.spawn(proto, "an inbound connection", self._serve_connection, proto)
+        if not proto.refused:  # a refused one is gone with its first datagram
+            self.mesh.spawn(proto, "an inbound connection", self._serve_connection, proto)
         return proto
 
     async def _serve_connection(self, proto: MeshProtocol) -> None:
@@ -245,9 +269,14 @@ class Membership:
             now = time.monotonic()
             for link in list(mesh.links.values()):
                 silent = now - link.proto.last_rx
+                why = ""
                 if silent > mesh.dead_after_s:
-                    log.warning("peer %s silent for %.1f s: dropping its connection",
-                                link.id, silent)
+                    why = f"silent for {silent:.1f} s"
+                elif silent > mesh.suspect_after_s and await process_gone(link):
+                    why = (f"silent for {silent:.1f} s and its port {link.fast_port} refuses "
+                           f"connections (the process is gone)")
+                if why:
+                    log.warning("peer %s %s: dropping its connection", link.id, why)
                     link.proto.close(ERR_TIMEOUT, "heartbeat timeout")
                     continue
                 await send(link, Kind.PING, {"t": now})

@@ -22,7 +22,11 @@ from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
 from anyio.abc import ByteStream
 
+from meshcore_transport_quic.frames import StreamType
+
 SEND_HIGH_WATER = 4 * 1024 * 1024
+PRE_AUTH_BYTES = 64 * 1024  # stream bytes a peer may send before its HELLO passes (~2 KB)
+STREAMS_AFTER_AUTH = 128  # aioquic's default stream limits, restored once authenticated
 UDP_BUFFER = 8 * 1024 * 1024
 LOOPBACK_DATAGRAM = 16 * 1024  # loopback MTU is 64 KiB; bigger datagrams mean fewer syscalls
 
@@ -136,14 +140,30 @@ class QuicByteStream(ByteStream):
 
 
 StreamCallback = Callable[["MeshProtocol", QuicByteStream], None]
+Guard = Callable[["MeshProtocol", str], None]  # (connection, what it did) -> close it
 
 
 class MeshProtocol(QuicConnectionProtocol):
-    """One peer connection. New peer-initiated streams go to ``on_stream``."""
+    """One peer connection. New peer-initiated streams go to ``on_stream``.
+
+    An inbound connection starts guarded (``guard`` is set) until :meth:`admit`: the peer may
+    open one bidirectional stream, the AUTH stream, and send at most PRE_AUTH_BYTES of stream
+    data (counted as aioquic's flow control counts them, out-of-order data included); anything
+    else goes to ``guard``, which closes the connection. The connection's flow-control window
+    starts as small as that (``wire.quic_config``), so aioquic never buffers more for it.
+    """
 
     def __init__(self, quic: QuicConnection, stream_handler: Any = None, *,
-                 on_stream: StreamCallback, large_datagrams: bool = True) -> None:
+                 on_stream: StreamCallback, large_datagrams: bool = True,
+                 guard: Guard | None = None) -> None:
         super().__init__(quic)
+        self.guard = guard
+        self.refused = False  # see refuse()
+        if guard is not None:
+            # aioquic has no setting for these: its transport parameters are written from
+            # them when the client's first flight arrives, which is after this constructor.
+            quic._local_max_streams_bidi.value = quic._local_max_streams_bidi.sent = 1
+            quic._local_max_streams_uni.value = quic._local_max_streams_uni.sent = 0
         self.on_stream = on_stream
         self.large_datagrams = large_datagrams
         self.streams: dict[int, QuicByteStream] = {}
@@ -172,12 +192,35 @@ class MeshProtocol(QuicConnectionProtocol):
         if sock is not None and self._quic.configuration.is_client:
             tune_udp_socket(sock)
 
+    def refuse(self) -> None:
+        """Drop this inbound connection before any work (no TLS, no answer): its first
+        datagram unregisters it from the QUIC server; the dialer times out and retries."""
+        self.refused = True
+        self.terminated = (0, "refused")
+        self.guard = None
+
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        if self.refused:
+            self._connection_terminated_handler()  # the server forgets this connection
+            return
         if self.peer_addr is None:
             self.set_peer_addr(addr)
         self.last_rx = time.monotonic()
         super().datagram_received(data, addr)
+        if (self.guard is not None and self.terminated is None
+                and self._quic._local_max_data.used > PRE_AUTH_BYTES):
+            self.guard(self, f"sent more than {PRE_AUTH_BYTES} bytes before the handshake")
         self._wake()
+
+    def admit(self, max_data: int) -> None:
+        """The mesh handshake passed: lift the guard and open the windows (aioquic announces
+        the new limits with its next packet)."""
+        self.guard = None
+        quic = self._quic
+        quic._local_max_data.value = max(quic._local_max_data.value, max_data)
+        for limit in (quic._local_max_streams_bidi, quic._local_max_streams_uni):
+            limit.value = max(limit.value, STREAMS_AFTER_AUTH)
+        self.transmit_soon()
 
     def close(self, error_code: int = 0, reason_phrase: str = "") -> None:
         """Close now: aioquic only reports the end after its draining period (which grows
@@ -244,6 +287,11 @@ class MeshProtocol(QuicConnectionProtocol):
             if stream is None:
                 if not self._is_new(event.stream_id):
                     return
+                if self.guard is not None and (event.stream_id != 0 or (
+                        event.data and event.data[0] != StreamType.AUTH)):
+                    if self.terminated is None:
+                        self.guard(self, "opened a stream other than AUTH before the handshake")
+                    return
                 stream = QuicByteStream(self, event.stream_id)
                 self.streams[event.stream_id] = stream
                 stream.feed(event.data, event.end_stream)
@@ -254,4 +302,8 @@ class MeshProtocol(QuicConnectionProtocol):
             if (stream := self.streams.get(event.stream_id)) is not None:
                 stream.feed_broken(f"stream reset by peer (code {event.error_code})")
         elif isinstance(event, events.ConnectionTerminated):
+            if self.guard is not None and self.terminated is None and 0 < event.error_code < 0x100:
+                # aioquic closed it for breaking QUIC's rules (e.g. more streams than allowed)
+                self.guard(self, f"broke QUIC's rules before the handshake (QUIC error "
+                                 f"{event.error_code}: {event.reason_phrase or 'no reason'})")
             self._terminate(event.error_code, event.reason_phrase)

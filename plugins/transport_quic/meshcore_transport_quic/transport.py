@@ -2,7 +2,8 @@
 
 One QUIC connection per peer pair carries control frames and, as a fallback, tunnels; tunnels
 prefer the direct TCP fast path, AES-GCM records (:mod:`.fastlinks`). Timings can be set in
-``NodeConfig.options``: ``quic_heartbeat_s`` (1), ``quic_dead_after_s`` (5),
+``NodeConfig.options``: ``quic_heartbeat_s`` (2), ``quic_dead_after_s`` (60),
+``quic_suspect_after_s`` (5: a silent peer whose TCP port refuses connections goes then),
 ``quic_reconnect_s`` (10), ``quic_heal_s`` (5, first redial of a removed peer),
 ``quic_fast_path`` (True), ``quic_addresses`` (advertised IPs),
 ``quic_max_datagram`` (1350; loopback peers use 16 KiB).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from pathlib import Path
 
 import anyio
@@ -33,7 +35,7 @@ from meshcore_transport_quic.frames import Kind, StreamType
 from meshcore_transport_quic.gossip import Gossip
 from meshcore_transport_quic.handshake import Handshake
 from meshcore_transport_quic.identity import Identity, load_identity, load_mesh_secret
-from meshcore_transport_quic.join import Join
+from meshcore_transport_quic.join import JOIN_TIMEOUT_S, Join, JoinTimeout
 from meshcore_transport_quic.links import PeerLink, host_port
 from meshcore_transport_quic.membership import Departed, Membership
 from meshcore_transport_quic.quicstream import MeshProtocol, QuicByteStream
@@ -143,12 +145,14 @@ class QuicTransport:
     async def _serve(self, join: Join, task_status: TaskStatus[None]) -> None:
         # A refusal ends the node before its banner; an unreachable mesh is retried in the
         # background while the node runs.
+        started = time.monotonic()
         joined = not join.tokens or await join.round()
         task_status.started()
         self.mesh.tg.start_soon(self.members.heartbeat_loop)
         self.mesh.tg.start_soon(self.members.heal_loop)
         if not joined:
-            await join.until_joined()
+            timeout = float(self.mesh.node.config.options.get("join_timeout_s", JOIN_TIMEOUT_S))
+            await join.until_joined(timeout, started)
         await join.rejoin_when_alone()
 
     def invite_token(self) -> str | None:
@@ -191,4 +195,4 @@ class QuicTransport:
         return self.mesh.fast.label(link)
 
 
-__all__ = ["DialError", "JoinRefused", "QuicTransport"]
+__all__ = ["DialError", "JoinRefused", "JoinTimeout", "QuicTransport"]

@@ -22,19 +22,27 @@ from meshcore_transport_quic.frames import (
     parse_header,
 )
 from meshcore_transport_quic.identity import Identity
-from meshcore_transport_quic.quicstream import MeshProtocol, QuicByteStream, tune_udp_socket
+from meshcore_transport_quic.quicstream import (
+    PRE_AUTH_BYTES,
+    MeshProtocol,
+    QuicByteStream,
+    tune_udp_socket,
+)
 
 ALPN = "mesh-llm/1"
 IDLE_TIMEOUT_S = 120.0  # a 20+ s model load must never drop a peer
 DEFAULT_DATAGRAM = 1350  # fits a 1500-byte MTU with IPv6 and UDP headers
-MAX_DATA = 32 * 1024 * 1024
+MAX_DATA = 32 * 1024 * 1024  # per connection, once authenticated (MeshProtocol.admit)
 MAX_STREAM_DATA = 8 * 1024 * 1024
 
 
 def quic_config(identity: Identity, *, client: bool, datagram: int) -> QuicConfiguration:
+    # The connection's window starts at the pre-handshake allowance: a peer not yet
+    # authenticated cannot make aioquic buffer more (the window of each stream is bounded by
+    # the connection's). MeshProtocol.admit opens it to MAX_DATA after the handshake.
     cfg = QuicConfiguration(
         is_client=client, alpn_protocols=[ALPN], idle_timeout=IDLE_TIMEOUT_S,
-        max_datagram_size=datagram, max_data=MAX_DATA, max_stream_data=MAX_STREAM_DATA,
+        max_datagram_size=datagram, max_data=PRE_AUTH_BYTES, max_stream_data=MAX_STREAM_DATA,
         verify_mode=ssl.CERT_NONE,  # the peer's certificate is pinned by fingerprint instead
     )
     if not client:

@@ -76,7 +76,7 @@ hello_keys = st.sampled_from(["id", "boot", "nonce", "cert", "sig", "mac", "info
     hello_keys, st.text(max_size=80), max_size=7))
 def test_check_hello_raises_only_auth_errors(body: dict[str, Any]) -> None:
     with pytest.raises(AuthError):
-        check_hello(body, b"s" * 32, b"f" * 32)
+        check_hello(body, b"s" * 32, b"f" * 32, b"n" * 16)
 
 
 @settings(max_examples=200, deadline=None)
@@ -87,10 +87,10 @@ def test_check_welcome_raises_only_auth_errors(body: dict[str, Any]) -> None:
 
 
 def test_a_non_ascii_mac_is_refused_not_a_type_error() -> None:
-    body = {"id": "x", "boot": "b", "nonce": "00" * 16, "cert": "AAAA", "sig": "00",
-            "mac": "\u00e9" * 64}
+    body = {"id": "x", "boot": "b", "nonce": "00" * 16, "challenge": "6e" * 16, "cert": "AAAA",
+            "sig": "00", "mac": "\u00e9" * 64}
     with pytest.raises(AuthError, match="mac"):
-        check_hello(body, b"s" * 32, b"f" * 32)
+        check_hello(body, b"s" * 32, b"f" * 32, b"n" * 16)
 
 
 @settings(max_examples=300, deadline=None)
