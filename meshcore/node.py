@@ -325,6 +325,7 @@ class Node:
                       for p in view.others],
             "me": me.to_dict(),
             "backend": self._guarded(self.backend.status) if self.backend else {},
+            "transport": self._guarded(getattr(self.transport, "status", dict)),  # optional
             "generation": view.generation, "tunnels": self.tunnel_status(),
             "api": {**dataclasses.asdict(c), "by_status": {str(k): v for k, v in
                                                           sorted(c.by_status.items())}},
@@ -338,6 +339,8 @@ class Node:
             return {"error": f"{type(exc).__name__}: {exc}"}
 
     def tunnel_status(self) -> list[dict[str, Any]]:
-        """Every host-side forward: its peer, service, local port and bytes each way."""
+        """Every host-side forward: its peer, service, local port, the path its connections
+        take now (``transport.link``) and bytes each way."""
         return [{"peer": peer, "service": service, "port": self._forwards.get((peer, service)),
-                 **tally.to_dict()} for (peer, service), tally in self.tunnels.items()]
+                 "link": self.transport.link(peer), **tally.to_dict()}
+                for (peer, service), tally in self.tunnels.items()]

@@ -149,6 +149,9 @@ def check_split_runs(status_a: dict[str, Any], status_b: dict[str, Any]) -> None
     assert host == "127.0.0.1" and b_rpc is not None and b_rpc["alive"]
     assert int(port) != b_rpc["port"]  # A reaches B's rpc-server through a local tunnel port
     assert status_b["me"]["serving"] == "rpc"
+    # the split's tunnel, as status shows it, takes the TCP fast path
+    (tunnel,) = [t for t in status_a["tunnels"] if t["service"] == "rpc"]
+    assert tunnel["peer"] == b_id and tunnel["link"] == "TCP+AES-GCM", tunnel
     # What llama-server actually runs, by llama.cpp b11434's rules (docs/election.md): the
     # last -ngl of the n_layer + 1 blocks are offloaded and split over the devices in
     # --tensor-split order (--rpc entries, then local GPUs); the rest stays on the host's CPU.

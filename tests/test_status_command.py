@@ -148,7 +148,7 @@ def test_render_survives_odd_and_partial_status() -> None:
                                               "tensor_split": [0.4, 0.6]},
         "peers": [{"id": "bbb", "role": "WORKER", "vram": "lots", "rtt_ms": 3.25,
                    "link": {"error": "RuntimeError: gone"}, "extra": {"name": "bee"}}, 7],
-        "tunnels": [{"peer": "bbb", "service": "rpc", "port": 50052,
+        "tunnels": [{"peer": "bbb", "service": "rpc", "port": 50052, "link": "TCP+AES-GCM",
                      "bytes_to_peer": 3 * 1024**2, "bytes_from_peer": 512, "connections": 2}],
         "api": {"requests": 5, "errors": 1, "by_status": {"200": 4, "503": 1}},
     }
@@ -160,3 +160,4 @@ def test_render_survives_odd_and_partial_status() -> None:
     assert "bbb (bee)" in text and "0.40 rpc" in text and "3.2" in text
     assert "error: RuntimeError: gone" in text
     assert "3.0 MB" in text and "512 B" in text and "(200: 4, 503: 1)" in text
+    assert "TCP+AES-GCM" in text  # which path the tunnel takes

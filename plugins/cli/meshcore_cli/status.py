@@ -182,12 +182,13 @@ def render(data: Mapping[str, Any], url: str) -> RenderableType:
     if tunnels:
         tt = Table(title="tunnels", title_justify="left")
         for column, justify in (("peer", "left"), ("service", "left"), ("port", "right"),
-                                ("to peer", "right"), ("from peer", "right"),
+                                ("path", "left"), ("to peer", "right"), ("from peer", "right"),
                                 ("connections", "right")):
             tt.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
         for t in tunnels:
             tt.add_row(names.get(t.get("peer"), _text(t.get("peer"))), _text(t.get("service")),
-                       _text(t.get("port")), human_bytes(t.get("bytes_to_peer")),
+                       _text(t.get("port")), _text(t.get("link")),
+                       human_bytes(t.get("bytes_to_peer")),
                        human_bytes(t.get("bytes_from_peer")), _text(t.get("connections")))
         parts += [Text(""), tt]
     else:
