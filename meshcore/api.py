@@ -190,9 +190,10 @@ def build_api(node: Routing) -> Starlette:
                                    headers={"content-type": "application/json"})
         try:
             resp = await send_unless_gone(request, req)
-        except httpx.HTTPError as exc:
-            seen.finish(502)
-            return error(502, f"host {node.plan.host_id} did not answer: {exc!r}", "bad_gateway")
+        except httpx.HTTPError as exc:  # retryable: the host restarts it, or a new host comes
+            seen.finish(503)
+            return error(503, f"host {node.plan.host_id} did not answer: {exc!r}; its model "
+                              f"server is restarting or the mesh re-elects: retry", "unavailable")
         if resp is None:
             seen.finish(503 if stopping.is_set() else CLIENT_LEFT)
             if stopping.is_set():
@@ -206,12 +207,13 @@ def build_api(node: Routing) -> Starlette:
             try:
                 async for chunk in body_chunks:
                     yield chunk
-            except httpx.HTTPError:
-                if not stopping.is_set():
-                    raise
+            except httpx.HTTPError as exc:  # the host's server died, or this node stops
+                why = STOPPING if stopping.is_set() else (
+                    f"host {node.plan.host_id} stopped answering mid-response "
+                    f"({type(exc).__name__}); retry")
                 if payload.get("stream") is True:  # the stream ends with a clear reason
-                    yield b'data: {"error": {"message": "%s", "code": 503}}\n\n' % (
-                        STOPPING.encode())
+                    yield b"data: %s\n\n" % json.dumps(
+                        {"error": {"message": why, "type": "unavailable", "code": 503}}).encode()
 
         async def end() -> None:  # also when the client left before the body was started
             inflight.discard(resp)

@@ -163,7 +163,7 @@ async def test_an_unknown_model_is_404_and_known_names_are_answered(mesh_harness
         assert worker.counters.requests == 5, "a refused request never reaches the host"
 
 
-async def test_an_upstream_that_does_not_answer_is_502(
+async def test_an_upstream_that_does_not_answer_is_a_retryable_503(
         mesh_harness: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
@@ -177,5 +177,40 @@ async def test_an_upstream_that_does_not_answer_is_502(
         monkeypatch.setattr(node, "upstream", nowhere)
         async with httpx.AsyncClient(base_url=api(node)) as client:
             r = await client.post("/v1/chat/completions", json=CHAT)
-        assert r.status_code == 502 and r.json()["error"]["type"] == "bad_gateway"
-        assert node.counters.by_status == {502: 1}
+        assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable"
+        assert "did not answer" in r.json()["error"]["message"]
+        assert node.counters.by_status == {503: 1}
+
+
+async def test_a_host_that_dies_mid_stream_ends_the_stream_with_a_clear_503_event(
+        mesh_harness: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 14: when the host's server dies mid-response (e.g. llama-server aborting on a
+    lost rpc tunnel) a streamed request ends with a last ``data:`` error event saying so,
+    not a truncated chunked body."""
+    import anyio
+
+    async def dying(stream: Any) -> None:  # an upstream that sends one event, then dies
+        async with stream:
+            await stream.receive()  # the request
+            await stream.send(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                              b"transfer-encoding: chunked\r\n\r\n")
+            event = b'data: {"choices": [{"delta": {"content": "one"}}]}\n\n'
+            await stream.send(b"%x\r\n%s\r\n" % (len(event), event))
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg, mesh_harness() as mesh:
+        tg.start_soon(listener.serve, dying)
+        (node,) = await ready_mesh(mesh, 8)
+
+        async def there() -> str:
+            return f"http://127.0.0.1:{port}"
+
+        monkeypatch.setattr(node, "upstream", there)
+        async with httpx.AsyncClient(base_url=api(node)) as client, client.stream(
+                "POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+            lines = [line async for line in r.aiter_lines() if line.startswith("data:")]
+        tg.cancel_scope.cancel()
+    assert r.status_code == 200 and len(lines) == 2, lines
+    last = json.loads(lines[-1][5:])
+    assert last["error"]["code"] == 503 and "stopped answering" in last["error"]["message"]
