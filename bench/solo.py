@@ -5,7 +5,9 @@ Run: ``.venv/bin/python bench/solo.py [--runs N] [--tokens N] [--threads N] [--n
 exactly the mesh's llama-server command line (read from /mesh/status) on another port. Both
 get the same streamed chat requests, alternately; the script prints client-side generation
 speed (tok/s after the first token) and time to first token for each, and their ratios
-(targets: >= 0.98 tok/s, <= 5 ms added TTFT). Nothing here is asserted by the test suite.
+(targets: >= 0.98 tok/s, <= 5 ms added TTFT). A third server, llama-server with llama.cpp's
+own defaults (only ``-m``, ``--port`` and ``-t``), checks that the mesh's default is not slower
+than what a user of plain llama.cpp gets. Nothing here is asserted by the test suite.
 """
 
 from __future__ import annotations
@@ -169,12 +171,18 @@ def cpu_bench_args(doc: str) -> argparse.Namespace:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-draft", action="store_true", help="pass --no-draft to mesh-llm")
+    ap.add_argument("--draft", help="pass --draft MODEL to mesh-llm (speculative decoding)")
+    ap.add_argument("--no-defaults", action="store_true",
+                    help="solo.py: skip the comparison with llama.cpp's default settings")
+    ap.add_argument("--seed-restart", action="store_true",
+                    help="split.py: only time a worker's cache seeding on restart, with and "
+                         "without the per-file index")
     return ap.parse_args()
 
 
 def main() -> None:
     args = cpu_bench_args(__doc__ or "")
-    extra = ["--no-draft"] if args.no_draft else []
+    extra = ["--no-draft"] if args.no_draft else ["--draft", args.draft] if args.draft else []
     with mesh_node(args.threads, extra) as (mesh, argv, pid), raw_server(argv) as raw, \
             httpx.Client(timeout=300) as client:
         mesh_proc = psutil.Process(pid)
@@ -188,8 +196,35 @@ def main() -> None:
             before = sum(mesh_proc.cpu_times()[:2])
             results["mesh"].append(one_run(client, mesh, args.tokens))
             cpu += sum(mesh_proc.cpu_times()[:2]) - before
-    print_medians(medians(results), args.runs)
-    print(f"mesh-llm CPU per proxied token: {cpu * 1000 / (args.runs * args.tokens):.2f} ms")
+        print_medians(medians(results), args.runs)
+        print(f"mesh-llm CPU per proxied token: {cpu * 1000 / (args.runs * args.tokens):.2f} ms")
+        if not args.no_defaults:
+            compare_with_defaults(client, mesh, argv, args)
+
+
+def defaults_argv(argv: list[str], threads: int) -> list[str]:
+    """llama-server as a plain llama.cpp user starts it: the mesh's binary and model, a
+    port and the thread count, every other setting llama.cpp's own default."""
+    return [argv[0], "-m", argv[argv.index("-m") + 1], "--port", "0", "-t", str(threads)]
+
+
+def compare_with_defaults(client: httpx.Client, mesh: str, argv: list[str],
+                          args: argparse.Namespace) -> None:
+    """The mesh's default against llama-server with llama.cpp's defaults, alternately (the
+    other raw server is stopped first, so two servers share the cores, not three)."""
+    plain = defaults_argv(argv, args.threads)
+    print("llama.cpp defaults:", " ".join(plain[1:]))
+    results: dict[str, list[Run]] = {"defaults": [], "mesh": []}
+    with raw_server(plain) as base:
+        one_run(client, base, 16)
+        for _ in range(args.runs):
+            results["defaults"].append(one_run(client, base, args.tokens))
+            results["mesh"].append(one_run(client, mesh, args.tokens))
+    med = medians(results)
+    for name in ("defaults", "mesh"):
+        ttft, tps, _ = med[name]
+        print(f"{name:8} tok/s {tps:7.1f}   TTFT {ttft * 1000:7.1f} ms   (median of {args.runs})")
+    print(f"ratio mesh/llama.cpp defaults tok/s: {med['mesh'][1] / med['defaults'][1]:.3f}")
 
 
 if __name__ == "__main__":

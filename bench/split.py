@@ -8,7 +8,8 @@ line, only ``--rpc`` pointing straight at the raw rpc-server. Both get the same 
 requests, alternately; prints tok/s and TTFT of each and the ratio (target >= 0.90 on
 loopback). Also prints the bytes llama-server sends to the worker's rpc-server while loading
 that split, through a counting relay, with the worker's hash cache empty and seeded the way
-B seeds it. Nothing here is asserted by the test suite.
+B seeds it. ``--seed-restart`` instead times a worker's seeding on restart with and without the
+per-file hash index (hashcache.py). Nothing here is asserted by the test suite.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,6 +67,9 @@ class Node:
         if not self.base:
             raise SystemExit(f"mesh-llm {' '.join(args)} printed no banner:\n"
                              + "".join(seen[-20:]))
+        # keep reading: a full pipe would block the node at its next log line
+        self.log = seen
+        threading.Thread(target=lambda: seen.extend(self.proc.stderr or ()), daemon=True).start()
 
     def status(self) -> dict[str, Any]:
         data: dict[str, Any] = httpx.get(f"{self.base}/mesh/status", timeout=10).json()
@@ -167,9 +172,58 @@ def load_bytes(argv: list[str], bin_dir: Path, model: Path, *, seeded: bool) -> 
             proc.wait(30)
 
 
+def write_layers(path: Path, layers: int, mib: int) -> None:
+    """A GGUF of ``layers`` random float32 matrices of ``mib`` MiB each (blk.N.attn_q.weight),
+    every one over the hash threshold; enough for hashcache, not for llama.cpp."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(path, "llama")
+    for i in range(layers):
+        writer.add_tensor(f"blk.{i}.attn_q.weight",
+                          rng.standard_normal(mib * 1024 * 256).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def seed_restart(layers: int = 24, mib: int = 32) -> None:
+    """Time what a worker does before its rpc-server starts (``seed_tensors`` of its half of
+    the layers), first start and then restarts before the background pass finished, with the
+    per-file index and without it (deleted before the restart)."""
+    from meshcore_backend_llamacpp import hashcache
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-seed-"))
+    model, cache = tmp / "layers.gguf", tmp / "rpc"
+    write_layers(model, layers, mib)
+    names = hashcache.tensors_of_layers(model, set(range(layers // 2, layers)), layers)
+    size = sum(s.size for s in hashcache.large_tensors(model) if s.name in names)
+    print(f"worker's half: {len(names)} tensors, {size / 1e6:.0f} MB (page cache warm)")
+
+    def timed(label: str) -> None:
+        started = time.perf_counter()
+        hashcache.prune_foreign(cache)
+        written, _ = hashcache.seed_tensors(model, cache, names)
+        print(f"{label:34} {time.perf_counter() - started:7.3f} s  ({written / 1e6:.0f} MB "
+              f"written)")
+
+    timed("first start")
+    for run in range(3):
+        hashcache.index_path(cache).unlink()
+        timed(f"restart without the index ({run + 1})")
+    for run in range(3):
+        timed(f"restart with the index ({run + 1})")
+    shutil.rmtree(tmp)
+
+
 def main() -> None:
     args = cpu_bench_args(__doc__ or "")
-    extra = ["--no-draft"] if args.no_draft else []
+    if args.seed_restart:
+        seed_restart()
+        return
+    extra = ["--no-draft"] if args.no_draft else ["--draft", args.draft] if args.draft else []
     with mesh_split(args.threads, extra) as (a, b):
         status_a, status_b = a.status(), b.status()
         argv = status_a["backend"]["llama_server"]["argv"]

@@ -16,6 +16,13 @@ host can craft bytes with the FNV of a real tensor, and a later host's load woul
 So every entry the node writes is recorded in a ledger (name, size, mtime, inode), and
 :func:`prune_foreign`, run before each rpc-server start, deletes every entry that is not in
 it or whose size, mtime or inode changed: cheap stat calls, no re-hashing.
+
+A per-file index beside the cache directory (``<dir>-index.json``: model file path -> its
+size, mtime_ns and tensor name -> entry name) remembers every hash computed, so a restart or
+a re-plan never hashes a file again while it is unchanged, even when the earlier pass was cut
+short. It only decides what need not be hashed: an indexed entry is used only while the ledger
+says it is ours and unchanged (else the tensor is hashed again), and rpc-server finds entries
+by the hash the host sends, so a wrong index can cost load time, never give a wrong tensor.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ FNV_OFFSET = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
 MANIFEST_PREFIX = ".seeded-"  # rpc-server only opens 16-hex-digit names, so this is ignored
 LEDGER = ".owned.json"  # entry name -> [size, mtime_ns, inode] of every entry this node wrote
+INDEX_SUFFIX = "-index.json"  # beside the cache dir: model file -> tensor -> entry name
 _FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF scalars
 _STRING, _ARRAY = 8, 9
 _U64 = struct.Struct("<Q")
@@ -225,6 +233,72 @@ def prune_foreign(cache_dir: Path) -> list[str]:
     return removed
 
 
+def index_path(cache_dir: Path) -> Path:
+    """The per-file index of ``cache_dir``: beside it, not in it (:func:`prune_foreign` keeps
+    only entries there, and rpc-server writes there)."""
+    return Path(cache_dir).parent / f"{Path(cache_dir).name}{INDEX_SUFFIX}"
+
+
+def _file_stamp(path: Path) -> tuple[str, list[int]]:
+    st = Path(path).stat()
+    return str(Path(path).resolve()), [st.st_size, st.st_mtime_ns]
+
+
+def _read_index(cache_dir: Path) -> dict[str, dict[str, object]]:
+    try:
+        data = json.loads(index_path(cache_dir).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
+
+
+def indexed_hashes(cache_dir: Path, paths: Iterable[Path]) -> dict[str, str]:
+    """Tensor name -> entry name recorded for each of ``paths`` whose size and mtime are
+    unchanged since (the index of the module doc; {} when there is none)."""
+    index, known = _read_index(cache_dir), {}
+    for path in paths:
+        key, stamp = _file_stamp(path)
+        record = index.get(key, {})
+        tensors = record.get("tensors")
+        if record.get("stamp") == stamp and isinstance(tensors, dict):
+            known.update({k: v for k, v in tensors.items()
+                          if isinstance(k, str) and isinstance(v, str)})
+    return known
+
+
+def _record_index(cache_dir: Path, spans: Iterable[TensorSpan], hashes: Mapping[str, str]
+                  ) -> None:
+    """Add ``hashes`` (tensor name -> entry name) of ``spans``' files to the index; a file
+    whose size or mtime changed starts a new record."""
+    index = _read_index(cache_dir)
+    for path in {span.path for span in spans}:
+        key, stamp = _file_stamp(path)
+        record = index.get(key, {})
+        tensors = record.get("tensors") if record.get("stamp") == stamp else None
+        merged = dict(tensors) if isinstance(tensors, dict) else {}
+        merged.update({s.name: hashes[s.name] for s in spans
+                       if s.path == path and s.name in hashes})
+        index[key] = {"stamp": stamp, "tensors": merged}
+    target = index_path(cache_dir)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(index))
+    os.replace(tmp, target)
+
+
+def _seed_indexed(spans: list[TensorSpan], cache_dir: Path,
+                  known: Mapping[str, str]) -> tuple[int, dict[str, str]]:
+    """:func:`_seed_spans` with the index's hashes of the spans' files added to ``known``;
+    records what it hashed (also when cut short: each pass keeps what it learnt)."""
+    indexed = indexed_hashes(cache_dir, {span.path for span in spans})
+    learnt: dict[str, str] = {}
+    try:
+        written, hashes = _seed_spans(spans, cache_dir, {**indexed, **known}, learnt)
+    finally:
+        if any(indexed.get(k) != v for k, v in learnt.items()):
+            _record_index(cache_dir, spans, {**indexed, **learnt})
+    return written, hashes
+
+
 def _write_entry(path: Path, data: bytes) -> Stamp:
     """Write atomically (a running rpc-server must never read a half-written entry); returns
     the stamp of the file written, taken before it is visible under its name."""
@@ -237,13 +311,15 @@ def _write_entry(path: Path, data: bytes) -> Stamp:
     return stamp
 
 
-def _seed_spans(spans: Iterable[TensorSpan], cache_dir: Path,
-                known: Mapping[str, str]) -> tuple[int, dict[str, str]]:
+def _seed_spans(spans: Iterable[TensorSpan], cache_dir: Path, known: Mapping[str, str],
+                learnt: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
     """Write the cache entry of every span; ``known`` (tensor name -> entry name, from an
     earlier pass over the same file) skips hashing what is already there. An entry counts as
     there only if the ledger says this node wrote it and it is unchanged; anything else of
-    that name is replaced. Returns the bytes written and the entry name of every span."""
+    that name is replaced. Returns the bytes written and the entry name of every span;
+    ``learnt`` receives each hash as it is computed."""
     written, hashes = 0, {}
+    learnt = {} if learnt is None else learnt
     ledger = load_ledger(cache_dir)
     with contextlib.ExitStack() as stack:
         files: dict[Path, BinaryIO] = {}
@@ -261,7 +337,7 @@ def _seed_spans(spans: Iterable[TensorSpan], cache_dir: Path,
                 raise ValueError(f"model file {span.path}: tensor {span.name} is truncated "
                                  f"({len(data)} of {span.size} bytes); download it again")
             name = cache_name(fnv1a_64(data))
-            hashes[span.name] = name
+            hashes[span.name] = learnt[span.name] = name
             if not _owned(cache_dir / name, ledger.get(name), span.size):
                 ledger[name] = _write_entry(cache_dir / name, data)
                 _save_ledger(cache_dir, ledger)  # after each entry: a cancelled pass keeps them
@@ -293,7 +369,8 @@ def seed_cache(model_path: Path, cache_dir: Path, threshold: int = HASH_THRESHOL
     if cache_complete(model_path, cache_dir):
         return 0
     manifest, key = _manifest(model_path, cache_dir)
-    written, hashes = _seed_spans(large_tensors(model_path, threshold), cache_dir, known or {})
+    spans = list(large_tensors(model_path, threshold))
+    written, hashes = _seed_indexed(spans, cache_dir, known or {})
     manifest.write_text(json.dumps({"key": key, "hashes": list(hashes.values())}))
     log.info("hash cache %s: %d tensors over %d bytes, %d bytes written", cache_dir,
              len(hashes), threshold, written)
@@ -310,8 +387,8 @@ def seed_tensors(model_path: Path, cache_dir: Path, names: Collection[str],
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     wanted = set(names)
-    spans = (s for s in large_tensors(model_path, threshold) if s.name in wanted)
-    return _seed_spans(spans, cache_dir, {})
+    spans = [s for s in large_tensors(model_path, threshold) if s.name in wanted]
+    return _seed_indexed(spans, cache_dir, {})
 
 
 def tensors_of_layers(model_path: Path, layers: Collection[int], n_layer: int,

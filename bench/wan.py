@@ -1,0 +1,338 @@
+"""Benchmark: a split over an emulated WAN, raw llama.cpp RPC against the mesh, and solo.
+
+Run: ``.venv/bin/python bench/wan.py [--rtts 5,20,50] [--tokens 32] [--runs 2]``. Host and worker
+are put "far apart" with the userspace impairment relay (``meshcore_testing.impair``; this
+kernel has no netem), which delays every byte by RTT/2 in each direction:
+
+- raw: llama-server ``--rpc`` -> a TCP delay line (:func:`delay_relay`) -> a raw
+  ``ggml-rpc-server``, with exactly the mesh host's llama-server command line (read from
+  ``/mesh/status``);
+- mesh: node A ``--split``, node B joining through a UDP relay in front of A's QUIC port. The
+  fast path dials the peer's TCP port directly and would bypass the relay, so both nodes run
+  with ``quic_fast_path: false``: the rpc tunnel is QUIC, through the relay;
+- solo: one llama-server with the whole model, no network.
+
+Each at 0 ms (loaded there, then the relays' delay is changed in place) and at every RTT, with
+a prose and a code prompt (the code prompt asks for a near copy of code it contains, where
+speculation can pay), speculation off, with the draft (``--draft SmolLM2-135M`` on the mesh, the
+same ``-md`` flags on raw) and with llama.cpp's draft-free n-gram speculation
+(``--spec-type ngram-simple``, 4-token lookups; raw only: the mesh has no switch for it).
+Prints tok/s after the
+first token, TTFT, split/solo, draft acceptance (llama-server's ``draft_n_accepted /
+draft_n``), for raw the delay line's chunks per generated token (both directions), and
+round trips per token, ``(1/tok/s - 1/tok/s at 0 ms) / RTT``. Nothing here is asserted by the
+test suite; keep runs short (~10 minutes on a 2-core VM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from meshcore_testing.impair import Impairment, Relay, start_relay
+from solo import free_port, serves_split, wait_for, wait_ok
+from split import Node
+
+PROSE = "Write a story about a lighthouse keeper who finds a message in a bottle."
+CODE = ("Repeat this Python function exactly, then add a docstring to it:\n\n"
+        "def merge(a, b):\n    out = []\n    i = j = 0\n    while i < len(a) and j < len(b):\n"
+        "        if a[i] <= b[j]:\n            out.append(a[i])\n            i += 1\n"
+        "        else:\n            out.append(b[j])\n            j += 1\n"
+        "    out.extend(a[i:])\n    out.extend(b[j:])\n    return out\n")
+PROMPTS = {"prose": PROSE, "code": CODE}
+# llama.cpp's defaults look up 12-token n-grams, too long to ever match SmolLM2's short
+# outputs here; 4-token lookups drafting up to 16 do
+NGRAM = ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "4",
+         "--spec-ngram-simple-size-m", "16"]
+
+
+@dataclass
+class Sample:
+    ttft: float
+    tps: float
+    drafted: int
+    accepted: int
+    chunks: int = 0  # relay chunks (both directions) during the request
+
+
+def stream(client: httpx.Client, base: str, prompt: str, tokens: int) -> Sample:
+    """One streamed chat request: TTFT, tok/s after the first token, draft counts. Retried
+    once when a kept-alive connection was closed just as it was reused (llama-server closes
+    it after every streamed response), as an OpenAI client would."""
+    try:
+        return _stream(client, base, prompt, tokens)
+    except httpx.RemoteProtocolError:
+        return _stream(client, base, prompt, tokens)
+
+
+def _stream(client: httpx.Client, base: str, prompt: str, tokens: int) -> Sample:
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
+            "temperature": 0, "stream": True, "ignore_eos": True}
+    start = time.perf_counter()
+    first = last = 0.0
+    count, timings = 0, dict[str, Any]()
+    with client.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            timings = event.get("timings") or timings
+            delta = (event.get("choices") or [{}])[0].get("delta") or {}
+            if delta.get("content"):
+                last = time.perf_counter()
+                first = first or last
+                count += 1
+    if count < 2:
+        raise SystemExit(f"{base} streamed {count} tokens")
+    # a speculative step streams several tokens at once: count the server's tokens
+    n = int(timings.get("predicted_n", count))
+    return Sample(first - start, (n - 1) / max(last - first, 1e-6),
+                  int(timings.get("draft_n", 0)), int(timings.get("draft_n_accepted", 0)))
+
+
+def measure(client: httpx.Client, base: str, args: argparse.Namespace,
+            relay: Relay | None = None) -> dict[str, list[Sample]]:
+    out: dict[str, list[Sample]] = {}
+    for name, prompt in PROMPTS.items():
+        stream(client, base, prompt, 4)  # warm-up (prompt cache, connections)
+        out[name] = []
+        for _ in range(args.runs):
+            before = relay.forwarded if relay else 0
+            sample = stream(client, base, prompt, args.tokens)
+            sample.chunks = relay.forwarded - before if relay else 0
+            out[name].append(sample)
+    return out
+
+
+def measure_mesh(client: httpx.Client, a: Node, args: argparse.Namespace
+                 ) -> dict[str, list[Sample]]:
+    """``measure`` on A once its split serves; once more if a request failed because A
+    re-applied its plan meanwhile (an RTT change moves the election's RTT band)."""
+    for attempt in (1, 2):
+        ready(a)
+        try:
+            return measure(client, a.base, args)
+        except httpx.HTTPStatusError as exc:
+            print(f"mesh answered {exc.response.status_code}: {exc.response.text[:300]}; "
+                  f"plan {a.status()['plan']}", flush=True)
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _delay_pipe(relay: Relay, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+    """One direction of a TCP delay line: every chunk is due ``delay_ms`` after it was read
+    and reading never waits for delivery, so a burst of chunks pays the delay once, as on a
+    real link. (meshcore_testing.impair's TCP relay reads the next chunk only after delivering
+    the last, so a message written in k pieces pays k delays: ~3 per token for llama.cpp RPC.)"""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+
+    async def deliver() -> None:
+        while (item := await queue.get()) is not None:
+            await asyncio.sleep(max(0.0, item[0] - loop.time()))
+            relay.forwarded += 1
+            writer.write(item[1])
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+
+    delivering = asyncio.ensure_future(deliver())
+    try:
+        while data := await reader.read(65536):
+            queue.put_nowait((loop.time() + relay.impairment.delay_ms / 1000, data))
+    except OSError:
+        pass
+    finally:
+        queue.put_nowait(None)
+        with contextlib.suppress(OSError, RuntimeError):
+            await delivering
+
+
+@contextlib.contextmanager
+def delay_relay(target_port: int) -> Iterator[Relay]:
+    """A loopback TCP delay line to ``target_port`` in a background thread; change
+    ``relay.impairment`` to change the delay."""
+    relay = Relay("tcp", ("127.0.0.1", target_port), Impairment())
+    loop = asyncio.new_event_loop()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        t_reader, t_writer = await asyncio.open_connection(*relay.target)
+        try:
+            await asyncio.gather(_delay_pipe(relay, reader, t_writer),
+                                 _delay_pipe(relay, t_reader, writer))
+        finally:
+            for w in (writer, t_writer):
+                w.close()
+
+    srv = loop.run_until_complete(asyncio.start_server(handle, "127.0.0.1", 0))
+    relay.port = srv.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield relay
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+
+def server(argv: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@contextlib.contextmanager
+def llama(argv: list[str]) -> Iterator[str]:
+    port = free_port()
+    argv = list(argv)
+    argv[argv.index("--port") + 1] = str(port)
+    proc = server(argv)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ok(f"{base}/health", proc, 300)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@contextlib.contextmanager
+def rpc_server(bin_dir: Path) -> Iterator[int]:
+    port = free_port()
+    proc = server([str(bin_dir / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port),
+                   "-t", "1"])
+    try:
+        time.sleep(1.0)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@contextlib.contextmanager
+def mesh(extra: list[str]) -> Iterator[tuple[Node, Relay]]:
+    """A (``--split``) and B joined through a UDP relay to A's QUIC port, split loaded."""
+    from meshcore_transport_quic.token import JoinToken, decode_token
+
+    a = Node(["--split", "--max-vram", "8", *extra], 1)
+    b: Node | None = None
+    try:
+        t = decode_token(a.token)
+        with start_relay("udp", ("127.0.0.1", t.port), Impairment(), seed=1) as relay:
+            token = str(JoinToken(t.fingerprint, t.secret, relay.port, ("127.0.0.1",)).encode())
+            b = Node(["--max-vram", "4", "--join", token, *extra], 1)
+            ready(a)
+            yield a, relay
+    finally:
+        for node in (b, a):
+            if node is not None:
+                node.stop()
+
+
+def ready(a: Node) -> None:
+    wait_for(lambda: serves_split(a.status())
+             and httpx.get(f"{a.base}/health").status_code == 200, "A's split to serve", 300)
+
+
+def row(label: str, samples: dict[str, list[Sample]], solo: dict[str, float],
+        tokens: int) -> str:
+    cells = []
+    for name in PROMPTS:
+        s = samples[name]
+        tps = statistics.median(x.tps for x in s)
+        ttft = statistics.median(x.ttft for x in s) * 1000
+        drafted = sum(x.drafted for x in s)
+        acc = f" acc {100 * sum(x.accepted for x in s) / drafted:3.0f}%" if drafted else ""
+        rt = (f" chunks/tok {statistics.median(x.chunks for x in s) / tokens:4.1f}"
+              if s[0].chunks else "")
+        ratio = f" ({tps / solo[name]:.2f}x solo)" if solo else ""
+        cells.append(f"{name} {tps:6.1f} tok/s{ratio} TTFT {ttft:6.0f} ms{acc}{rt}")
+    return f"{label:28} " + " | ".join(cells)
+
+
+def speeds(samples: dict[str, list[Sample]]) -> dict[str, float]:
+    return {k: statistics.median(x.tps for x in v) for k, v in samples.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--rtts", default="5,20,50", help="round-trip times in ms, comma-separated")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--runs", type=int, default=2)
+    args = ap.parse_args()
+    rtts = [0.0] + [float(x) for x in args.rtts.split(",")]
+    os.environ["MESH_LLM_OPTIONS"] = json.dumps({"quic_fast_path": False})
+    modes: dict[str, list[str]] = {}
+    mesh_rows: dict[tuple[str, float], dict[str, list[Sample]]] = {}
+    with httpx.Client(timeout=600) as client:
+        for mode, extra in (("off", ["--no-draft"]), ("draft", ["--draft", "SmolLM2-135M"])):
+            with mesh(extra) as (a, relay):
+                modes[mode] = a.status()["backend"]["llama_server"]["argv"]
+                for rtt in rtts:
+                    relay.impairment = Impairment(delay_ms=rtt / 2)
+                    mesh_rows[(mode, rtt)] = measure_mesh(client, a, args)
+                    print(row(f"mesh, {mode}, RTT {rtt:g}", mesh_rows[(mode, rtt)], {},
+                              args.tokens), flush=True)
+        off = modes["off"]
+        bin_dir = Path(off[0]).parent
+        modes["ngram"] = off + NGRAM
+        solo_argv = [off[0], "-m", off[off.index("-m") + 1], "--host", "127.0.0.1", "--port",
+                     "0", "-t", "1"]
+        draft = modes["draft"]
+        at = draft.index("-md")
+        solo_extra = {"off": [], "ngram": NGRAM, "draft": draft[at:at + 6]}
+        solo: dict[str, dict[str, float]] = {}
+        raw_rows: dict[tuple[str, float], dict[str, list[Sample]]] = {}
+        for mode, extra in solo_extra.items():
+            with llama(solo_argv + extra) as base:
+                samples = measure(client, base, args)
+            solo[mode] = speeds(samples)
+            print(row(f"solo, {mode}", samples, {}, args.tokens), flush=True)
+        for mode, argv in modes.items():
+            with rpc_server(bin_dir) as rpc_port, \
+                    delay_relay(rpc_port) as relay:
+                argv = list(argv)
+                argv[argv.index("--rpc") + 1] = f"127.0.0.1:{relay.port}"
+                with llama(argv) as base:
+                    for rtt in rtts:
+                        relay.impairment = Impairment(delay_ms=rtt / 2)
+                        raw_rows[(mode, rtt)] = measure(client, base, args, relay)
+                        print(row(f"raw, {mode}, RTT {rtt:g}", raw_rows[(mode, rtt)], {},
+                                  args.tokens), flush=True)
+    solo_off = solo["off"]
+    for rtt in rtts:
+        print(f"--- RTT {rtt:g} ms (split / solo without speculation)")
+        for mode in ("off", "draft", "ngram"):
+            print(row(f"raw --rpc, {mode}", raw_rows[(mode, rtt)], solo_off, args.tokens))
+            if (mode, rtt) in mesh_rows:
+                print(row(f"mesh, {mode}", mesh_rows[(mode, rtt)], solo_off, args.tokens))
+        for mode in ("off", "draft"):
+            m, r = speeds(mesh_rows[(mode, rtt)]), speeds(raw_rows[(mode, rtt)])
+            print(f"mesh/raw {mode}: " + ", ".join(f"{k} {m[k] / r[k]:.2f}" for k in PROMPTS))
+        if rtt:
+            for label, rows in (("raw", raw_rows), ("mesh", mesh_rows)):
+                now, zero = speeds(rows[("off", rtt)]), speeds(rows[("off", 0.0)])
+                print(f"{label} round trips per token: " + ", ".join(
+                    f"{k} {(1 / now[k] - 1 / zero[k]) * 1000 / rtt:.2f}" for k in PROMPTS))
+        best = {k: max(speeds(mesh_rows[("draft", rtt)])[k], speeds(mesh_rows[("off", rtt)])[k])
+                for k in PROMPTS}
+        one = speeds(raw_rows[("off", rtt)])
+        print("mesh best / raw one token at a time: "
+              + ", ".join(f"{k} {best[k] / one[k]:.2f}" for k in PROMPTS))
+
+
+if __name__ == "__main__":
+    main()
