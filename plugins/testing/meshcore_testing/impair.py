@@ -67,6 +67,7 @@ class Relay:
     port: int = 0
     forwarded: int = 0  # datagrams (udp) or chunks (tcp) delivered
     dropped: int = 0
+    most_in_flight: int = 0  # tcp: the most chunks read but not yet delivered, at once
     rng: random.Random = field(default_factory=random.Random)
 
     def later(self, send: object, data: bytes) -> None:
@@ -177,13 +178,32 @@ async def serve_udp(relay: Relay, started: asyncio.Future[None] | None = None) -
 
 
 async def _pipe(relay: Relay, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Copy one direction with the relay's delay, keeping byte order; half-close at EOF."""
+    """Copy one direction with the relay's delay, keeping byte order; half-close at EOF.
+
+    Reading runs ahead of delivery (each chunk is due ``delay`` after it was read, never
+    before the one read before it), so a message that arrives in k pieces pays the delay
+    once, like a slow link, not k times."""
     loop = asyncio.get_running_loop()
-    due = 0.0  # a chunk is never delivered before the one read before it
+    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(maxsize=1024)
+
+    async def read() -> None:
+        due = 0.0  # a chunk is never delivered before the one read before it
+        try:
+            while data := await reader.read(65536):
+                due = max(due, loop.time() + relay.impairment.delay_s(relay.rng))
+                await queue.put((due, data))
+                relay.most_in_flight = max(relay.most_in_flight, queue.qsize())
+        except (OSError, RuntimeError):
+            pass
+        await queue.put((due, b""))  # EOF (or a reset: close after what was read)
+
+    reading = asyncio.ensure_future(read())
     try:
-        while data := await reader.read(65536):
-            due = max(due, loop.time() + relay.impairment.delay_s(relay.rng))
+        while True:
+            due, data = await queue.get()
             await asyncio.sleep(max(0.0, due - loop.time()))
+            if not data:
+                break
             relay.forwarded += 1
             writer.write(data)
             await writer.drain()
@@ -191,6 +211,8 @@ async def _pipe(relay: Relay, reader: asyncio.StreamReader, writer: asyncio.Stre
             writer.write_eof()
     except (OSError, RuntimeError):
         writer.close()
+    finally:
+        reading.cancel()
 
 
 async def serve_tcp(relay: Relay, started: asyncio.Future[None] | None = None) -> None:
