@@ -134,6 +134,8 @@ class Transport(Protocol):
     # Optional: ``async take_connection(peer_id, service, conn: socket.socket, *, tally)
     # -> bool`` relays one of ``node.forward_port``'s local connections its own (faster) way;
     # False leaves it to the core, which relays it through ``connect``.
+    # Optional: ``status() -> dict`` JSON-safe counters, shown as ``transport`` in
+    # ``/mesh/status``.
 
 
 class Backend(Protocol):

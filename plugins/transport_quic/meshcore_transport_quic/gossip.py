@@ -133,7 +133,10 @@ class Gossip:
             await send(link, Kind.PONG, {"t": body.get("t")})
         elif frame.kind is Kind.PONG:
             sent = body.get("t")
-            if isinstance(sent, (int, float)) and not isinstance(sent, bool):
+            # only the echo of a PING this node sent counts: a made-up time would set the
+            # RTT at once (a lower sample is taken as is) and make a peer look near
+            if isinstance(sent, float) and sent in link.pings:
+                link.pings.remove(sent)
                 ms = (time.monotonic() - sent) * 1000
                 if 0 <= ms < 60_000:
                     state.set_rtt(link.id, link.sample_rtt(ms))

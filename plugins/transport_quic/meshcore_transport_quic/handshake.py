@@ -79,7 +79,8 @@ class Handshake:
         """The protocol of an inbound connection (it authenticates on its AUTH stream,
         guarded until then); beyond MAX_PENDING such connections a new one is dropped
         unanswered (the dialer times out and retries; no TLS work is spent on it)."""
-        proto = MeshProtocol(quic, on_stream=self.on_stream, guard=self._violation)
+        proto = MeshProtocol(quic, on_stream=self.on_stream, guard=self._violation,
+                             traffic=self.mesh.traffic)
         self.pending = {p for p in self.pending if p.guard is not None and p.terminated is None}
         if len(self.pending) < MAX_PENDING:
             self.pending.add(proto)
@@ -109,7 +110,8 @@ class Handshake:
         quic = QuicConnection(configuration=quic_config(mesh.ident, client=True,
                                                         datagram=mesh.datagram))
         udp, proto = await loop.create_datagram_endpoint(
-            functools.partial(MeshProtocol, quic, on_stream=self.on_stream), sock=sock)
+            functools.partial(MeshProtocol, quic, on_stream=self.on_stream,
+                              traffic=mesh.traffic), sock=sock)
         assert isinstance(proto, MeshProtocol)
         mesh.client_udp.add(udp)
         try:

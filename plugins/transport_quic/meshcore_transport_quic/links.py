@@ -5,12 +5,13 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from meshcore_transport_quic.quicstream import MeshProtocol
 
-RTT_ALPHA = 0.2  # EWMA weight of a new RTT sample
+RTT_ALPHA = 0.2  # EWMA weight of a new RTT sample above the current estimate
 
 
 @dataclass
@@ -29,6 +30,9 @@ class PeerLink:
     fast_why: str = ""
     fast_retry_at: float = 0.0
     rtt_ms: float | None = None
+    rtt_samples: int = 0
+    pings: deque[float] = field(default_factory=lambda: deque(maxlen=4))  # unanswered, sent at
+    probe_at: float | None = None  # when the oldest still unanswered PING went out
     left: bool = False
     connected_at: float = field(default_factory=time.monotonic)
 
@@ -38,20 +42,36 @@ class PeerLink:
         return self.proto.peer_addr[0] if self.proto.peer_addr else self.addrs[0][0]
 
     def sample_rtt(self, ms: float) -> float:
-        self.rtt_ms = ms if self.rtt_ms is None else (1 - RTT_ALPHA) * self.rtt_ms + RTT_ALPHA * ms
+        """Fold a PONG's round trip in: a lower sample is taken at once (delays only add to a
+        path's RTT, so a fast answer proves the path is that fast; a first sample inflated by
+        a busy start is forgotten with the next good one), a higher one through the EWMA (one
+        slow answer from a busy peer moves it by RTT_ALPHA only)."""
+        old = self.rtt_ms
+        self.rtt_samples += 1
+        self.rtt_ms = ms if old is None or ms < old else (1 - RTT_ALPHA) * old + RTT_ALPHA * ms
         return self.rtt_ms
 
     def hint(self) -> dict[str, Any]:
         return {"id": self.id, "fp": self.fp.hex(), "addrs": [list(a) for a in self.addrs]}
 
 
-def rtt_table_changed(old: dict[str, float], new: dict[str, float], *, ratio: float = 0.25,
-                      floor_ms: float = 2.0) -> bool:
-    """Whether a new RTT table is worth announcing: peers differ, or one moved by more than
-    ``ratio`` of its old value and more than ``floor_ms`` (every announcement may re-plan)."""
-    if old.keys() != new.keys():
-        return True
-    return any(abs(new[k] - old[k]) > max(floor_ms, ratio * old[k]) for k in new)
+RTT_BAND_MS = 10.0  # announced RTTs change only across bands (the election's band too)
+RTT_HYSTERESIS_MS = 5.0  # ...and only once this far past the band's edge (half a band)
+
+
+def rtt_moved(old: float, new: float) -> bool:
+    """Whether an RTT moved to another band: beyond the published value's band by more than
+    the hysteresis, so a value wobbling around an edge is not re-announced each round."""
+    low = (old // RTT_BAND_MS) * RTT_BAND_MS
+    return new < low - RTT_HYSTERESIS_MS or new >= low + RTT_BAND_MS + RTT_HYSTERESIS_MS
+
+
+def rtt_table_changed(old: dict[str, float], new: dict[str, float]) -> bool:
+    """Whether a new RTT table is a material change worth announcing (each announcement may
+    re-plan on every node): a peer measured for the first time, or one whose RTT moved to
+    another band. A peer that is gone is not: its entry leaves with the next change, and an
+    idle mesh announces nothing."""
+    return any(k not in old or rtt_moved(old[k], v) for k, v in new.items())
 
 
 def parse_hint(data: Any) -> tuple[str, bytes, list[tuple[str, int]]] | None:

@@ -21,6 +21,7 @@ from meshcore_transport_quic.frames import Kind
 from meshcore_transport_quic.gossip import accept_record
 from meshcore_transport_quic.handshake import Authenticated, Handshake
 from meshcore_transport_quic.links import PeerLink, host_port, merge_addrs, rtt_table_changed
+from meshcore_transport_quic.probes import pick_probes, probes_per_round
 from meshcore_transport_quic.quicstream import MeshProtocol, QuicByteStream
 from meshcore_transport_quic.state import (
     AUTH_TIMEOUT,
@@ -40,6 +41,7 @@ from meshcore_transport_quic.state import (
 HEAL_MAX_S = 60.0  # longest wait between redials of a removed peer
 HEAL_FOR_S = 24 * 3600.0  # give a removed peer up after a day
 PROBE_S = 1.0  # how long the liveness check waits for the peer's TCP port
+RTT_WARMUP_SAMPLES = 3  # a new link is pinged every round until it has this many RTT samples
 
 
 async def process_gone(link: PeerLink) -> bool:
@@ -86,6 +88,8 @@ class Membership:
         # the mesh heals when the path returns, whichever side started it.
         self.departed: dict[str, Departed] = {}
         self._published_rtt: dict[str, float] = {}
+        self._cursor = 0  # where the next heartbeat round's turn starts (pick_probes)
+        self.rounds = 0  # heartbeat rounds done (status, tests)
 
     # ------------------------------------------------------------------ connections
 
@@ -263,24 +267,63 @@ class Membership:
     # ------------------------------------------------------------------ liveness and leaving
 
     async def heartbeat_loop(self) -> None:
+        """Each ``heartbeat_s``: judge every link's silence (no I/O unless it is suspected),
+        then PING the few peers :func:`.probes.pick_probes` chooses (O(1) per node per round,
+        not one per peer), then announce the RTT table if it changed materially."""
         mesh = self.mesh
         while True:
             await anyio.sleep(mesh.heartbeat_s)
-            now = time.monotonic()
             for link in list(mesh.links.values()):
-                silent = now - link.proto.last_rx
-                why = ""
-                if silent > mesh.dead_after_s:
-                    why = f"silent for {silent:.1f} s"
-                elif silent > mesh.suspect_after_s and await process_gone(link):
-                    why = (f"silent for {silent:.1f} s and its port {link.fast_port} refuses "
-                           f"connections (the process is gone)")
-                if why:
+                if why := await self._dead(link, time.monotonic()):
                     log.warning("peer %s %s: dropping its connection", link.id, why)
                     link.proto.close(ERR_TIMEOUT, "heartbeat timeout")
+            ids = sorted(mesh.links)
+            count = probes_per_round(len(ids), mesh.heartbeat_s, mesh.dead_after_s)
+            chosen, self._cursor = pick_probes(ids, self._cursor, count, self._urgent())
+            for peer_id in chosen:
+                probed = mesh.links.get(peer_id)
+                if probed is None or probed.proto.terminated is not None:
                     continue
-                await send(link, Kind.PING, {"t": now})
+                sent = time.monotonic()  # per PING: the round's start would count the
+                # round's earlier sends into a later PING's RTT
+                if probed.probe_at is None:
+                    probed.probe_at = sent  # an unanswered one keeps its first time
+                probed.pings.append(sent)
+                await send(probed, Kind.PING, {"t": sent})
+            self.rounds += 1
             self._publish_rtt()
+
+    async def _dead(self, link: PeerLink, now: float) -> str:
+        """Why ``link``'s peer counts as gone ("" if it does not): silent for
+        ``dead_after_s``, or a PING unanswered for ``suspect_after_s`` while its fast-path port
+        refuses connections. A quiet peer that was not pinged is never TCP-probed."""
+        last_rx = link.proto.last_rx
+        if link.probe_at is not None and last_rx > link.probe_at:
+            link.probe_at = None  # anything received since the PING is an answer
+        silent = now - last_rx
+        if silent > self.mesh.dead_after_s:
+            return f"silent for {silent:.1f} s"
+        unanswered = now - link.probe_at if link.probe_at is not None else 0.0
+        if unanswered > self.mesh.suspect_after_s and await process_gone(link):
+            return (f"silent for {silent:.1f} s (a PING unanswered for {unanswered:.1f} s) and "
+                    f"its port {link.fast_port} refuses connections (the process is gone)")
+        return ""
+
+    def _urgent(self) -> set[str]:
+        """Peers pinged every round whatever their turn: suspected (an unanswered PING), not
+        yet measured a few times (a new link's first samples are often inflated by a busy
+        start; in turn, the next would come only rounds later), and those this node's plan
+        depends on: the host (every node's API goes there, so all notice its loss within
+        seconds; it answers O(N) PINGs, the others O(1)) and, on the host, its workers."""
+        mesh = self.mesh
+        urgent = {k for k, v in mesh.links.items()
+                  if v.probe_at is not None or v.rtt_samples < RTT_WARMUP_SAMPLES}
+        plan = mesh.node.plan
+        if plan.host_id == mesh.node.id:
+            urgent.update(p.peer_id for p in plan.participants)
+        elif plan.host_id is not None:
+            urgent.add(plan.host_id)
+        return urgent
 
     def _publish_rtt(self) -> None:
         links = self.mesh.links

@@ -12,9 +12,10 @@ import contextlib
 import ipaddress
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import anyio
 from aioquic.asyncio.protocol import QuicConnectionProtocol
@@ -139,6 +140,51 @@ class QuicByteStream(ByteStream):
         await anyio.lowlevel.checkpoint()
 
 
+@dataclass
+class Traffic:
+    """What one transport's QUIC connections sent and received since start (datagrams and
+    their bytes, and gossip frames sent by kind): shown in ``/mesh/status``, read by
+    ``bench/scale.py`` to measure what an idle mesh costs."""
+
+    datagrams_in: int = 0
+    datagrams_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    frames_out: Counter[str] = field(default_factory=Counter)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"datagrams_in": self.datagrams_in, "datagrams_out": self.datagrams_out,
+                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+                "frames_out": dict(sorted(self.frames_out.items()))}
+
+
+class CountingTransport(asyncio.DatagramTransport):
+    """A connection's view of its UDP socket that counts what it sends (aioquic sends
+    through ``sendto`` only); everything else is the socket's."""
+
+    def __init__(self, inner: asyncio.DatagramTransport, traffic: Traffic) -> None:
+        super().__init__()
+        self.inner = inner
+        self.traffic = traffic
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        self.traffic.datagrams_out += 1
+        self.traffic.bytes_out += len(data)
+        self.inner.sendto(data, addr)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.inner.get_extra_info(name, default)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def is_closing(self) -> bool:
+        return self.inner.is_closing()
+
+    def abort(self) -> None:
+        self.inner.abort()
+
+
 StreamCallback = Callable[["MeshProtocol", QuicByteStream], None]
 Guard = Callable[["MeshProtocol", str], None]  # (connection, what it did) -> close it
 
@@ -155,9 +201,10 @@ class MeshProtocol(QuicConnectionProtocol):
 
     def __init__(self, quic: QuicConnection, stream_handler: Any = None, *,
                  on_stream: StreamCallback, large_datagrams: bool = True,
-                 guard: Guard | None = None) -> None:
+                 guard: Guard | None = None, traffic: Traffic | None = None) -> None:
         super().__init__(quic)
         self.guard = guard
+        self.traffic = Traffic() if traffic is None else traffic
         self.refused = False  # see refuse()
         if guard is not None:
             # aioquic has no setting for these: its transport parameters are written from
@@ -187,7 +234,8 @@ class MeshProtocol(QuicConnectionProtocol):
             self._quic._max_datagram_size = LOOPBACK_DATAGRAM
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
+        super().connection_made(
+            CountingTransport(cast(asyncio.DatagramTransport, transport), self.traffic))
         sock = transport.get_extra_info("socket")
         if sock is not None and self._quic.configuration.is_client:
             tune_udp_socket(sock)
@@ -206,6 +254,8 @@ class MeshProtocol(QuicConnectionProtocol):
         if self.peer_addr is None:
             self.set_peer_addr(addr)
         self.last_rx = time.monotonic()
+        self.traffic.datagrams_in += 1
+        self.traffic.bytes_in += len(data)
         super().datagram_received(data, addr)
         if (self.guard is not None and self.terminated is None
                 and self._quic._local_max_data.used > PRE_AUTH_BYTES):

@@ -25,7 +25,7 @@ from meshcore_transport_quic.fastlinks import FastLinks
 from meshcore_transport_quic.frames import FrameError, Kind
 from meshcore_transport_quic.identity import Identity
 from meshcore_transport_quic.links import PeerLink, local_addresses
-from meshcore_transport_quic.quicstream import MeshProtocol
+from meshcore_transport_quic.quicstream import MeshProtocol, Traffic
 from meshcore_transport_quic.wire import DEFAULT_DATAGRAM, send_gossip
 
 log = logging.getLogger("meshcore.transport.quic")
@@ -78,6 +78,7 @@ class Mesh:
     dialing_fps: Counter[bytes] = field(default_factory=Counter)  # fingerprint -> dials
     client_udp: set[asyncio.BaseTransport] = field(default_factory=set)  # dialed sockets
     task_group: TaskGroup | None = None
+    traffic: Traffic = field(default_factory=Traffic)  # every connection's datagrams, frames
     _addresses: tuple[float, list[str]] | None = field(default=None, init=False, repr=False)
 
     @classmethod

@@ -23,6 +23,7 @@ import contextlib
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 from aioquic.asyncio.server import QuicServer
@@ -187,6 +188,14 @@ class QuicTransport:
         core then relays it through ``connect``)."""
         link = self.mesh.links.get(peer_id)
         return link is not None and await self.mesh.fast.take(link, service, conn, tally)
+
+    def status(self) -> dict[str, Any]:
+        """Counters for ``/mesh/status`` (``transport``): links, and what every connection
+        sent and received since start (datagrams, bytes, gossip frames by kind)."""
+        mesh = self.mesh
+        return {"links": len(mesh.links), "reconnecting": len(mesh.lost),
+                "departed": len(self.members.departed), "heartbeat_rounds": self.members.rounds,
+                **mesh.traffic.to_dict()}
 
     def link(self, peer_id: str) -> str:
         link = self.mesh.links.get(peer_id)

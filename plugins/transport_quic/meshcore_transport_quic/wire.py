@@ -116,6 +116,7 @@ async def send_gossip(proto: MeshProtocol, kind: Kind, body: dict[str, object]) 
     """One frame on a fresh unidirectional stream (a bad frame never poisons another)."""
     data = bytes([StreamType.GOSSIP]) + encode_frame(kind, body)
     stream = proto.open_stream(unidirectional=True)
+    proto.traffic.frames_out[kind.name] += 1
     try:
         await stream.send(data)
     finally:

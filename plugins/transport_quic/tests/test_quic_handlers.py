@@ -17,6 +17,7 @@ from meshcore_transport_quic.fastlinks import FastLinks
 from meshcore_transport_quic.frames import Frame, FrameError, Kind, decode_frame, encode_frame
 from meshcore_transport_quic.gossip import MAX_HINTED, Gossip
 from meshcore_transport_quic.links import PeerLink
+from meshcore_transport_quic.quicstream import Traffic
 from meshcore_transport_quic.state import DialError, Mesh
 
 from meshcore.plan import ElectionRequest
@@ -45,6 +46,7 @@ class Proto:
     def __init__(self) -> None:
         self.sent: list[bytes] = []
         self.peer_id, self.peer_addr, self.terminated = SENDER, ("127.0.0.1", 1), None
+        self.traffic = Traffic()
 
     def open_stream(self, *, unidirectional: bool = False) -> Sent:
         return Sent(self.sent)
