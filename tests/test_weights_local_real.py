@@ -110,7 +110,9 @@ async def test_node_status_lists_tunnel_bytes(mesh_harness: Any) -> None:
                             what="the echo to be counted")
         tunnels = [t for t in host.status()["tunnels"] if t["service"] == "rpc"]
         assert tunnels == [{"peer": worker.id, "service": "rpc", "port": port,
+                            "link": host.transport.link(worker.id),
                             "bytes_to_peer": 21, "bytes_from_peer": 21, "connections": 1}]
+        assert tunnels[0]["link"] == "memory"  # the test kit's transport names its path
 
 
 # ---------------------------------------------------------------- real llama.cpp

@@ -468,6 +468,11 @@ def test_worker_prunes_a_poisoned_cache_before_its_rpc_server_starts(
         time.sleep(0.2)
     else:
         raise AssertionError(f"no split: {status}\n{a.log()}\n{b.log()}")
+    while time.monotonic() < deadline:  # the split plan is out: wait for its server to load
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{a.url.removesuffix('/v1')}/health", timeout=10).status_code == 200:
+                break
+        time.sleep(0.2)
     reply = httpx.post(f"{a.url}/completions", json={"prompt": "The capital of France is",
                        "max_tokens": 4, "temperature": 0}, timeout=120)
     assert reply.status_code == 200 and reply.json()["choices"][0]["text"], reply.text
