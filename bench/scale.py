@@ -37,7 +37,7 @@ from typing import Any
 
 import httpx
 import psutil
-from meshcore_testing.pytest_plugin import API_LINE, JOIN_LINE, MeshProcess
+from meshcore_testing.pytest_plugin import MeshProcess, spawn_mesh_process, wait_for_banner
 
 FAKE = ["--backend", "fake", "--model", "fake-model", "--port", "0"]
 POLL_S = 0.5
@@ -45,29 +45,15 @@ POLL_S = 0.5
 
 def launch(home: Path, args: list[str]) -> MeshProcess:
     """Start one node without waiting for its banner (many start at once)."""
-    home.mkdir(parents=True, exist_ok=True)
-    log_path = home / "mesh-llm.log"
-    env = {**os.environ, "MESH_LLM_HOME": str(home), "PYTHONUNBUFFERED": "1",
-           "MESH_LLM_OPTIONS": "{}", "MESH_LLM_THREADS": "1"}
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "meshcore_cli", *FAKE, *args], env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    return MeshProcess(proc, log_path, 0, None, home)
+    return spawn_mesh_process([*FAKE, *args], home,
+                              env={"MESH_LLM_OPTIONS": "{}", "MESH_LLM_THREADS": "1"})
 
 
 def wait_banner(node: MeshProcess, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = node.log()
-        if (found := API_LINE.search(text)) is not None:
-            node.api_port = int(found.group(2))
-            if (join := JOIN_LINE.search(text)) is not None:
-                node.token = join.group(1)
-            return
-        if node.proc.poll() is not None:
-            raise SystemExit(f"a node exited before its banner:\n{text[-3000:]}")
-        time.sleep(0.1)
-    raise SystemExit(f"no banner in {timeout} s:\n{node.log()[-3000:]}")
+    try:
+        wait_for_banner(node, timeout)
+    except AssertionError as exc:
+        raise SystemExit(str(exc)[-3000:]) from None
 
 
 class Mesh:

@@ -16,7 +16,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
-ANY_ADDRESS = frozenset({"", "0.0.0.0", "::"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -54,12 +53,21 @@ def host_name(scope: Scope) -> str | None:
     return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
 
 
+def bound_everywhere(bind_host: str) -> bool:
+    """Whether the server listens on every interface (``--listen-all``: an unspecified
+    address, or no host at all)."""
+    try:
+        return not bind_host or ipaddress.ip_address(bind_host).is_unspecified
+    except ValueError:  # a name: one interface
+        return False
+
+
 def host_allowed(name: str | None, bind_host: str) -> bool:
     """Local names, the bound address, and any IP literal when bound to every interface. A
     request without Host (HTTP/1.0) names nothing that could be rebound."""
     if name is None or name in LOCAL_NAMES or name == bind_host.lower():
         return True
-    if bind_host not in ANY_ADDRESS:
+    if not bound_everywhere(bind_host):
         return False
     try:
         ipaddress.ip_address(name)

@@ -78,6 +78,13 @@ def start_mesh_process(args: list[str], home: Path, *, env: Mapping[str, str] | 
 
     ``--port 0`` is added unless ``--port`` is given; ``MESH_LLM_HOME`` is ``home``.
     """
+    return wait_for_banner(spawn_mesh_process(args, home, env=env), timeout)
+
+
+def spawn_mesh_process(args: list[str], home: Path, *, env: Mapping[str, str] | None = None
+                       ) -> MeshProcess:
+    """:func:`start_mesh_process` without the wait (to start many nodes at once; then
+    :func:`wait_for_banner` each)."""
     if "--port" not in args:
         args = [*args, "--port", "0"]
     home.mkdir(parents=True, exist_ok=True)
@@ -87,7 +94,13 @@ def start_mesh_process(args: list[str], home: Path, *, env: Mapping[str, str] | 
     with log_path.open("wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "meshcore_cli", *args], env=full_env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    node = MeshProcess(proc, log_path, 0, None, home)
+    return MeshProcess(proc, log_path, 0, None, home)
+
+
+def wait_for_banner(node: MeshProcess, timeout: float = 120) -> MeshProcess:
+    """Wait until ``node`` printed its banner (API port and join token read from it); raise
+    AssertionError naming the node's arguments and its log if it exits or times out."""
+    args = " ".join(node.proc.args[3:]) if isinstance(node.proc.args, list) else ""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = node.log()
@@ -96,13 +109,12 @@ def start_mesh_process(args: list[str], home: Path, *, env: Mapping[str, str] | 
             if (join := JOIN_LINE.search(text)) is not None:
                 node.token = join.group(1)
             return node
-        if proc.poll() is not None:
-            raise AssertionError(f"mesh-llm {' '.join(args)} exited with {proc.returncode} "
+        if node.proc.poll() is not None:
+            raise AssertionError(f"mesh-llm {args} exited with {node.proc.returncode} "
                                  f"before its banner:\n{text}")
         time.sleep(0.05)
     node.kill()
-    raise AssertionError(f"no banner from mesh-llm {' '.join(args)} in {timeout}s:\n"
-                         f"{node.log()}")
+    raise AssertionError(f"no banner from mesh-llm {args} in {timeout}s:\n{node.log()}")
 
 
 @pytest.fixture
