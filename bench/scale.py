@@ -7,7 +7,9 @@ idle CPU % and RSS per node (psutil, over ``--idle-s``), idle QUIC datagrams and
 per second and gossip frames per node per second (the transport's counters, ``transport`` in
 ``/mesh/status``), measured ``--settle-s`` after the mesh agreed; after ``kill -9`` of a
 worker, until all survivors agree on a plan without it; after ``kill -9`` of the host, until
-all survivors agree on a new plan and until the new host answers ``/health`` 200.
+all survivors agree on a new plan, until the new host answers ``/health`` 200, and until a
+chat request sent every 50 ms to a survivor's API is answered again (with the statuses of the
+requests meanwhile: 503 with a reason is expected, 502 or no answer is not).
 
 ``--harness 200`` runs the in-process variant instead (``meshcore_testing.run_mesh``: fake
 backend, memory transport, one process): time to one plan, after a join, after the host's
@@ -29,7 +31,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -164,8 +168,11 @@ def idle(mesh: Mesh, seconds: float) -> dict[str, float]:
             "announce_frames_s_mesh": announces}
 
 
-def run_processes(n: int, idle_s: float, settle_s: float, timeout: float) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="mesh-scale-") as tmp:
+def run_processes(n: int, idle_s: float, settle_s: float, timeout: float,
+                  keep: str | None = None) -> dict[str, Any]:
+    with contextlib.ExitStack() as stack:
+        tmp = tempfile.mkdtemp(prefix="mesh-scale-", dir=keep) if keep else stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="mesh-scale-"))
         mesh = Mesh(Path(tmp))
         row: dict[str, Any] = {"nodes": n}
         try:
@@ -186,23 +193,79 @@ def run_processes(n: int, idle_s: float, settle_s: float, timeout: float) -> dic
             sts = [s for s in mesh.statuses() if s is not None]
             by_id = {s["id"]: m for m, s in zip(mesh.alive(), sts, strict=True)}
             time.sleep(3)
-            by_id[host].kill()
-            killed = time.monotonic()
-            row["host_kill_plan_s"] = mesh.wait("a new plan after the host's kill -9",
-                                                agreed(n - 1, host_not=host), killed, timeout)
-            row["host_kill_health_s"] = None
-            if row["host_kill_plan_s"] is not None:
-                new = by_id[mesh.statuses()[0]["plan"]["host_id"]]  # type: ignore[index]
-                while time.monotonic() - killed < timeout:
-                    with contextlib.suppress(httpx.HTTPError):
-                        if mesh.http.get(f"http://127.0.0.1:{new.api_port}/health").status_code \
-                                == 200:
-                            row["host_kill_health_s"] = time.monotonic() - killed
-                            break
+            asker = next(m for i, m in by_id.items() if i != host)
+            with ChatPoller(mesh.http, f"http://127.0.0.1:{asker.api_port}/v1/chat/completions"
+                            ) as chats:
+                time.sleep(1)
+                by_id[host].kill()
+                killed = time.monotonic()
+                chats.mark(killed)
+                row.update(host_kill_row(mesh, by_id, host, killed, n, timeout))
+                deadline = time.monotonic() + timeout
+                while chats.first_ok is None and time.monotonic() < deadline:
                     time.sleep(0.1)
+            row["host_kill_answer_s"] = None if chats.first_ok is None else chats.first_ok - killed
+            row["host_kill_codes"] = dict(sorted(Counter(chats.after).items()))
         finally:
             mesh.stop()
         return row
+
+
+def host_kill_row(mesh: Mesh, by_id: dict[str, MeshProcess], host: str, killed: float, n: int,
+                  timeout: float) -> dict[str, Any]:
+    """Seconds from the host's kill -9 until all survivors agree on a new plan, and until the
+    new host answers ``/health`` 200."""
+    row: dict[str, Any] = {"host_kill_health_s": None}
+    row["host_kill_plan_s"] = mesh.wait("a new plan after the host's kill -9",
+                                        agreed(n - 1, host_not=host), killed, timeout)
+    if row["host_kill_plan_s"] is None:
+        return row
+    new = by_id[mesh.statuses()[0]["plan"]["host_id"]]  # type: ignore[index]
+    while time.monotonic() - killed < timeout:
+        with contextlib.suppress(httpx.HTTPError):
+            if mesh.http.get(f"http://127.0.0.1:{new.api_port}/health").status_code == 200:
+                row["host_kill_health_s"] = time.monotonic() - killed
+                break
+        time.sleep(0.1)
+    return row
+
+
+class ChatPoller:
+    """POSTs a 4-token chat request every 50 ms in a thread (a user of a surviving node): the
+    statuses after ``mark`` (0: no answer) and when the first 200 came after it."""
+
+    def __init__(self, http: httpx.Client, url: str) -> None:
+        self.http, self.url = http, url
+        self.since: float | None = None
+        self.after: list[int] = []
+        self.first_ok: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def mark(self, t: float) -> None:
+        self.since = t
+
+    def _run(self) -> None:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        while not self._stop.is_set():
+            sent = time.monotonic()
+            try:
+                code = self.http.post(self.url, json=body, timeout=10).status_code
+            except httpx.HTTPError:
+                code = 0
+            if self.since is not None and sent >= self.since:
+                self.after.append(code)
+                if code == 200 and self.first_ok is None:
+                    self.first_ok = time.monotonic()
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> ChatPoller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(15)
 
 
 async def run_harness(n: int, timeout: float) -> dict[str, Any]:
@@ -249,6 +312,8 @@ def main() -> None:
     ap.add_argument("--settle-s", type=float, default=30.0,
                     help="wait after the mesh agreed before the idle window")
     ap.add_argument("--timeout", type=float, default=300.0, help="per-phase limit in seconds")
+    ap.add_argument("--keep", metavar="DIR",
+                    help="keep every node's home (logs) in a new folder under DIR")
     ap.add_argument("--harness", type=int, default=0,
                     help="run N in-process nodes (memory transport) instead")
     args = ap.parse_args()
@@ -256,7 +321,7 @@ def main() -> None:
         print(json.dumps(asyncio.run(run_harness(args.harness, args.timeout))))
         return
     for n in (int(x) for x in args.nodes.split(",")):
-        row = run_processes(n, args.idle_s, args.settle_s, args.timeout)
+        row = run_processes(n, args.idle_s, args.settle_s, args.timeout, args.keep)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
                           for k, v in row.items()}), flush=True)
 

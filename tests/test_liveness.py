@@ -13,10 +13,12 @@ import contextlib
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from meshcore_testing.pytest_plugin import MeshProcess, start_mesh_process
 from test_client import mesh_status, quic_missing, wait_status
@@ -31,9 +33,9 @@ FROZEN_S = 12.0  # over twice the old 5 s silence limit, well under the new 60 s
 def node(tmp_path: Path) -> Iterator[Callable[..., MeshProcess]]:
     started: list[MeshProcess] = []
 
-    def start(name: str, *args: str) -> MeshProcess:
+    def start(name: str, *args: str, options: dict[str, float] | None = None) -> MeshProcess:
         # default liveness timers: MESH_LLM_OPTIONS must not shorten them here
-        env = {"MESH_LLM_OPTIONS": json.dumps({}), "MESH_LLM_THREADS": "1"}
+        env = {"MESH_LLM_OPTIONS": json.dumps(options or {}), "MESH_LLM_THREADS": "1"}
         proc = start_mesh_process([*FAKE, *args], tmp_path / name, env=env)
         started.append(proc)
         return proc
@@ -75,3 +77,71 @@ def test_a_frozen_peer_stays_and_a_dead_one_goes(node: Callable[..., MeshProcess
     wait_status(a, lambda s: b_id not in {p["id"] for p in s["peers"]}, "a to drop the dead b",
                 30)
     assert "refuses connections (the process is gone)" in a.log(), a.log()
+
+
+class ChatPoller:
+    """POSTs a small chat request to ``url`` every 50 ms in a thread; ``codes`` holds the
+    statuses (0: no answer at all)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.codes: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        with httpx.Client(timeout=10) as client:
+            while not self._stop.is_set():
+                try:
+                    self.codes.append(client.post(self.url, json=body).status_code)
+                except httpx.HTTPError:
+                    self.codes.append(0)
+                self._stop.wait(0.05)
+
+    def __enter__(self) -> ChatPoller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+
+def test_a_dead_host_is_replaced_without_the_reconnect_window(
+        node: Callable[..., MeshProcess]) -> None:
+    """The host is SIGKILLed while c sends requests through it: c's next tunnel to the host
+    is refused, c confirms (an unanswered PING, the port still refused), drops and removes
+    it at once (no 10 s reconnect window) and tells the others (GONE). b, which sends
+    nothing and whose heartbeat is slowed to one round in 30 s here, checks a on that report
+    rather than in its own turn. The mesh re-elects b, and no request gets a 502 meanwhile:
+    each failed one is a retryable 503 with a reason."""
+    a = node("a", "--max-vram", "8")
+    assert a.token
+    b = node("b", "--max-vram", "4", "--join", a.token, options={"quic_heartbeat_s": 30})
+    c = node("c", "--max-vram", "2", "--join", a.token)
+    a_id, b_id = mesh_status(a)["id"], mesh_status(b)["id"]
+    for proc in (b, c):
+        wait_status(proc, lambda s: s["plan"]["host_id"] == a_id and len(s["peers"]) == 2,
+                    "the mesh of three with a as the host")
+    with ChatPoller(f"{c.url}/chat/completions") as poller:
+        time.sleep(1)
+        assert poller.codes and set(poller.codes) == {200}, poller.codes
+        a.kill()
+        # 30 s: under the 60 s silence limit, and well under the old 10 s reconnect window
+        # plus the election only if the window is really skipped on two loaded cores
+        for proc in (b, c):
+            wait_status(proc, lambda s: s["plan"]["host_id"] == b_id
+                        and s["me"]["serving"] != "starting", "b to be the new host", 30)
+        served = len(poller.codes)
+        deadline = time.monotonic() + 30
+        while poller.codes[-1] != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert poller.codes[-1] == 200, poller.codes[served:]
+    assert set(poller.codes) <= {200, 503}, f"a request failed without a reason: {poller.codes}"
+    assert "refused a tunnel, left a PING unanswered" in c.log(), c.log()
+    c_id = mesh_status(c)["id"]
+    assert f"was reported gone by {c_id}, left a PING unanswered" in b.log(), b.log()
+    for proc in (b, c):
+        assert "its process is gone; redialing it in the background" in proc.log(), proc.log()
+        assert "reconnecting for up to" not in proc.log(), proc.log()

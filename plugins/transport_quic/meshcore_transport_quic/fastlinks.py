@@ -40,6 +40,9 @@ class FastLinks:
         self.keys: dict[bytes, str] = {}  # keys we issued -> peer id ("": not proved yet)
         self.port: int | None = None
         self.server: FastPathServer | None = None
+        # called when a tunnel to a peer whose fast path worked is refused (membership checks
+        # whether the peer's process is gone)
+        self.on_refused: Callable[[PeerLink], None] | None = None
 
     async def start(self, tg: TaskGroup, port: int, lookup: Lookup) -> None:
         """Listen on ``port`` (or any free one); ``lookup`` finds a tunnel's local service."""
@@ -76,7 +79,12 @@ class FastLinks:
             link.fast_ok = None  # try again now and then: the path may have come back
         return link.fast_ok is not False
 
-    def failed(self, link: PeerLink, why: str) -> None:
+    def failed(self, link: PeerLink, why: str, exc: BaseException | None = None) -> None:
+        if isinstance(exc.__cause__ if exc is not None else None, ConnectionRefusedError):
+            if link.fast_ok is None:  # refused by a peer that has just authenticated
+                link.refuses_alive = True
+            elif not link.refuses_alive and self.on_refused is not None:
+                self.on_refused(link)  # a port that answered before: is the process gone?
         if link.fast_ok is not False:
             log.warning("link to %s: fast path unreachable (%s); tunnels use QUIC", link.id, why)
         link.fast_ok, link.fast_why = False, why
@@ -90,7 +98,7 @@ class FastLinks:
         try:
             await probe(link.host, link.fast_port, link.fast_key)
         except FastPathError as exc:
-            self.failed(link, str(exc))
+            self.failed(link, str(exc), exc)
         else:
             link.fast_ok = True
             log.info("link to %s: fast path (sealed TCP) at %s", link.id,
@@ -105,7 +113,7 @@ class FastLinks:
         try:
             return await open_fast(link.host, link.fast_port, link.fast_key, service)
         except FastPathError as exc:
-            self.failed(link, str(exc))
+            self.failed(link, str(exc), exc)
             return None
 
     async def take(self, link: PeerLink, service: str, conn: socket.socket,
@@ -121,7 +129,7 @@ class FastLinks:
             try:
                 return await open_fast_raw(host, port, key, service, factory)
             except FastPathError as exc:
-                self.failed(link, str(exc))
+                self.failed(link, str(exc), exc)
                 return None
 
         return await take_raw(conn, open_raw, tally)

@@ -35,6 +35,7 @@ class Kind(IntEnum):
     PONG = 6
     LEAVE = 7
     CHALLENGE = 8
+    GONE = 9  # {"id": peer}: the sender found that peer's process gone (check it yourself)
 
 
 class FrameError(ValueError):

@@ -36,6 +36,7 @@ HINT_DIALS = 8  # hinted peers dialed at once
 ANNOUNCE_EVERY_S = 0.5  # a peer's announcements are applied at most this often (the latest)
 
 Accept = Callable[[MeshProtocol, QuicByteStream, BufferedByteReceiveStream], Awaitable[None]]
+Suspect = Callable[[str, str], None]  # (peer id, reported by): check whether it is gone
 
 
 def checked_record(link: PeerLink, data: Any) -> Peer | None:
@@ -61,10 +62,12 @@ def accept_record(state: MeshState, link: PeerLink, data: Any) -> None:
 class Gossip:
     """Handles every stream a peer opens: gossip frames, hints and inbound tunnels."""
 
-    def __init__(self, mesh: Mesh, *, accept: Accept, dial: Dial) -> None:
+    def __init__(self, mesh: Mesh, *, accept: Accept, dial: Dial,
+                 suspect: Suspect | None = None) -> None:
         self.mesh = mesh
         self.accept = accept  # authenticates an AUTH stream and adopts its peer
         self.dial = dial
+        self.suspect = suspect  # a GONE frame: membership checks the named peer itself
         self.hinted: set[str] = set()  # hinted peers waiting for (or in) a dial
         self.hint_slots = anyio.Semaphore(HINT_DIALS)
         self.announced_at: dict[str, float] = {}  # peer id -> when its record was applied
@@ -150,6 +153,10 @@ class Gossip:
         elif frame.kind is Kind.LEAVE:
             link.left = True
             state.remove(link.id)
+        elif frame.kind is Kind.GONE:
+            gone = body.get("id")
+            if isinstance(gone, str) and gone != link.id and self.suspect is not None:
+                self.suspect(gone, link.id)
         else:
             log.warning("peer %s sent an unexpected %s frame; ignored", link.id, frame.kind.name)
 

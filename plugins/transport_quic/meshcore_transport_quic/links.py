@@ -29,11 +29,16 @@ class PeerLink:
     fast_ok: bool | None = None  # None = not probed yet
     fast_why: str = ""
     fast_retry_at: float = 0.0
+    # its fast-path port refused a connection while the peer was alive (a firewall that
+    # rejects TCP): a refusal there says nothing about the process
+    refuses_alive: bool = False
     rtt_ms: float | None = None
     rtt_samples: int = 0
     pings: deque[float] = field(default_factory=lambda: deque(maxlen=4))  # unanswered, sent at
     probe_at: float | None = None  # when the oldest still unanswered PING went out
     left: bool = False
+    gone: bool = False  # its process is gone (its port refused): removed without reconnecting
+    checking: bool = False  # a check whether its process is gone is under way
     connected_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -72,6 +77,28 @@ def rtt_table_changed(old: dict[str, float], new: dict[str, float]) -> bool:
     another band. A peer that is gone is not: its entry leaves with the next change, and an
     idle mesh announces nothing."""
     return any(k not in old or rtt_moved(old[k], v) for k, v in new.items())
+
+
+RTT_HOLD_ROUNDS = 3  # a band change is announced once it held this many heartbeat rounds
+RTT_QUIET_S = 120.0  # ...and by a node that is not the host at most this often
+
+
+def rtt_update_due(old: dict[str, float], new: dict[str, float], held: int, host: bool,
+                   since: float) -> bool:
+    """Whether to announce ``new`` now, ``old`` being the table last announced, ``since``
+    seconds ago, the material change (:func:`rtt_table_changed`) having held ``held``
+    rounds. Only the host's table is read by the election, so the host announces a newly
+    measured peer at once (the election waits for it) and a band change once it held
+    RTT_HOLD_ROUNDS (one slow answer from a busy peer is not news); any other node sends its
+    changes, new peers included, at most every RTT_QUIET_S and once they held as long. A
+    join used to make every node announce its table to every peer (N^2 frames of N entries
+    each): 50 processes on 2 cores took 22 s to form a mesh, and re-announcing each RTT
+    wobble kept the cores busy enough to make the RTTs wobble more."""
+    if not rtt_table_changed(old, new):
+        return False
+    if host:
+        return held >= RTT_HOLD_ROUNDS or any(k not in old for k in new)
+    return held >= RTT_HOLD_ROUNDS and since >= RTT_QUIET_S
 
 
 def parse_hint(data: Any) -> tuple[str, bytes, list[tuple[str, int]]] | None:

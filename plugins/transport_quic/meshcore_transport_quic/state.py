@@ -59,7 +59,7 @@ class Mesh:
     fast: FastLinks  # the TCP fast path (keys, server, which links use it)
     heartbeat_s: float = 2.0  # a PING (and an RTT sample) per peer this often
     dead_after_s: float = 60.0  # a silent peer is dropped after this long (busy is not dead)
-    suspect_after_s: float = 5.0  # ...or sooner, once silent this long, if its port refuses TCP
+    suspect_after_s: float = 1.5  # a PING unanswered this long: is its TCP port refused?
     reconnect_s: float = 10.0
     heal_s: float = 5.0
     datagram: int = DEFAULT_DATAGRAM
@@ -88,7 +88,7 @@ class Mesh:
         return cls(node, FastLinks(bool(opts.get("quic_fast_path", True))),
                    heartbeat_s=float(opts.get("quic_heartbeat_s", 2.0)),
                    dead_after_s=float(opts.get("quic_dead_after_s", 60.0)),
-                   suspect_after_s=float(opts.get("quic_suspect_after_s", 5.0)),
+                   suspect_after_s=float(opts.get("quic_suspect_after_s", 1.5)),
                    reconnect_s=float(opts.get("quic_reconnect_s", 10.0)),
                    heal_s=float(opts.get("quic_heal_s", 5.0)),
                    datagram=int(opts.get("quic_max_datagram", DEFAULT_DATAGRAM)),

@@ -3,7 +3,8 @@
 One QUIC connection per peer pair carries control frames and, as a fallback, tunnels; tunnels
 prefer the direct TCP fast path, AES-GCM records (:mod:`.fastlinks`). Timings can be set in
 ``NodeConfig.options``: ``quic_heartbeat_s`` (2), ``quic_dead_after_s`` (60),
-``quic_suspect_after_s`` (5: a silent peer whose TCP port refuses connections goes then),
+``quic_suspect_after_s`` (1.5: a PING unanswered this long, and the peer's TCP port refuses
+connections: its process is gone, it goes at once),
 ``quic_reconnect_s`` (10), ``quic_heal_s`` (5, first redial of a removed peer),
 ``quic_fast_path`` (True), ``quic_addresses`` (advertised IPs),
 ``quic_max_datagram`` (1350; loopback peers use 16 KiB).
@@ -70,7 +71,10 @@ class QuicTransport:
         self.mesh = Mesh.from_node(node)
         self.handshake = Handshake(self.mesh, on_stream=self._on_stream)
         self.members = Membership(self.mesh, self.handshake)
-        self.gossip = Gossip(self.mesh, accept=self.members.accept, dial=self.members.dial)
+        self.mesh.fast.on_refused = self.members.refused
+        self.members.was_hinted = lambda peer_id: peer_id in self.gossip.hinted
+        self.gossip = Gossip(self.mesh, accept=self.members.accept, dial=self.members.dial,
+                             suspect=self.members.suspect)
 
     def _on_stream(self, proto: MeshProtocol, stream: QuicByteStream) -> None:
         """Where every connection hands the streams its peer opens: to the gossip part. The

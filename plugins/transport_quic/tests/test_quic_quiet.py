@@ -10,9 +10,17 @@ from typing import Any, cast
 
 import anyio
 import pytest
-from meshcore_transport_quic.links import PeerLink, rtt_table_changed
+from meshcore_transport_quic.frames import Kind
+from meshcore_transport_quic.links import (
+    RTT_HOLD_ROUNDS,
+    RTT_QUIET_S,
+    PeerLink,
+    rtt_table_changed,
+    rtt_update_due,
+)
 from meshcore_transport_quic.membership import Membership
 from meshcore_transport_quic.probes import PROBES_PER_ROUND, pick_probes, probes_per_round
+from meshcore_transport_quic.state import ERR_TIMEOUT, send
 from quic_helpers import QuicMesh, wait_for
 
 
@@ -48,6 +56,18 @@ def test_rtt_noise_within_a_band_and_departures_are_not_announced() -> None:
     assert rtt_table_changed(old, {"a": 1.0, "b": 24.0})  # b fell a band, past the hysteresis
     assert rtt_table_changed(old, {"a": 1.0, "b": 35.0, "c": 3.0})  # c measured: the host
     # needs it before the election pulls c in
+
+
+def test_a_band_change_is_announced_once_it_held_and_rarely_by_a_non_host() -> None:
+    old, moved, joined = {"a": 1.0}, {"a": 25.0}, {"a": 1.0, "c": 3.0}
+    assert rtt_update_due(old, joined, 0, True, 0.0)  # the host, a new peer: at once
+    assert not rtt_update_due(old, {"a": 2.0}, 0, True, 99.0)  # no material change
+    assert not rtt_update_due(old, moved, RTT_HOLD_ROUNDS - 1, True, 99.0)  # not held yet
+    assert rtt_update_due(old, moved, RTT_HOLD_ROUNDS, True, 0.0)  # the host: once held
+    for table in (moved, joined):  # any other node: held, and not within RTT_QUIET_S
+        assert not rtt_update_due(old, table, 0, False, RTT_QUIET_S)
+        assert not rtt_update_due(old, table, RTT_HOLD_ROUNDS, False, RTT_QUIET_S - 1)
+        assert rtt_update_due(old, table, RTT_HOLD_ROUNDS, False, RTT_QUIET_S)
 
 
 def test_an_inflated_first_rtt_is_forgotten_with_the_next_good_sample() -> None:
@@ -92,16 +112,36 @@ def closed_port() -> int:
 @pytest.mark.anyio
 async def test_a_quiet_peer_is_tcp_probed_only_after_an_unanswered_ping() -> None:
     now = time.monotonic()
-    proto = SimpleNamespace(last_rx=now - 10, peer_addr=("127.0.0.1", 1))
+    closed: list[tuple[int, str]] = []
+    proto = SimpleNamespace(last_rx=now - 10, peer_addr=("127.0.0.1", 1), terminated=None,
+                            close=lambda code, why: closed.append((code, why)))
     link = PeerLink("p", b"f" * 32, "boot", cast(Any, proto), True, [("127.0.0.1", 1)],
                     fast_port=closed_port(), fast_ok=True)  # its port refuses: "gone"
-    mesh = SimpleNamespace(dead_after_s=60.0, suspect_after_s=5.0)
+    told: list[str] = []
+    mesh = SimpleNamespace(dead_after_s=60.0, suspect_after_s=1.5,
+                           spawn=lambda proto, what, func, *args: told.append(what))
     members = Membership(cast(Any, mesh), cast(Any, None))
-    assert await members._dead(link, now) == ""  # silent 10 s, never pinged: no verdict
-    link.probe_at = now - 6  # pinged 6 s ago, nothing since
-    assert "refuses connections (the process is gone)" in await members._dead(link, now)
-    proto.last_rx = now - 1  # it answered after that PING
-    assert await members._dead(link, now) == "" and link.probe_at is None
+    await members._judge(link, now)  # silent 10 s, never pinged: no verdict
+    assert closed == [] and not link.gone
+    link.probe_at = now - 1  # pinged 1 s ago: not yet suspected
+    await members._judge(link, now)
+    assert closed == [] and not link.gone
+    proto.last_rx = now - 0.5  # it answered after that PING
+    await members._judge(link, now)
+    assert closed == [] and link.probe_at is None
+    proto.last_rx, link.probe_at = now - 3, now - 2  # pinged 2 s ago, nothing since, and
+    # its port refuses
+    await members._judge(link, now)
+    assert closed == [(ERR_TIMEOUT, "process gone")] and link.gone
+    assert told == ["telling the mesh a peer is gone"]  # the others check it at once
+    closed.clear()
+    link.gone, link.fast_ok = False, False  # its fast path probe once timed out (a busy
+    await members._judge(link, now)  # start): a refusal now still means nothing listens
+    assert closed and link.gone
+    closed.clear()
+    link.gone, link.refuses_alive = False, True  # its port refused while it was alive
+    await members._judge(link, now)
+    assert closed == [] and not link.gone
 
 
 @pytest.mark.anyio
@@ -110,8 +150,8 @@ async def test_an_idle_mesh_pings_a_few_peers_per_round_not_every_peer(
     timers: dict[str, Any] = {"quic_heartbeat_s": 0.1, "quic_dead_after_s": 60.0}
     nodes = [await quic_mesh.add(**timers) for _ in range(9)]
     await wait_for(lambda: all(len(n.view().others) == 8 for n in nodes), 30, "a full mesh")
-    await wait_for(lambda: all(len(n.state.me.extra.get("rtt_ms", {})) == 8 for n in nodes),
-                   30, "every RTT measured and published")
+    await wait_for(lambda: all(link.rtt_samples >= 3 for n in nodes
+                               for link in n.transport.links.values()), 30, "every RTT measured")
     await anyio.sleep(1.0)
     before = [n.transport.status() for n in nodes]
     await anyio.sleep(2.0)
@@ -125,3 +165,19 @@ async def test_an_idle_mesh_pings_a_few_peers_per_round_not_every_peer(
     # ANNOUNCEs are not counted here: nine nodes on one event loop measure RTTs of 3-20 ms
     # (the loop's lag, not the network), real noise across bands; the band rule is tested
     # above and measured on real processes by bench/scale.py (benchmarks.md, "Scale").
+
+
+@pytest.mark.anyio
+async def test_a_false_gone_report_costs_a_check_not_the_peer(quic_mesh: QuicMesh) -> None:
+    """b tells a that c's process is gone (GONE) while c is alive: a checks c itself (a PING
+    over QUIC) and keeps it; only a check of its own drops a peer."""
+    timers: dict[str, Any] = {"quic_heartbeat_s": 30.0, "quic_dead_after_s": 60.0}
+    a, b, c = [await quic_mesh.add(**timers) for _ in range(3)]
+    await wait_for(lambda: all(len(n.view().others) == 2 for n in (a, b, c)), 30, "3 nodes")
+    link = a.transport.links[c.id]
+    pongs = link.rtt_samples
+    await send(b.transport.links[a.id], Kind.GONE, {"id": c.id})
+    await wait_for(lambda: link.rtt_samples > pongs, 10, "a to PING c on b's report")
+    await anyio.sleep(a.transport.mesh.suspect_after_s + 0.5)
+    assert a.transport.links.get(c.id) is link and not link.gone and not link.checking
+    assert c.id in {p.id for p in a.view().others}
