@@ -63,6 +63,7 @@ class LlamaCppBackend:
         self.machine = Machine(Path(node.config.state_dir),
                                commands.default_threads(node.config.options))
         self.handover = HandOver(node)
+        self._early_standby = False  # apply announced ``standby`` (see _announce_standby)
         self.host = LlamaServerHost(node, self.machine, self.handover, self._recovered)
         self.worker = RpcWorker(node, self.machine, self._recovered)
         self.restarts = 0
@@ -96,6 +97,7 @@ class LlamaCppBackend:
         if wanted != self.wanted:
             self.wanted = wanted
             self._wake.set()
+        self._announce_standby(plan)
 
     def api_base(self) -> str | None:
         host, standby = self.host, self.handover.standby
@@ -210,6 +212,23 @@ class LlamaCppBackend:
         if not child.alive or not self.node.config.options.get("handover", True):
             return False
         return may_hand_over(served, lay, self.plan, self.wanted, self.node.id)
+
+    def _announce_standby(self, plan: Plan) -> None:
+        """When ``plan`` moves the host away from this node's ready llama-server, announce
+        it as ``standby`` now, before ``apply`` returns: the node routes by the new plan from
+        then on, and until the supervisor reaches the hand-over (``serve_as_standby``) no
+        server would be announced and the API would answer 503. An early announcement that
+        a later plan no longer allows is withdrawn here; one the supervisor does not keep,
+        by ``_idle`` or ``HandOver.retire``."""
+        host = self.host
+        if (isinstance(self.wanted, Idle) and host.ready and host.server is not None
+                and host.serving_plan is not None and host.lay is not None
+                and self._hands_over(host.serving_plan, host.lay, host.server)):
+            self.node.announce(standby=plan.model)
+            self._early_standby = True
+        elif self._early_standby and self.handover.standby is None:
+            self.node.announce(standby=None)
+            self._early_standby = False
 
     def _recovered(self) -> None:
         """A part's child is up again: clear the last error."""

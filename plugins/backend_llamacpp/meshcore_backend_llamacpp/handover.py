@@ -91,11 +91,11 @@ class HandOver:
         """Stop the standby, if any; ``graceful``: first let the requests it is still
         generating finish (up to RETIRE_GRACE_S)."""
         standby, self.standby = self.standby, None
+        me = self.node.state.me
+        if fields.STANDBY.read(me) is not None:  # the mesh stops routing here first (also
+            self.node.set_serving(me.serving, standby=None)  # when announced but never kept)
         if standby is None:
             return
-        me = self.node.state.me
-        if fields.STANDBY.read(me) is not None:  # the mesh stops routing here first
-            self.node.set_serving(me.serving, standby=None)
         try:
             if graceful:
                 with anyio.move_on_after(RETIRE_GRACE_S):

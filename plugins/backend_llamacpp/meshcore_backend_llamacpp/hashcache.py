@@ -23,11 +23,16 @@ a re-plan never hashes a file again while it is unchanged, even when the earlier
 short. It only decides what need not be hashed: an indexed entry is used only while the ledger
 says it is ours and unchanged (else the tensor is hashed again), and rpc-server finds entries
 by the hash the host sends, so a wrong index can cost load time, never give a wrong tensor.
+
+Hashing runs on a thread pool, one tensor per task: FNV-1a is a serial chain over the bytes
+(no way to hash a tensor's chunks apart and combine them), but ``fnv-c`` is a cffi call, and
+cffi releases the GIL around it, as ``os.pread`` and the entry's write do. Each task reads its
+tensor with ``os.pread`` on a shared descriptor, hashes it and writes its entry atomically;
+only the caller's thread touches the ledger and the index, in the spans' order.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -35,10 +40,14 @@ import os
 import shutil
 import stat
 import struct
-from collections.abc import Collection, Iterable, Iterator, Mapping
+import threading
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+import psutil
 
 log = logging.getLogger("meshcore.backend.hashcache")
 
@@ -51,6 +60,8 @@ INDEX_SUFFIX = "-index.json"  # beside the cache dir: model file -> tensor -> en
 _FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF scalars
 _STRING, _ARRAY = 8, 9
 _U64 = struct.Struct("<Q")
+READ_CHUNK = 1 << 30  # bytes per pread: Linux returns at most ~2 GiB from one read call
+MEMORY_SHARE = 4  # the tensors held by the pool at once stay under 1/4 of available memory
 
 
 @dataclass(frozen=True)
@@ -64,7 +75,8 @@ class TensorSpan:
 
 
 def fnv1a_64(data: bytes) -> int:
-    """FNV-1a 64 as ggml-rpc computes it, through the C extension ``fnv-c`` (~740 MB/s)."""
+    """FNV-1a 64 as ggml-rpc computes it, through the C extension ``fnv-c`` (~740-950 MB/s
+    a core; the GIL is released while it runs)."""
     from fnv_c import fnv1a_64 as fast
 
     return int(fast(bytes(data)))
@@ -285,14 +297,15 @@ def _record_index(cache_dir: Path, spans: Iterable[TensorSpan], hashes: Mapping[
     os.replace(tmp, target)
 
 
-def _seed_indexed(spans: list[TensorSpan], cache_dir: Path,
-                  known: Mapping[str, str]) -> tuple[int, dict[str, str]]:
+def _seed_indexed(spans: list[TensorSpan], cache_dir: Path, known: Mapping[str, str],
+                  workers: int | None = None) -> tuple[int, dict[str, str]]:
     """:func:`_seed_spans` with the index's hashes of the spans' files added to ``known``;
     records what it hashed (also when cut short: each pass keeps what it learnt)."""
     indexed = indexed_hashes(cache_dir, {span.path for span in spans})
     learnt: dict[str, str] = {}
     try:
-        written, hashes = _seed_spans(spans, cache_dir, {**indexed, **known}, learnt)
+        written, hashes = _seed_spans(spans, cache_dir, {**indexed, **known}, learnt,
+                                      workers)
     finally:
         if any(indexed.get(k) != v for k, v in learnt.items()):
             _record_index(cache_dir, spans, {**indexed, **learnt})
@@ -302,7 +315,7 @@ def _seed_indexed(spans: list[TensorSpan], cache_dir: Path,
 def _write_entry(path: Path, data: bytes) -> Stamp:
     """Write atomically (a running rpc-server must never read a half-written entry); returns
     the stamp of the file written, taken before it is visible under its name."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
@@ -311,38 +324,86 @@ def _write_entry(path: Path, data: bytes) -> Stamp:
     return stamp
 
 
+def pool_size(workers: int | None, spans: Sequence[TensorSpan],
+              available: int | None = None) -> int:
+    """Threads to hash ``spans`` with: ``workers`` (None: one per CPU), at most one per CPU
+    and per span, and few enough that the tensors they hold at once (the biggest, twice over
+    when it is read in parts) fit in 1/MEMORY_SHARE of ``available`` bytes (default: what
+    the OS reports); never less than one."""
+    cpus = os.cpu_count() or 1
+    wanted = max(1, min(workers or cpus, cpus, len(spans)))
+    if not spans:
+        return 1
+    biggest = max(span.size for span in spans)
+    held = biggest * (2 if biggest > READ_CHUNK else 1)
+    free = psutil.virtual_memory().available if available is None else available
+    return max(1, min(wanted, free // MEMORY_SHARE // held))
+
+
+def _read_span(fd: int, span: TensorSpan) -> bytes:
+    """The tensor's bytes, by ``os.pread`` (no shared file position: threads can share
+    ``fd``); a tensor over READ_CHUNK is read in order, in parts."""
+    parts, done = [], 0
+    while done < span.size:
+        part = os.pread(fd, min(READ_CHUNK, span.size - done), span.offset + done)
+        if not part:
+            raise ValueError(f"model file {span.path}: tensor {span.name} is truncated "
+                             f"({done} of {span.size} bytes); download it again")
+        parts.append(part)
+        done += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def _seed_spans(spans: Iterable[TensorSpan], cache_dir: Path, known: Mapping[str, str],
-                learnt: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
+                learnt: dict[str, str] | None = None,
+                workers: int | None = None) -> tuple[int, dict[str, str]]:
     """Write the cache entry of every span; ``known`` (tensor name -> entry name, from an
     earlier pass over the same file) skips hashing what is already there. An entry counts as
     there only if the ledger says this node wrote it and it is unchanged; anything else of
-    that name is replaced. Returns the bytes written and the entry name of every span;
-    ``learnt`` receives each hash as it is computed."""
-    written, hashes = 0, {}
+    that name is replaced. The rest is hashed on ``pool_size(workers, ...)`` threads (module
+    doc). Returns the bytes written and the entry name of every span; ``learnt`` receives
+    each hash as it is computed."""
+    spans, hashes = list(spans), {}
     learnt = {} if learnt is None else learnt
     ledger = load_ledger(cache_dir)
-    with contextlib.ExitStack() as stack:
-        files: dict[Path, BinaryIO] = {}
-        for span in spans:
-            name = known.get(span.name)
-            if name is not None and _owned(cache_dir / name, ledger.get(name), span.size):
-                hashes[span.name] = name
-                continue
-            if span.path not in files:
-                files[span.path] = stack.enter_context(open(span.path, "rb"))
-            f = files[span.path]
-            f.seek(span.offset)
-            data = f.read(span.size)
-            if len(data) != span.size:
-                raise ValueError(f"model file {span.path}: tensor {span.name} is truncated "
-                                 f"({len(data)} of {span.size} bytes); download it again")
-            name = cache_name(fnv1a_64(data))
+    todo = []
+    for span in spans:
+        name = known.get(span.name)
+        if name is not None and _owned(cache_dir / name, ledger.get(name), span.size):
+            hashes[span.name] = name
+        else:
+            todo.append(span)
+    lock, claimed = threading.Lock(), set()
+
+    def hash_and_write(fd: int, span: TensorSpan) -> tuple[str, Stamp | None]:
+        data = _read_span(fd, span)
+        name = cache_name(fnv1a_64(data))
+        with lock:  # two equal tensors: one writes, and only a missing or foreign entry
+            fresh = name not in claimed and not _owned(cache_dir / name, ledger.get(name),
+                                                       span.size)
+            claimed.add(name)
+        return name, _write_entry(cache_dir / name, data) if fresh else None
+
+    written, fds = 0, {}
+    pool = ThreadPoolExecutor(pool_size(workers, todo), thread_name_prefix="hashcache")
+    try:
+        for path in {span.path for span in todo}:
+            fds[path] = os.open(path, os.O_RDONLY)
+        tasks: list[Future[tuple[str, Stamp | None]]] = [
+            pool.submit(hash_and_write, fds[span.path], span) for span in todo]
+        for span, task in zip(todo, tasks, strict=True):
+            name, stamp = task.result()
             hashes[span.name] = learnt[span.name] = name
-            if not _owned(cache_dir / name, ledger.get(name), span.size):
-                ledger[name] = _write_entry(cache_dir / name, data)
-                _save_ledger(cache_dir, ledger)  # after each entry: a cancelled pass keeps them
+            if stamp is not None:
+                with lock:
+                    ledger[name] = stamp
+                    _save_ledger(cache_dir, ledger)  # after each entry: a cut pass keeps them
                 written += span.size
-    return written, hashes
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # a failure stops the queued tasks
+        for fd in fds.values():
+            os.close(fd)
+    return written, {span.name: hashes[span.name] for span in spans}
 
 
 def cache_complete(model_path: Path, cache_dir: Path) -> bool:
@@ -356,11 +417,12 @@ def cache_complete(model_path: Path, cache_dir: Path) -> bool:
 
 
 def seed_cache(model_path: Path, cache_dir: Path, threshold: int = HASH_THRESHOLD,
-               known: Mapping[str, str] | None = None) -> int:
+               known: Mapping[str, str] | None = None, workers: int | None = None) -> int:
     """Write ``cache_dir/<fnv1a64 %016x>`` for every tensor over ``threshold`` bytes of the
     GGUF at ``model_path`` (all shards of a split model). Entries already present are kept;
     ``known`` is what :func:`seed_tensors` returned for this file (those are not hashed
-    again). Blocking (hashes at ~740 MB/s): call it in a worker thread or process.
+    again). Hashes on up to ``workers`` threads (None: one per CPU; see :func:`pool_size`).
+    Blocking (~740-950 MB/s a thread): call it in a worker thread or process.
 
     :return: bytes written now (0 when the cache was already complete).
     """
@@ -370,7 +432,7 @@ def seed_cache(model_path: Path, cache_dir: Path, threshold: int = HASH_THRESHOL
         return 0
     manifest, key = _manifest(model_path, cache_dir)
     spans = list(large_tensors(model_path, threshold))
-    written, hashes = _seed_indexed(spans, cache_dir, known or {})
+    written, hashes = _seed_indexed(spans, cache_dir, known or {}, workers)
     manifest.write_text(json.dumps({"key": key, "hashes": list(hashes.values())}))
     log.info("hash cache %s: %d tensors over %d bytes, %d bytes written", cache_dir,
              len(hashes), threshold, written)
@@ -378,7 +440,8 @@ def seed_cache(model_path: Path, cache_dir: Path, threshold: int = HASH_THRESHOL
 
 
 def seed_tensors(model_path: Path, cache_dir: Path, names: Collection[str],
-                 threshold: int = HASH_THRESHOLD) -> tuple[int, dict[str, str]]:
+                 threshold: int = HASH_THRESHOLD,
+                 workers: int | None = None) -> tuple[int, dict[str, str]]:
     """Like :func:`seed_cache` for the tensors named in ``names`` only (a worker seeds its
     own layers first, starts its rpc-server, then seeds the rest). Writes no manifest.
 
@@ -388,7 +451,7 @@ def seed_tensors(model_path: Path, cache_dir: Path, names: Collection[str],
     cache_dir.mkdir(parents=True, exist_ok=True)
     wanted = set(names)
     spans = [s for s in large_tensors(model_path, threshold) if s.name in wanted]
-    return _seed_indexed(spans, cache_dir, {})
+    return _seed_indexed(spans, cache_dir, {}, workers)
 
 
 def tensors_of_layers(model_path: Path, layers: Collection[int], n_layer: int,

@@ -114,12 +114,15 @@ class RpcWorker:
         return await self._seed_layers(info.path, cache_dir, layers)
 
     # Hashing runs in a worker process: hashing a big GGUF in a thread would hold the GIL for
-    # long stretches and starve the event loop (gossip, tunnels).
+    # long stretches and starve the event loop (gossip, tunnels). What the rpc-server waits
+    # for is hashed on self.machine.threads threads there; the background pass on one, so it
+    # does not compete with the rpc-server serving the host's load (or, on a CPU, computing).
 
     async def _seed_all(self, model: Path, cache_dir: Path) -> None:
         started = time.monotonic()
-        self.seeded_bytes = await anyio.to_process.run_sync(
-            hashcache.seed_cache, model, cache_dir, cancellable=True)
+        self.seeded_bytes = await anyio.to_process.run_sync(functools.partial(
+            hashcache.seed_cache, model, cache_dir, workers=self.machine.threads),
+            cancellable=True)
         log.info("seeded the rpc cache with %s bytes of %s in %.1f s", self.seeded_bytes,
                  model.name, time.monotonic() - started)
 
@@ -128,8 +131,9 @@ class RpcWorker:
         started = time.monotonic()
         names = await anyio.to_thread.run_sync(functools.partial(
             hashcache.tensors_of_layers, model, layers, self.machine.n_layer))
-        self.seeded_bytes, known = await anyio.to_process.run_sync(
-            hashcache.seed_tensors, model, cache_dir, names, cancellable=True)
+        self.seeded_bytes, known = await anyio.to_process.run_sync(functools.partial(
+            hashcache.seed_tensors, model, cache_dir, names, workers=self.machine.threads),
+            cancellable=True)
         log.info("seeded the rpc cache with the %d tensors of this worker's %d layers "
                  "(%s bytes) in %.1f s; the rest of %s follows in the background",
                  len(names), len(layers), self.seeded_bytes, time.monotonic() - started,
@@ -143,9 +147,9 @@ class RpcWorker:
         if known is not None and info is not None and info.path is not None:
             started = time.monotonic()
             try:
-                more = await anyio.to_process.run_sync(
-                    hashcache.seed_cache, info.path, cache_dir, hashcache.HASH_THRESHOLD,
-                    known, cancellable=True)
+                more = await anyio.to_process.run_sync(functools.partial(
+                    hashcache.seed_cache, info.path, cache_dir, known=known, workers=1),
+                    cancellable=True)
             except (OSError, ValueError) as exc:
                 log.warning("seeding the rest of the rpc cache failed: %s", exc)
             else:

@@ -125,6 +125,20 @@ def test_seed_writes_exact_tensor_bytes(model: tuple[Path, dict[str, bytes]],
     assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]
 
 
+def record_writes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The cache entries written from now on, in order."""
+    writes: list[Path] = []
+    real_write = hashcache._write_entry
+
+    def write(path: Path, data: bytes) -> list[int]:
+        writes.append(path)
+        stamp: list[int] = real_write(path, data)
+        return stamp
+
+    monkeypatch.setattr(hashcache, "_write_entry", write)
+    return writes
+
+
 def test_seed_is_idempotent_and_skips_existing(model: tuple[Path, dict[str, bytes]],
                                                tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
@@ -138,10 +152,7 @@ def test_seed_is_idempotent_and_skips_existing(model: tuple[Path, dict[str, byte
         manifest.unlink()
     big = cache / cache_name(fnv1a_64(contents["big.weight"]))
     before = big.stat().st_mtime_ns
-    writes: list[Path] = []
-    real_write = hashcache._write_entry
-    monkeypatch.setattr(hashcache, "_write_entry",
-                        lambda p, d: (writes.append(p), real_write(p, d)))
+    writes = record_writes(monkeypatch)
     assert seed_cache(path, cache) == 0
     assert writes == [] and big.stat().st_mtime_ns == before
 
@@ -314,8 +325,12 @@ def test_seeding_a_workers_layers_first_then_the_rest(tmp_path: Path,
     assert not hashcache.cache_complete(path, cache)
     hashed: list[int] = []
     real = hashcache.fnv1a_64
-    monkeypatch.setattr(hashcache, "fnv1a_64", lambda data: hashed.append(len(data))
-                        or real(data))
+
+    def counting(data: bytes) -> int:
+        hashed.append(len(data))
+        return int(real(data))
+
+    monkeypatch.setattr(hashcache, "fnv1a_64", counting)
     rest = seed_cache(path, cache, known=known)
     assert rest == sum(len(b) for n, b in contents.items() if len(b) > HASH_THRESHOLD
                        and n not in names)
@@ -479,3 +494,68 @@ def test_worker_prunes_a_poisoned_cache_before_its_rpc_server_starts(
     assert poisoned.read_bytes() == real, "the poisoned entry survived B's rpc-server start"
     assert not stray.exists(), b.log()
     assert "deleted 2 entries this node did not write" in b.log()
+
+
+# ---------------------------------------------------------------- hashing on a thread pool
+
+
+def cache_contents(cache: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in cache.iterdir() if not p.name.startswith(".")}
+
+
+def test_parallel_seeding_writes_what_sequential_seeding_writes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entries, names, index and bytes written are the same on one thread and on a pool, and
+    are the tensors' own bytes: tensors read in several preads (a small READ_CHUNK) must be
+    put back together in order, and every hash must land on its own tensor."""
+    sizes = {f"blk.{i}.w": HASH_THRESHOLD + 4 * (i + 1) for i in range(6)} | {"small": 64}
+    path = tmp_path / "m.gguf"
+    contents = write_gguf(path, sizes, seed=5)
+    monkeypatch.setattr(hashcache, "READ_CHUNK", MIB + 12)  # ~11 uneven parts per tensor
+    expected = {cache_name(fnv1a_64(data)): data for data in contents.values()
+                if len(data) > HASH_THRESHOLD}
+    results = []
+    for workers in (1, 4):
+        cache = tmp_path / f"cache-{workers}"
+        written, hashes = hashcache.seed_tensors(path, cache, list(sizes), workers=workers)
+        assert cache_contents(cache) == expected
+        assert hashes == {n: cache_name(fnv1a_64(contents[n])) for n in sizes if n != "small"}
+        index = hashcache.indexed_hashes(cache, [path])
+        results.append((written, hashes, index, set(hashcache.load_ledger(cache))))
+    assert results[0] == results[1]
+    assert results[0][0] == sum(len(data) for data in expected.values())
+
+
+def test_equal_tensors_are_written_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gguf
+
+    path = tmp_path / "twins.gguf"
+    array = np.random.default_rng(6).standard_normal((HASH_THRESHOLD + 4) // 4)
+    writer = gguf.GGUFWriter(path, "llama")
+    for name in ("a", "b", "c"):
+        writer.add_tensor(name, array.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    writes = record_writes(monkeypatch)
+    cache = tmp_path / "cache"
+    assert seed_cache(path, cache, workers=3) == HASH_THRESHOLD + 4
+    assert len(writes) == 1 and list(cache_contents(cache)) == [writes[0].name]
+    assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_pool_size_is_bounded_by_cpus_spans_and_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    spans = [hashcache.TensorSpan(f"t{i}", Path("m"), 0, 100 * MIB) for i in range(8)]
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    plenty = 1 << 40
+    assert hashcache.pool_size(None, spans, plenty) == 8  # one per span
+    assert hashcache.pool_size(3, spans, plenty) == 3  # MESH_LLM_THREADS / threads option
+    assert hashcache.pool_size(64, spans * 4, plenty) == 16  # one per CPU
+    # 1 GiB available: a quarter holds two 100 MiB tensors at once
+    assert hashcache.pool_size(None, spans, 1 << 30) == 2
+    assert hashcache.pool_size(None, spans, 0) == 1  # always one
+    assert hashcache.pool_size(None, [], plenty) == 1
+    # a tensor read in parts is held twice while they are joined
+    huge = [hashcache.TensorSpan("h", Path("m"), 0, hashcache.READ_CHUNK + 1)] * 4
+    assert hashcache.pool_size(None, huge, 4 * 4 * (hashcache.READ_CHUNK + 1)) == 2
