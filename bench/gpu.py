@@ -10,10 +10,13 @@ Phases, each skipped when the budget left is too small for it:
 3. solo (GPU0): a ``mesh-llm --model M`` node, then a raw llama-server with the node's exact
    command line; load time (start to /health 200), then alternating streamed requests:
    tok/s after the first token and time to first token, medians, ratio mesh/raw.
-4. split (GPU0 + GPU1, needs 2 GPUs): node A ``--split`` on GPU0, node B ``--join`` on GPU1, so
-   llama.cpp's rpc traffic crosses the mesh tunnel (TCP+AES-GCM fast path); then a raw
-   ``ggml-rpc-server`` on GPU1 and a raw llama-server with A's command line, ``--rpc`` straight
-   at it. Load time (B's start to A serving the split; raw: start to /health), tok/s, ratio.
+4. split (GPU0 + GPU1; both on GPU0 with ``--same-gpu``): node A ``--split`` on GPU0, node B
+   ``--join`` on GPU1, so llama.cpp's rpc traffic crosses the mesh tunnel (TCP+AES-GCM fast
+   path); then a raw ``ggml-rpc-server`` on GPU1 and a raw llama-server with A's command line,
+   ``--rpc`` straight at it. Load time (B's start to A serving the split; raw: start to
+   /health), tok/s through the mesh API, through the mesh host's llama-server directly (the
+   tunnel without the API proxy) and raw, ratios; then the raw split through
+   bench/rpc_trace.py's counting relay (round trips and bytes per generated token).
 
 Prints a table last; writes results.json, the run's log and every process log (logs.tar.gz)
 under OUT. Nothing here is asserted by the test suite.
@@ -40,6 +43,8 @@ import httpx
 from meshcore_testing import HealthPoller
 
 sys.path.insert(0, str(Path(__file__).parent))
+from rpc_trace import relay_latency, trace_split
+from rpc_trace import report as trace_report
 from solo import Run, free_port, medians, one_run, serves_split, wait_for, wait_ok
 
 STARTED = time.monotonic()
@@ -237,9 +242,10 @@ def split(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> No
         say("split: A serves solo; starting B on GPU1")
         start = time.monotonic()
         probes = HealthPoller(f"{a.base}/health", every=0.1, timeout=5)  # A's API meanwhile
-        b = Node("split-B", ["--join", a.token], "1", logs, common, args.threads)
+        b_gpu = "0" if args.same_gpu else "1"
+        b = Node("split-B", ["--join", a.token], b_gpu, logs, common, args.threads)
         with stopping(b), probes:
-            gpu_of = {id(a): "0", id(b): "1"}
+            gpu_of = {id(a): "0", id(b): b_gpu}
 
             def host() -> Node | None:
                 plan = a.status()["plan"]
@@ -278,7 +284,10 @@ def split(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> No
 def raw_split(argv: list[str], bin_dir: Path, logs: Path, args: argparse.Namespace,
               mesh_base: str, gpus: tuple[str, str]) -> dict[str, Any]:
     """Raw ggml-rpc-server on the worker's GPU + raw llama-server on the host's GPU with
-    ``argv``, ``--rpc`` straight at it; then compare with the mesh host's API."""
+    ``argv``, ``--rpc`` straight at it; then compare with the mesh host's API and with the
+    mesh host's own llama-server (its port in ``argv``: the tunnel without the API proxy).
+    Then the same raw split once more through bench/rpc_trace.py's counting relay: round
+    trips, commands and bytes per generated token."""
     host_gpu, worker_gpu = gpus
     rpc_port, port = free_port(), free_port()
     start = time.monotonic()
@@ -294,9 +303,26 @@ def raw_split(argv: list[str], bin_dir: Path, logs: Path, args: argparse.Namespa
             raw_load = time.monotonic() - start
             say(f"split raw serving after {raw_load:.1f} s")
             mem = gpu_memory()
-            res = compare({"raw": f"http://127.0.0.1:{port}", "mesh": mesh_base},
-                          args.runs, args.tokens)
+            direct = f"http://127.0.0.1:{argv[argv.index('--port') + 1]}"
+            res = compare({"raw": f"http://127.0.0.1:{port}", "mesh": mesh_base,
+                           "direct": direct}, args.runs, args.tokens)
     res.update(load_s={"raw": raw_load}, gpu_memory_both=mem)
+    res["ratio_tps_direct"] = res["median"]["direct"][1] / res["median"]["raw"][1]
+    say(f"split tok/s raw {res['median']['raw'][1]:.1f}, mesh API {res['median']['mesh'][1]:.1f}"
+        f", mesh llama-server direct {res['median']['direct'][1]:.1f}")
+    if not args.trace:
+        return res
+    try:
+        res["trace"] = trace_split(argv, bin_dir / "ggml-rpc-server", tokens=64,
+                                   threads=args.threads, logs=logs,
+                                   host_env={**os.environ, "CUDA_VISIBLE_DEVICES": host_gpu},
+                                   worker_env={**os.environ,
+                                               "CUDA_VISIBLE_DEVICES": worker_gpu})
+        res["trace"]["relay_latency"] = relay_latency()
+        trace_report(res["trace"])
+    except (SystemExit, Exception) as exc:
+        res["trace"] = {"failed": str(exc)}
+        say(f"trace failed: {exc}")
     return res
 
 
@@ -320,6 +346,10 @@ def table() -> None:
             ttft, tps, server = r["median"][name]
             print(f"{phase:5} {name:4} tok/s {tps:7.1f}  TTFT {ttft * 1000:7.1f} ms  server "
                   f"tok/s {server:7.1f}  load {r['load_s'][name]:6.1f} s")
+        if "direct" in r["median"]:
+            ttft, tps, server = r["median"]["direct"]
+            print(f"{phase:5} mesh llama-server direct (no API proxy) tok/s {tps:7.1f}  TTFT "
+                  f"{ttft * 1000:7.1f} ms  ratio to raw {r['ratio_tps_direct']:.3f}")
         print(f"{phase:5} ratio mesh/raw tok/s {r['ratio_tps']:.3f}  added TTFT "
               f"{r['added_ttft_ms']:+.1f} ms  load ratio {r['ratio_load']:.2f}  "
               f"(median of {r['runs']}, {r['tokens']} tokens)")
@@ -339,6 +369,11 @@ def main() -> None:
     ap.add_argument("--bin-dir", type=Path, help="skip the build: use these llama.cpp binaries")
     ap.add_argument("--model", type=Path, help="skip the random model: use this GGUF")
     ap.add_argument("--gpus", type=int, help="override the GPU count (CPU smoke tests)")
+    ap.add_argument("--no-trace", dest="trace", action="store_false",
+                    help="skip the raw split through bench/rpc_trace.py's counting relay")
+    ap.add_argument("--same-gpu", action="store_true",
+                    help="split with both nodes (and both raw processes) on GPU 0, for a "
+                         "machine with one GPU")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work.resolve()
@@ -353,7 +388,7 @@ def main() -> None:
             left = args.budget - (time.monotonic() - STARTED)
             if phase not in phases:
                 continue
-            if phase == "split" and gpus < 2:
+            if phase == "split" and gpus < 2 and not args.same_gpu:
                 RESULTS["split_skipped"] = f"needs 2 GPUs, found {gpus}"
             elif left < need:
                 RESULTS[f"{phase}_skipped"] = f"only {left:.0f} s of the budget left"

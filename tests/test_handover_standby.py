@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -41,7 +42,7 @@ def old_host(tmp_path: Path) -> tuple[Node, LlamaCppBackend]:
     backend = LlamaCppBackend(node)
     node.backend = backend
     host, served = backend.host, solo("a")
-    host.server = SimpleNamespace(alive=True)  # what the code reads of a live Child
+    host.server = cast(Any, SimpleNamespace(alive=True))  # what the code reads of a live Child
     host.port, host.ready = OLD_PORT, True
     host.serving_plan = served
     host.lay = commands.layout(served, host_has_gpu=False, n_layer=30)

@@ -12,13 +12,19 @@ accepting differ only in their session (:mod:`.fastpath`, :mod:`.fastserver`).
 A record that does not open, or a TCP end without a sealed EOF (a truncation), is a reset: the
 connection is dropped with SO_LINGER 0 and the Protocol above sees ``connection_lost(exc)``,
 so that it resets what is behind it too instead of ending it cleanly.
+
+An rpc tunnel keeps its event loop polling for a short window after each record
+(:func:`hot_window`, :meth:`RecordTransport.keep_hot`): a split token crosses each relay
+after milliseconds of compute, and waking a process that slept that long (a halted vCPU, a
+deep C-state) cost more per hop than the relay's own work (docs/benchmarks.md, Issue 13).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from meshcore.relay import nodelay
@@ -27,6 +33,28 @@ from meshcore_transport_quic.session import RecordSession
 from meshcore_transport_quic.splice import reset
 
 log = logging.getLogger("meshcore.transport.fast")
+
+HOT_ENV = "MESH_LLM_HOT_US"
+HOT_SERVICES = frozenset({"rpc"})  # llama.cpp's rpc: the per-token path of a split
+HOT_RPC_S = 0.010  # covers a GPU split's compute between two crossings (2-4 ms for 8B)
+HOT_MIN_CPUS = 8  # the poll takes one core while tokens flow: not on small machines
+
+
+def hot_window(service: str, *, cpus: int | None = None,
+               env: Mapping[str, str] | None = None) -> float:
+    """Seconds a tunnel to ``service`` keeps its event loop polling after its last record (0:
+    it sleeps in epoll like any connection). Only HOT_SERVICES (``rpc``, the per-token
+    path): HOT_RPC_S where the node may use at least HOT_MIN_CPUS CPUs, else 0;
+    ``MESH_LLM_HOT_US`` overrides it (microseconds; 0 turns it off)."""
+    if service not in HOT_SERVICES:
+        return 0.0
+    value = (os.environ if env is None else env).get(HOT_ENV, "")
+    if value.strip():
+        return max(0, int(value)) / 1e6
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            os.cpu_count() or 1
+    return HOT_RPC_S if cpus >= HOT_MIN_CPUS else 0.0
 
 
 class RecordTransport(asyncio.BufferedProtocol, asyncio.Transport):
@@ -52,6 +80,9 @@ class RecordTransport(asyncio.BufferedProtocol, asyncio.Transport):
         self._admit, self._timeout = admit, timeout
         self._timer: asyncio.TimerHandle | None = None
         self._early: list[bytes] = []  # records that came before the upper Protocol
+        self._loop = loop
+        self._hot = self._hot_until = 0.0  # keep_hot's window; when the current one ends
+        self.polling = False  # the loop is being kept awake for this connection now
 
     # ---------------------------------------------------------------- TCP side (Protocol)
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -90,6 +121,8 @@ class RecordTransport(asyncio.BufferedProtocol, asyncio.Transport):
                     upper.eof_received()  # we keep our write side open either way
             else:  # OPEN: the tunnel is open
                 self._settle(True)
+        if self._hot:
+            self._touch()
 
     def _hold(self, data: bytes) -> None:
         """Data before the upper Protocol is attached: keep it, read no more until then."""
@@ -146,6 +179,25 @@ class RecordTransport(asyncio.BufferedProtocol, asyncio.Transport):
         self._settle(False)
         reset(self.tcp)
 
+    def keep_hot(self, window: float) -> None:
+        """After each record in or out, keep the event loop polling (a ready callback, so it
+        never sleeps in epoll) for ``window`` seconds; 0 stops it (:func:`hot_window`)."""
+        self._hot = window
+
+    def _touch(self) -> None:
+        self._hot_until = self._loop.time() + self._hot
+        if not self.polling:
+            self.polling = True
+            self._loop.call_soon(self._tick)
+
+    def _tick(self) -> None:
+        tcp = self.tcp
+        if self._loop.time() < self._hot_until and tcp is not None and not tcp.is_closing():
+            os.sched_yield()  # a runnable thread on this CPU (llama.cpp's) goes first
+            self._loop.call_soon(self._tick)
+        else:
+            self.polling = False
+
     def attach(self, upper: asyncio.Protocol) -> None:
         """Hand the open tunnel to ``upper``: what arrived meanwhile is passed on now."""
         self.upper = upper
@@ -170,6 +222,8 @@ class RecordTransport(asyncio.BufferedProtocol, asyncio.Transport):
             return
         for record in records:
             tcp.write(record)
+        if self._hot:
+            self._touch()
 
     def can_write_eof(self) -> bool:
         return True

@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import anyio
 
-from meshcore_transport_quic.adapter import RecordTransport
+from meshcore_transport_quic.adapter import RecordTransport, hot_window
 from meshcore_transport_quic.seal import SealError
 from meshcore_transport_quic.session import PROBE, RecordSession
 from meshcore_transport_quic.stream import RecordStream
@@ -49,6 +49,7 @@ async def open_tunnel(host: str, port: int, key: bytes, service: str,
         if conn is not None:
             conn.abort()
         raise FastPathError(f"cannot reach {host}:{port}: {exc!r}") from exc
+    conn.keep_hot(hot_window(service))
     protocol = protocol_factory()
     conn.attach(protocol)
     return conn, protocol

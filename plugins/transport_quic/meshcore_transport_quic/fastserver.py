@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from anyio.abc import TaskStatus
 
-from meshcore_transport_quic.adapter import RecordTransport
+from meshcore_transport_quic.adapter import RecordTransport, hot_window
 from meshcore_transport_quic.session import PROBE, RecordSession
 from meshcore_transport_quic.splice import SpliceEnd, join
 
@@ -110,6 +110,7 @@ class FastPathServer:
             conn.close()
             return
         far = SpliceEnd()
+        conn.keep_hot(hot_window(service or ""))
         conn.attach(far)
         task = asyncio.get_running_loop().create_task(self._connect(far, target))
         self._connecting.add(task)
