@@ -121,7 +121,7 @@ class RpcWorker:
     async def _seed_all(self, model: Path, cache_dir: Path) -> None:
         started = time.monotonic()
         self.seeded_bytes = await anyio.to_process.run_sync(functools.partial(
-            hashcache.seed_cache, model, cache_dir, workers=self.machine.threads),
+            hashcache.seed_cache, model, cache_dir, workers=None),
             cancellable=True)
         log.info("seeded the rpc cache with %s bytes of %s in %.1f s", self.seeded_bytes,
                  model.name, time.monotonic() - started)
@@ -132,7 +132,7 @@ class RpcWorker:
         names = await anyio.to_thread.run_sync(functools.partial(
             hashcache.tensors_of_layers, model, layers, self.machine.n_layer))
         self.seeded_bytes, known = await anyio.to_process.run_sync(functools.partial(
-            hashcache.seed_tensors, model, cache_dir, names, workers=self.machine.threads),
+            hashcache.seed_tensors, model, cache_dir, names, workers=None),
             cancellable=True)
         log.info("seeded the rpc cache with the %d tensors of this worker's %d layers "
                  "(%s bytes) in %.1f s; the rest of %s follows in the background",
