@@ -75,6 +75,12 @@ def ask(node: MeshProcess) -> tuple[str, dict[str, Any]]:
     return text, dict(reply.model_dump().get("timings") or {})
 
 
+def rpc_bytes_back(host: MeshProcess) -> int:
+    """Bytes the host's rpc tunnels received from their workers so far."""
+    return sum(t["bytes_from_peer"] for t in mesh_status(host)["tunnels"]
+               if t["service"] == "rpc")
+
+
 def wait_ready(node: MeshProcess, what: str, timeout: float = 240) -> dict[str, Any]:
     """Until the node's /health says a host is serving; returns /mesh/status."""
     def ok(status: dict[str, Any]) -> bool:
@@ -201,10 +207,15 @@ def test_forced_split_matches_solo_answer(mesh_process: Callable[..., MeshProces
     assert SPLIT_HINT not in b.log()
 
     for node in (a, b):
+        before = rpc_bytes_back(a)
         text, timings = ask(node)
         assert text == solo_text, (text, solo_text)
         assert "draft_n" in timings and "draft_n_accepted" in timings, timings
         assert timings["draft_n"] > 0, timings  # the draft really ran
+        # the output matrix stays on the CPU host: B sends back hidden states (576 floats a
+        # row, a draft batch of up to 9 rows), not logits (49,152 floats = 196,608 B a row)
+        per_token = (rpc_bytes_back(a) - before) / max(1, timings["predicted_n"])
+        assert per_token < 50_000, (per_token, timings)
     # B seeded its own layers (the output layer's tied embeddings) before its rpc-server,
     # the rest of the model after
     assert "tensors of this worker's" in b.log(), b.log()

@@ -25,6 +25,14 @@ import psutil
 from meshcore.plan import Plan
 
 ALL_LAYERS = 99
+# A CPU host offloads the *last* layers, the output layer with them, so the last worker would
+# send the logits back every token (SmolLM2: 196,616 B, vocabulary x 4 bytes) and receive a
+# copy of a tied embedding at load (30 MB). Overriding the output matrix (or the tied
+# embedding it duplicates) to the host's CPU buffer makes the last hidden state cross
+# instead (2,312 B a token, one round trip as before; 33.6 MB loaded instead of 63.7). The
+# patterns are anchored: ``output\.weight`` alone also matches every ``attn_output.weight``,
+# which cost 16 round trips a token.
+OUTPUT_ON_CPU = r"^token_embd\.weight$=CPU,^output\.weight$=CPU"
 
 
 def default_threads(options: Mapping[str, Any] | None = None) -> int:
@@ -44,10 +52,12 @@ class Layout:
     tensor_split: tuple[float, ...]  # in device order; () when solo
     ngl: int
     host_layers_on_cpu: int  # CPU host: layers the host keeps; 0 on GPU hosts
+    output_on_host: bool = False  # CPU host with workers: the output matrix stays on its CPU
 
     def to_dict(self) -> dict[str, Any]:
         return {"rpc_peers": list(self.rpc_peers), "tensor_split": list(self.tensor_split),
-                "ngl": self.ngl, "host_layers_on_cpu": self.host_layers_on_cpu}
+                "ngl": self.ngl, "host_layers_on_cpu": self.host_layers_on_cpu,
+                "output_on_host": self.output_on_host}
 
 
 def layout(plan: Plan, *, host_has_gpu: bool, n_layer: int) -> Layout:
@@ -63,7 +73,7 @@ def layout(plan: Plan, *, host_has_gpu: bool, n_layer: int) -> Layout:
         return Layout(ids, split, ALL_LAYERS, 0)
     blocks = n_layer + 1  # llama.cpp counts the output layer as one more offloadable layer
     ngl = min(blocks, max(1, round((1.0 - host_share) * blocks)))
-    return Layout(ids, tuple(w.share for w in workers), ngl, blocks - ngl)
+    return Layout(ids, tuple(w.share for w in workers), ngl, blocks - ngl, output_on_host=True)
 
 
 def effective_shares(lay: Layout, n_layer: int) -> tuple[float, ...]:
@@ -147,6 +157,8 @@ def llama_server_argv(
         argv += ["--load-mode", "none"]
     if rpc_endpoints:
         argv += ["--rpc", ",".join(rpc_endpoints), "--tensor-split", fmt_split(lay.tensor_split)]
+        if lay.output_on_host:
+            argv += ["-ot", OUTPUT_ON_CPU]
     if draft is not None:
         argv += ["-md", str(draft), "--spec-type", "draft-simple",
                  "--spec-draft-n-max", str(draft_max)]

@@ -6,12 +6,19 @@ from pathlib import Path
 
 import pytest
 from meshcore_backend_llamacpp import commands
-from meshcore_backend_llamacpp.commands import Layout, effective_shares, layout, llama_server_argv
+from meshcore_backend_llamacpp.commands import (
+    OUTPUT_ON_CPU,
+    Layout,
+    effective_shares,
+    layout,
+    llama_server_argv,
+)
 
 from meshcore.plan import Participant, Plan, PlanState
 
 BIN = Path("/opt/llama/llama-server")
 MODEL = Path("/m/model.gguf")
+GB = 1024**3
 
 
 def solo() -> Plan:
@@ -115,3 +122,20 @@ def test_device_of_layers_cpu_host_keeps_the_first_layers() -> None:
     assert commands.worker_layers(lay, 7, "a") == {5, 6, 7}
     solo = commands.Layout((), (), commands.ALL_LAYERS, 0)
     assert commands.device_of_layers(solo, 3) == [0, 0, 0, 0]
+
+
+def test_a_cpu_host_keeps_the_output_matrix_so_the_logits_never_cross() -> None:
+    workers = [Participant("w", 4 * GB, 0.5, True)]
+    cpu = layout(Plan(PlanState.SPLIT, "h", (Participant("h", 4 * GB, 0.5, False), *workers)),
+                 host_has_gpu=False, n_layer=30)
+    argv = llama_server_argv(BIN, MODEL, port=1, threads=1, lay=cpu, rpc_endpoints=["x:1"])
+    assert argv[argv.index("-ot") + 1] == OUTPUT_ON_CPU
+    # anchored: "output\.weight" alone would also pull every layer's attn_output.weight back
+    assert all(p.startswith("^") and "$=" in p for p in OUTPUT_ON_CPU.split(","))
+    gpu = layout(Plan(PlanState.SPLIT, "h", (Participant("h", 4 * GB, 0.5, False), *workers)),
+                 host_has_gpu=True, n_layer=30)
+    assert "-ot" not in llama_server_argv(BIN, MODEL, port=1, threads=1, lay=gpu,
+                                          rpc_endpoints=["x:1"])  # the host's GPU is last
+    solo = layout(Plan(PlanState.SOLO, "h", (Participant("h", 4 * GB, 1.0, False),)),
+                  host_has_gpu=False, n_layer=30)
+    assert "-ot" not in llama_server_argv(BIN, MODEL, port=1, threads=1, lay=solo)
