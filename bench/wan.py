@@ -7,9 +7,10 @@ kernel has no netem), which delays every byte by RTT/2 in each direction:
 - raw: llama-server ``--rpc`` -> a TCP delay line (:func:`delay_relay`) -> a raw
   ``ggml-rpc-server``, with exactly the mesh host's llama-server command line (read from
   ``/mesh/status``);
-- mesh: node A ``--split``, node B joining through a UDP relay in front of A's QUIC port. The
-  fast path dials the peer's TCP port directly and would bypass the relay, so both nodes run
-  with ``quic_fast_path: false``: the rpc tunnel is QUIC, through the relay;
+- mesh: node A ``--split``, node B joining through a UDP relay in front of A's QUIC port; A's
+  rpc tunnel to B is the fast path (sealed TCP, the default) through a TCP delay line like
+  raw's (B offers it with ``quic_fast_port_advertised``), or with ``--tunnel quic`` QUIC
+  through the UDP relay (both nodes without the fast path);
 - solo: one llama-server with the whole model, no network.
 
 Each at 0 ms (loaded there, then the relays' delay is changed in place) and at every RTT, with
@@ -223,23 +224,48 @@ def rpc_server(bin_dir: Path) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def mesh(extra: list[str]) -> Iterator[tuple[Node, Relay]]:
-    """A (``--split``) and B joined through a UDP relay to A's QUIC port, split loaded."""
+def options(opts: dict[str, Any]) -> Iterator[None]:
+    """MESH_LLM_OPTIONS for the nodes started inside the block."""
+    old = os.environ.get("MESH_LLM_OPTIONS")
+    os.environ["MESH_LLM_OPTIONS"] = json.dumps(opts)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MESH_LLM_OPTIONS", None)
+        else:
+            os.environ["MESH_LLM_OPTIONS"] = old
+
+
+@contextlib.contextmanager
+def mesh(extra: list[str], tunnel: str) -> Iterator[tuple[Node, list[Relay]]]:
+    """A (``--split``) and B joined through a UDP relay to A's QUIC port, split loaded.
+    ``tunnel`` "quic": both nodes without the fast path, so the rpc tunnel is QUIC through
+    the UDP relay; "fast" (the default path): B listens on a chosen port and offers A a TCP
+    delay line to it instead (``quic_fast_port_advertised``), so A's rpc tunnel to B, the
+    sealed TCP fast path, crosses the same kind of delay line as raw ``--rpc``."""
     from meshcore_transport_quic.token import JoinToken, decode_token
 
-    a = Node(["--split", "--max-vram", "8", *extra], 1)
-    b: Node | None = None
-    try:
+    with contextlib.ExitStack() as stack:
+        fast = tunnel == "fast"
+        with options({"quic_fast_path": fast}):
+            a = Node(["--split", "--max-vram", "8", *extra], 1)
+        stack.callback(a.stop)
         t = decode_token(a.token)
-        with start_relay("udp", ("127.0.0.1", t.port), Impairment(), seed=1) as relay:
-            token = str(JoinToken(t.fingerprint, t.secret, relay.port, ("127.0.0.1",)).encode())
-            b = Node(["--max-vram", "4", "--join", token, *extra], 1)
-            ready(a)
-            yield a, relay
-    finally:
-        for node in (b, a):
-            if node is not None:
-                node.stop()
+        relays = [stack.enter_context(start_relay("udp", ("127.0.0.1", t.port), Impairment(),
+                                                  seed=1))]
+        token = str(JoinToken(t.fingerprint, t.secret, relays[0].port, ("127.0.0.1",)).encode())
+        b_args, b_opts = ["--max-vram", "4", "--join", token, *extra], {"quic_fast_path": fast}
+        if fast:
+            port = free_port()
+            relays.append(stack.enter_context(delay_relay(port)))
+            b_args += ["--bind-port", str(port)]
+            b_opts["quic_fast_port_advertised"] = relays[1].port
+        with options(b_opts):
+            b = Node(b_args, 1)
+        stack.callback(b.stop)
+        ready(a)
+        yield a, relays
 
 
 def ready(a: Node) -> None:
@@ -272,17 +298,22 @@ def main() -> None:
     ap.add_argument("--rtts", default="5,20,50", help="round-trip times in ms, comma-separated")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--tunnel", choices=("fast", "quic"), default="fast",
+                    help="the mesh's rpc tunnel: the sealed TCP fast path (the default path) "
+                         "through a TCP delay line like raw's, or QUIC through the UDP relay")
     args = ap.parse_args()
     rtts = [0.0] + [float(x) for x in args.rtts.split(",")]
-    os.environ["MESH_LLM_OPTIONS"] = json.dumps({"quic_fast_path": False})
     modes: dict[str, list[str]] = {}
     mesh_rows: dict[tuple[str, float], dict[str, list[Sample]]] = {}
     with httpx.Client(timeout=600) as client:
         for mode, extra in (("off", ["--no-draft"]), ("draft", ["--draft", "SmolLM2-135M"])):
-            with mesh(extra) as (a, relay):
+            with mesh(extra, args.tunnel) as (a, relays):
                 modes[mode] = a.status()["backend"]["llama_server"]["argv"]
+                links = {t["link"] for t in a.status()["tunnels"] if t["service"] == "rpc"}
+                print(f"mesh, {mode}: rpc tunnel over {', '.join(sorted(links))}", flush=True)
                 for rtt in rtts:
-                    relay.impairment = Impairment(delay_ms=rtt / 2)
+                    for relay in relays:
+                        relay.impairment = Impairment(delay_ms=rtt / 2)
                     mesh_rows[(mode, rtt)] = measure_mesh(client, a, args)
                     print(row(f"mesh, {mode}, RTT {rtt:g}", mesh_rows[(mode, rtt)], {},
                               args.tokens), flush=True)

@@ -36,11 +36,14 @@ LISTEN_TIMEOUT_S = 60.0
 def predicted_layers(plan: Plan, host_device: str | None, n_layer: int,
                      me: str) -> set[int] | None:
     """The layers the host's llama-server will put on the worker ``me``, given the device
-    kind the host announced (None when it announced none, or the layer count is unknown)."""
+    kind the host announced (None when it announced none, or the layer count is unknown).
+    A CPU host keeps the output matrix (``commands.OUTPUT_ON_CPU``): the output layer's big
+    tensor is not the worker's to seed then, only its norm, which is under the threshold."""
     if host_device is None or not n_layer:
         return None
     lay = commands.layout(plan, host_has_gpu=host_device != "cpu", n_layer=n_layer)
-    return commands.worker_layers(lay, n_layer, me)
+    layers = commands.worker_layers(lay, n_layer, me)
+    return layers - {n_layer} if lay.output_on_host else layers
 
 
 class RpcWorker:

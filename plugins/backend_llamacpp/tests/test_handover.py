@@ -70,5 +70,8 @@ def test_a_worker_predicts_its_layers_from_the_hosts_device() -> None:
     assert predicted_layers(p, "cpu", 0, "w") is None
     on_cpu = predicted_layers(p, "cpu", 30, "w")
     on_gpu = predicted_layers(p, "cuda", 30, "w")
-    assert on_cpu and on_gpu and 30 in on_cpu and 30 not in on_gpu
+    # a CPU host offloads the last layers but keeps the output matrix (OUTPUT_ON_CPU): the
+    # worker seeds layers up to 29, not the output layer's; a GPU host's workers come first
+    assert on_cpu and on_gpu and 29 in on_cpu and 30 not in on_cpu
+    assert 0 in on_gpu and 30 not in on_gpu
     assert predicted_layers(p, "cuda", 30, "other") == set()

@@ -35,8 +35,11 @@ FAST_LABEL = "TCP+AES-GCM"  # how ``link()`` names a peer reached on the fast pa
 class FastLinks:
     """The fast path of one transport (``enabled`` False: QUIC only, nothing listens)."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, advertise_port: int | None = None) -> None:
         self.enabled = enabled
+        # offered instead of the listening port (``quic_fast_port_advertised``: a port
+        # forwarded to this one, e.g. bench/wan.py's delay line)
+        self.advertise_port = advertise_port
         self.keys: dict[bytes, str] = {}  # keys we issued -> peer id ("": not proved yet)
         self.port: int | None = None
         self.server: FastPathServer | None = None
@@ -57,7 +60,8 @@ class FastLinks:
 
     def offer(self, key: bytes) -> dict[str, Any] | None:
         """The handshake's ``fast`` field: where to connect and the key to present."""
-        return {"port": self.port, "key": key.hex()} if self.port else None
+        port = self.advertise_port or self.port
+        return {"port": port, "key": key.hex()} if self.port else None
 
     def forget(self, peer_id: str) -> None:
         """The peer's connection is gone: the keys issued to it open nothing any more."""

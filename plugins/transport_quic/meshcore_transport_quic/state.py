@@ -85,7 +85,9 @@ class Mesh:
     def from_node(cls, node: NodeHandle) -> Mesh:
         """The state of a new transport, its timers read from ``NodeConfig.options``."""
         opts = node.config.options
-        return cls(node, FastLinks(bool(opts.get("quic_fast_path", True))),
+        advertised = opts.get("quic_fast_port_advertised")
+        return cls(node, FastLinks(bool(opts.get("quic_fast_path", True)),
+                                   int(advertised) if advertised else None),
                    heartbeat_s=float(opts.get("quic_heartbeat_s", 2.0)),
                    dead_after_s=float(opts.get("quic_dead_after_s", 60.0)),
                    suspect_after_s=float(opts.get("quic_suspect_after_s", 1.5)),

@@ -6,7 +6,8 @@ prefer the direct TCP fast path, AES-GCM records (:mod:`.fastlinks`). Timings ca
 ``quic_suspect_after_s`` (1.5: a PING unanswered this long, and the peer's TCP port refuses
 connections: its process is gone, it goes at once),
 ``quic_reconnect_s`` (10), ``quic_heal_s`` (5, first redial of a removed peer),
-``quic_fast_path`` (True), ``quic_addresses`` (advertised IPs),
+``quic_fast_path`` (True), ``quic_fast_port_advertised`` (the TCP port offered to peers
+instead of the listening one: a forwarded port), ``quic_addresses`` (advertised IPs),
 ``quic_max_datagram`` (1350; loopback peers use 16 KiB).
 
 The transport composes parts around one shared :class:`.state.Mesh` (options, identity,
