@@ -45,7 +45,16 @@ from meshcore_testing import HealthPoller
 sys.path.insert(0, str(Path(__file__).parent))
 from rpc_trace import relay_latency, trace_split
 from rpc_trace import report as trace_report
-from solo import Run, free_port, medians, one_run, serves_split, wait_for, wait_ok
+from solo import (
+    Run,
+    free_port,
+    listening,
+    medians,
+    one_run,
+    serves_split,
+    wait_for,
+    wait_ok,
+)
 
 STARTED = time.monotonic()
 RESULTS: dict[str, Any] = {}
@@ -295,7 +304,7 @@ def raw_split(argv: list[str], bin_dir: Path, logs: Path, args: argparse.Namespa
                                         "-p", str(rpc_port), "-t", str(args.threads)],
                {**os.environ, "CUDA_VISIBLE_DEVICES": worker_gpu}, logs)
     with stopping(rpc):
-        wait_for(lambda: _listening(rpc_port), "the raw rpc-server", 60, every=0.05)
+        wait_for(lambda: listening(rpc_port), "the raw rpc-server", 60, every=0.05)
         server = Proc("split-raw-llama-server", with_port(argv, port, f"127.0.0.1:{rpc_port}"),
                       {**os.environ, "CUDA_VISIBLE_DEVICES": host_gpu}, logs)
         with stopping(server):
@@ -324,13 +333,6 @@ def raw_split(argv: list[str], bin_dir: Path, logs: Path, args: argparse.Namespa
         res["trace"] = {"failed": str(exc)}
         say(f"trace failed: {exc}")
     return res
-
-
-def _listening(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def table() -> None:

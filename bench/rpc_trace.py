@@ -43,6 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from solo import listening, wait_ok
+from tunnel import rtt
+
 NAMES = ("ALLOC_BUFFER", "GET_ALIGNMENT", "GET_MAX_SIZE", "BUFFER_GET_BASE", "FREE_BUFFER",
          "BUFFER_CLEAR", "SET_TENSOR", "SET_TENSOR_HASH", "GET_TENSOR", "COPY_TENSOR",
          "GRAPH_COMPUTE", "GET_DEVICE_MEMORY", "INIT_TENSOR", "GET_ALLOC_SIZE", "HELLO",
@@ -51,7 +54,6 @@ REPLIED = frozenset({"HELLO", "DEVICE_COUNT", "ALLOC_BUFFER", "GET_ALLOC_SIZE", 
                      "GET_MAX_SIZE", "BUFFER_GET_BASE", "SET_TENSOR_HASH", "GET_TENSOR",
                      "COPY_TENSOR", "GET_DEVICE_MEMORY"})
 _U64 = struct.Struct("<Q")
-PING = b"x" * 64
 
 
 @dataclass
@@ -281,21 +283,6 @@ def _echo(listener: socket.socket) -> None:
             conn.sendall(data)
 
 
-def ping_pong_us(port: int, rounds: int) -> float:
-    """Median microseconds of a 64-byte request and its echo through ``port``."""
-    samples = []
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for _ in range(rounds):
-            start = time.perf_counter()
-            sock.sendall(PING)
-            got = 0
-            while got < len(PING):
-                got += len(sock.recv(65536))
-            samples.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(samples[rounds // 10:])
-
-
 def relay_latency(rounds: int = 2000, repeat: int = 3) -> dict[str, float]:
     """The one-way latency this relay adds: half the extra of a ping-pong through it, against
     raw TCP to the same echo server (interleaved, medians)."""
@@ -307,32 +294,13 @@ def relay_latency(rounds: int = 2000, repeat: int = 3) -> dict[str, float]:
             threading.Thread(target=_echo, args=(listener,), daemon=True).start()
             port = listener.getsockname()[1]
             relay = TraceRelay(("127.0.0.1", port)) if out is relayed else None
-            out.append(ping_pong_us(relay.port if relay else port, rounds))
+            out.append(rtt(relay.port if relay else port, rounds))
             listener.close()
             if relay:
                 relay.close()
     r, t = statistics.median(raw), statistics.median(relayed)
     return {"raw_rtt_us": round(r, 1), "relayed_rtt_us": round(t, 1),
             "one_way_added_us": round((t - r) / 2, 1)}
-
-
-def _wait_ok(url: str, proc: subprocess.Popen[Any], timeout: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"llama-server exited with {proc.returncode} before {url} answered")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise SystemExit(f"{url} not ready after {timeout} s")
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _free_port() -> int:
@@ -356,7 +324,7 @@ def trace_split(argv: Sequence[str], rpc_server: Path, *, tokens: int, threads: 
     server: subprocess.Popen[Any] | None = None
     try:
         deadline = time.monotonic() + 60
-        while not _listening(rpc_port):
+        while not listening(rpc_port):
             if time.monotonic() > deadline or rpc.poll() is not None:
                 raise SystemExit("the traced ggml-rpc-server did not start")
             time.sleep(0.05)
@@ -366,7 +334,7 @@ def trace_split(argv: Sequence[str], rpc_server: Path, *, tokens: int, threads: 
         argv[argv.index("--rpc") + 1] = f"127.0.0.1:{relay.port}"
         start = time.monotonic()
         server = subprocess.Popen(argv, env=host_env, stdout=err, stderr=subprocess.STDOUT)
-        _wait_ok(f"http://127.0.0.1:{port}/health", server, 300)
+        wait_ok(f"http://127.0.0.1:{port}/health", server, 300)
         load = relay.snapshot()
         result = {"argv": argv[1:], "load_s": round(time.monotonic() - start, 1),
                   "load": {"bytes_to_server": load.to_server,
