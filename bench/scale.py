@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from typing import Any
 
 import httpx
 import psutil
+from meshcore_testing import HealthPoller
 from meshcore_testing.pytest_plugin import MeshProcess, spawn_mesh_process, wait_for_banner
 
 FAKE = ["--backend", "fake", "--model", "fake-model", "--port", "0"]
@@ -194,21 +194,31 @@ def run_processes(n: int, idle_s: float, settle_s: float, timeout: float,
             by_id = {s["id"]: m for m, s in zip(mesh.alive(), sts, strict=True)}
             time.sleep(3)
             asker = next(m for i, m in by_id.items() if i != host)
-            with ChatPoller(mesh.http, f"http://127.0.0.1:{asker.api_port}/v1/chat/completions"
-                            ) as chats:
+            with HealthPoller(f"http://127.0.0.1:{asker.api_port}/v1/chat/completions",
+                              json=CHAT) as chats:
                 time.sleep(1)
                 by_id[host].kill()
                 killed = time.monotonic()
-                chats.mark(killed)
                 row.update(host_kill_row(mesh, by_id, host, killed, n, timeout))
                 deadline = time.monotonic() + timeout
-                while chats.first_ok is None and time.monotonic() < deadline:
+                while first_ok(chats, killed) is None and time.monotonic() < deadline:
                     time.sleep(0.1)
-            row["host_kill_answer_s"] = None if chats.first_ok is None else chats.first_ok - killed
-            row["host_kill_codes"] = dict(sorted(Counter(chats.after).items()))
+            answered = first_ok(chats, killed)
+            row["host_kill_answer_s"] = None if answered is None else answered - killed
+            after = [code for sent, _, code in chats.answers if sent >= killed]
+            row["host_kill_codes"] = dict(sorted(Counter(after).items()))
         finally:
             mesh.stop()
         return row
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}  # a user's request
+
+
+def first_ok(chats: HealthPoller, since: float) -> float | None:
+    """When the first request sent after ``since`` was answered 200 (None: none yet)."""
+    return next((done for sent, done, code in list(chats.answers)
+                 if sent >= since and code == 200), None)
 
 
 def host_kill_row(mesh: Mesh, by_id: dict[str, MeshProcess], host: str, killed: float, n: int,
@@ -228,44 +238,6 @@ def host_kill_row(mesh: Mesh, by_id: dict[str, MeshProcess], host: str, killed: 
                 break
         time.sleep(0.1)
     return row
-
-
-class ChatPoller:
-    """POSTs a 4-token chat request every 50 ms in a thread (a user of a surviving node): the
-    statuses after ``mark`` (0: no answer) and when the first 200 came after it."""
-
-    def __init__(self, http: httpx.Client, url: str) -> None:
-        self.http, self.url = http, url
-        self.since: float | None = None
-        self.after: list[int] = []
-        self.first_ok: float | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def mark(self, t: float) -> None:
-        self.since = t
-
-    def _run(self) -> None:
-        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-        while not self._stop.is_set():
-            sent = time.monotonic()
-            try:
-                code = self.http.post(self.url, json=body, timeout=10).status_code
-            except httpx.HTTPError:
-                code = 0
-            if self.since is not None and sent >= self.since:
-                self.after.append(code)
-                if code == 200 and self.first_ok is None:
-                    self.first_ok = time.monotonic()
-            self._stop.wait(0.05)
-
-    def __enter__(self) -> ChatPoller:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(15)
 
 
 async def run_harness(n: int, timeout: float) -> dict[str, Any]:

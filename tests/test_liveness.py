@@ -13,13 +13,12 @@ import contextlib
 import json
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+from meshcore_testing import HealthPoller
 from meshcore_testing.pytest_plugin import MeshProcess, start_mesh_process
 from test_client import mesh_status, quic_missing, wait_status
 
@@ -79,33 +78,7 @@ def test_a_frozen_peer_stays_and_a_dead_one_goes(node: Callable[..., MeshProcess
     assert "refuses connections (the process is gone)" in a.log(), a.log()
 
 
-class ChatPoller:
-    """POSTs a small chat request to ``url`` every 50 ms in a thread; ``codes`` holds the
-    statuses (0: no answer at all)."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.codes: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-        with httpx.Client(timeout=10) as client:
-            while not self._stop.is_set():
-                try:
-                    self.codes.append(client.post(self.url, json=body).status_code)
-                except httpx.HTTPError:
-                    self.codes.append(0)
-                self._stop.wait(0.05)
-
-    def __enter__(self) -> ChatPoller:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(15)
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
 def test_a_dead_host_is_replaced_without_the_reconnect_window(
@@ -124,7 +97,7 @@ def test_a_dead_host_is_replaced_without_the_reconnect_window(
     for proc in (b, c):
         wait_status(proc, lambda s: s["plan"]["host_id"] == a_id and len(s["peers"]) == 2,
                     "the mesh of three with a as the host")
-    with ChatPoller(f"{c.url}/chat/completions") as poller:
+    with HealthPoller(f"{c.url}/chat/completions", json=CHAT) as poller:
         time.sleep(1)
         assert poller.codes and set(poller.codes) == {200}, poller.codes
         a.kill()

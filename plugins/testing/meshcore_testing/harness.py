@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -114,24 +115,35 @@ def election_request(**fields: Any) -> ElectionRequest:
 
 
 class HealthPoller:
-    """GETs ``url`` every ``every`` seconds in a thread while the block runs (or until
-    :meth:`stop`); ``codes`` holds the answers, 0 for none. Shows whether an API kept
-    serving through a plan change (the backend's hand-over); used by tests and bench/gpu.py."""
+    """GETs ``url`` (POSTs ``json`` there, when given) every ``every`` seconds in a thread
+    while the block runs (or until :meth:`stop`); ``answers`` holds (sent, answered, status)
+    with status 0 for no answer, ``codes`` the statuses. Shows whether an API kept serving
+    through a plan change (the backend's hand-over) or a host's loss; used by tests,
+    bench/gpu.py and bench/scale.py."""
 
-    def __init__(self, url: str, *, every: float = 0.05, timeout: float = 10) -> None:
-        self.url, self.every, self.timeout = url, every, timeout
-        self.codes: list[int] = []
+    def __init__(self, url: str, *, every: float = 0.05, timeout: float = 10,
+                 json: dict[str, Any] | None = None) -> None:
+        self.url, self.every, self.timeout, self.json = url, every, timeout, json
+        self.answers: list[tuple[float, float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def codes(self) -> list[int]:
+        return [code for _, _, code in self.answers]
 
     def _run(self) -> None:
         import httpx  # not at import time: the CLI loads this module as a plugin
 
         while not self._stop.is_set():
+            sent = time.monotonic()
             try:
-                self.codes.append(httpx.get(self.url, timeout=self.timeout).status_code)
+                resp = (httpx.get(self.url, timeout=self.timeout) if self.json is None else
+                        httpx.post(self.url, json=self.json, timeout=self.timeout))
+                code = resp.status_code
             except httpx.HTTPError:
-                self.codes.append(0)
+                code = 0
+            self.answers.append((sent, time.monotonic(), code))
             self._stop.wait(self.every)
 
     def __enter__(self) -> HealthPoller:
