@@ -289,11 +289,7 @@ class Membership:
         port refuses connections (a live peer whose TCP port alone broke answers the PING
         and keeps its link, its tunnels on QUIC)."""
         try:
-            sent = time.monotonic()
-            if link.probe_at is None:
-                link.probe_at = sent
-            link.pings.append(sent)
-            await send(link, Kind.PING, {"t": sent})
+            sent = await self._ping(link)
             await anyio.sleep(self.mesh.suspect_after_s)
             if link.proto.last_rx >= sent:  # alive, so its port refuses for another reason
                 link.refuses_alive = link.refuses_alive or tell
@@ -371,14 +367,21 @@ class Membership:
                 probed = mesh.links.get(peer_id)
                 if probed is None or probed.proto.terminated is not None:
                     continue
-                sent = time.monotonic()  # per PING: the round's start would count the
-                # round's earlier sends into a later PING's RTT
-                if probed.probe_at is None:
-                    probed.probe_at = sent  # an unanswered one keeps its first time
-                probed.pings.append(sent)
-                await send(probed, Kind.PING, {"t": sent})
+                await self._ping(probed)
             self.rounds += 1
             self._publish_rtt()
+
+    @staticmethod
+    async def _ping(link: PeerLink) -> float:
+        """PING ``link``'s peer; returns when it was sent. Each PING carries its own send
+        time (a round's start would count the round's earlier sends into a later PING's
+        RTT); the oldest unanswered one starts the suspicion (``probe_at``)."""
+        sent = time.monotonic()
+        if link.probe_at is None:
+            link.probe_at = sent  # an unanswered one keeps its first time
+        link.pings.append(sent)
+        await send(link, Kind.PING, {"t": sent})
+        return sent
 
     async def _judge(self, link: PeerLink, now: float) -> None:
         """Drop ``link`` if its peer counts as gone: silent for ``dead_after_s``, or a PING
