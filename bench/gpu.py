@@ -218,7 +218,7 @@ def gpu_memory() -> list[str]:
 
 
 def solo(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> None:
-    common = ["--model", str(path), "--bin-dir", str(bin_dir), "--no-draft"]
+    common = ["--model", str(path), "--bin-dir", str(bin_dir), "--speculation", "off"]
     start = time.monotonic()
     node = Node("solo-mesh", [], "0", logs, common, args.threads)
     with stopping(node):
@@ -244,7 +244,7 @@ def solo(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> Non
 def split(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> None:
     """A on GPU0 with --split, B joins on GPU1. The election picks the host (equal cards: the
     larger node id), so the raw side mirrors whichever GPU the mesh's host got."""
-    common = ["--model", str(path), "--bin-dir", str(bin_dir), "--no-draft"]
+    common = ["--model", str(path), "--bin-dir", str(bin_dir), "--speculation", "off"]
     a = Node("split-A", ["--split"], "0", logs, common, args.threads)
     with stopping(a):
         wait_ok(f"{a.base}/health", a.proc, timeout=150)

@@ -11,9 +11,16 @@ all survivors agree on a new plan, until the new host answers ``/health`` 200, a
 chat request sent every 50 ms to a survivor's API is answered again (with the statuses of the
 requests meanwhile: 503 with a reason is expected, 502 or no answer is not).
 
-``--harness 200`` runs the in-process variant instead (``meshcore_testing.run_mesh``: fake
-backend, memory transport, one process): time to one plan, after a join, after the host's
-clean stop (wall-clock seconds; the memory transport has no heartbeat of its own).
+``--harness 50,100,200`` runs the in-process variant instead (``meshcore_testing.run_mesh``:
+fake backend, memory transport in swim mode, one process, wall-clock seconds): time to one
+plan and until no node has updates left to gossip, idle SWIM messages and bytes per node per
+second (over ``--idle-s``), time to one plan after a join, and after a kill (no goodbye) of a
+worker and then of the host: until every survivor dropped it and until all agree on one plan.
+``--instant`` uses the instant hub instead (no failure detector: the host leaves cleanly).
+``--sim 200,500,1000`` runs the SWIM core alone in simulated time
+(``meshcore_testing.swim.Simulation``, default timers, ``--latency-ms`` one way, ``--loss``,
+``--seeds`` runs per size): idle traffic, and how long a join, a record change and a kill take
+to reach every member.
 
 Usage: ``flock /tmp/bench.lock .venv/bin/python bench/scale.py --nodes 10,20 [--idle-s 20]``
 (the machine is shared: hold the lock, run nothing else meanwhile).
@@ -240,40 +247,166 @@ def host_kill_row(mesh: Mesh, by_id: dict[str, MeshProcess], host: str, killed: 
     return row
 
 
-async def run_harness(n: int, timeout: float) -> dict[str, Any]:
-    """``n`` nodes in this process on the memory transport (wall-clock seconds)."""
+def harness_agreed(nodes: list[Any], host_not: str | None = None) -> bool:
+    """Every node sees every other and all hold one plan with a host (not ``host_not``)."""
+    keys = {(x.plan.host_id, x.plan.state, x.plan.participants) for x in nodes}
+    return len(keys) == 1 and all(len(x.state.view().others) == len(nodes) - 1
+                                  for x in nodes) and nodes[0].plan.host_id not in (None, host_not)
+
+
+async def harness_until(test: Callable[[], bool], since: float, timeout: float) -> float | None:
+    """Seconds from ``since`` until ``test()`` holds (polled every 50 ms)."""
+    while time.monotonic() - since < timeout:
+        if test():
+            return time.monotonic() - since
+        await asyncio.sleep(0.05)
+    return None
+
+
+async def harness_idle(mesh: Any, seconds: float) -> dict[str, Any]:
+    """SWIM messages and bytes sent per node per second over ``seconds`` of an idle mesh."""
+    def totals() -> tuple[int, int, Counter[str]]:
+        traffic = [mesh.hub.traffic[x.id] for x in mesh.nodes]
+        kinds: Counter[str] = Counter()
+        for t in traffic:
+            kinds.update(t.kinds_out)
+        return (sum(t.messages_out for t in traffic), sum(t.bytes_out for t in traffic), kinds)
+
+    before, t0 = totals(), time.monotonic()
+    await asyncio.sleep(seconds)
+    after, elapsed = totals(), time.monotonic() - t0
+    n = len(mesh.nodes)
+    return {"idle_msgs_node_s": (after[0] - before[0]) / n / elapsed,
+            "idle_bytes_node_s": (after[1] - before[1]) / n / elapsed,
+            "idle_kinds_node_s": {k: round((after[2][k] - before[2][k]) / n / elapsed, 3)
+                                  for k in sorted(after[2])}}
+
+
+async def harness_kill(mesh: Any, victim: Any, timeout: float,
+                       host_not: str | None) -> tuple[float | None, float | None]:
+    """``kill`` (no goodbye) ``victim``: seconds until every survivor dropped it, and until
+    all agree on one plan (without it as host when ``host_not``)."""
+    killed = time.monotonic()
+    await mesh.kill(victim)
+    gone = await harness_until(lambda: all(x.state.view().get(victim.id) is None
+                                           for x in mesh.nodes), killed, timeout)
+    plan = await harness_until(lambda: harness_agreed(list(mesh.nodes), host_not), killed,
+                               timeout)
+    return gone, plan
+
+
+async def run_harness(n: int, timeout: float, *, swim: bool = True,
+                      idle_s: float = 10.0) -> dict[str, Any]:
+    """``n`` nodes in this process on the memory transport (wall-clock seconds). Swim mode
+    (default): membership by SWIM gossip with its default timers; a worker and then the host
+    are killed without a goodbye. ``swim=False``: the instant hub, the host leaves cleanly."""
     from meshcore_testing import run_mesh
 
-    def agreed_in(nodes: list[Any], host_not: str | None) -> bool:
-        keys = {(x.plan.host_id, x.plan.state) for x in nodes}
-        return len(keys) == 1 and all(len(x.state.view().others) == len(nodes) - 1
-                                      for x in nodes) and nodes[0].plan.host_id not in (
-                                          None, host_not)
-
-    async def until(nodes: Callable[[], list[Any]], host_not: str | None = None) -> float | None:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if agreed_in(nodes(), host_not):
-                return time.monotonic() - t0
-            await asyncio.sleep(0.1)
-        return None
-
-    row: dict[str, Any] = {"nodes": n}
+    row: dict[str, Any] = {"nodes": n, "mode": "swim" if swim else "instant"}
     with tempfile.TemporaryDirectory(prefix="mesh-harness-") as tmp:
-        async with run_mesh(Path(tmp)) as mesh:
+        async with run_mesh(Path(tmp), swim=swim) as mesh:
             t0 = time.monotonic()
-            await mesh.add(24)
-            for _ in range(n - 1):
-                await mesh.add(8)
+            await mesh.add(24, node_id="host0")
+            for i in range(n - 1):
+                await mesh.add(8, node_id=f"n{i:04d}")
             row["start_s"] = time.monotonic() - t0
-            row["plan_s"] = await until(lambda: list(mesh.nodes))
-            await mesh.add(8)
-            row["join_plan_s"] = await until(lambda: list(mesh.nodes))
+            started = time.monotonic()
+            row["plan_s"] = await harness_until(lambda: harness_agreed(mesh.nodes), started,
+                                                timeout)
+            if swim:  # the start's updates finish their retransmissions first
+                row["drained_s"] = await harness_until(lambda: all(
+                    m.swim is None or m.swim.queued == 0 for m in mesh.hub.members.values()),
+                    started, timeout)
+                await asyncio.sleep(1)
+                row.update(await harness_idle(mesh, idle_s))
+            joined = time.monotonic()
+            await mesh.add(8, node_id="joiner")
+            row["join_plan_s"] = await harness_until(lambda: harness_agreed(mesh.nodes),
+                                                     joined, timeout)
             host = next(x for x in mesh.nodes if x.id == mesh.nodes[0].plan.host_id)
-            await mesh.remove(host)
-            row["host_leave_plan_s"] = await until(lambda: list(mesh.nodes), host.id)
-            proc = psutil.Process()
-            row["rss_mb_process"] = proc.memory_info().rss / 2**20
+            if swim:
+                worker = next(x for x in mesh.nodes if x is not host and x.id != "joiner")
+                await asyncio.sleep(3)
+                row["worker_kill_gone_s"], row["worker_kill_plan_s"] = await harness_kill(
+                    mesh, worker, timeout, None)
+                await asyncio.sleep(3)
+                row["host_kill_gone_s"], row["host_kill_plan_s"] = await harness_kill(
+                    mesh, host, timeout, host.id)
+            else:
+                left = time.monotonic()
+                await mesh.remove(host)
+                row["host_leave_plan_s"] = await harness_until(
+                    lambda: harness_agreed(mesh.nodes, host.id), left, timeout)
+            row["rss_mb_process"] = psutil.Process().memory_info().rss / 2**20
+    return row
+
+
+def sim_record(member_id: str) -> dict[str, Any]:
+    """A node's announcement as the memory transport gossips it (a Peer record)."""
+    from meshcore.state import Peer
+
+    return Peer(id=member_id, vram=8 * 2**30, model="SmolLM2-135M-Instruct-Q8_0",
+                model_bytes=145 * 2**20, version="0.1.0", seq=5,
+                extra={"caps": ["host", "rpc_worker", "uses_workers"],
+                       "device": "cuda"}).to_dict()
+
+
+def run_simulation(n: int, *, seed: int = 1, loss: float = 0.0, idle_s: float = 30.0,
+                   timeout: float = 120.0, latency_s: float = 0.001) -> dict[str, Any]:
+    """``n`` SWIM members with the default timers in simulated time (``latency_s`` one way,
+    plus up to as much jitter): idle traffic, a join, a record change (an announcement) and a
+    kill, each timed until every live member knows it; false suspicions and deaths."""
+    from meshcore_testing.swim import MemberEvent, Simulation, Status
+
+    wall = time.monotonic()
+    suspected: list[float] = []
+    wrong = Counter[str]()
+
+    def seen(now: float, observer: str, event: MemberEvent) -> None:
+        if event.member == "victim" and event.status is Status.SUSPECT:
+            suspected.append(now)
+        elif event.member != "victim" and event.status is not Status.ALIVE:
+            wrong[event.status.value] += 1
+
+    sim = Simulation(seed=seed, loss=loss, latency_s=latency_s, jitter_s=latency_s,
+                     on_event=seen)
+    ids = [f"{i:012x}" for i in range(n - 1)] + ["victim"]
+    sim.preform(ids, {i: sim_record(i) for i in ids})
+    sim.run_for(10)
+    before = {i: (t.messages_out, t.bytes_out) for i, t in sim.traffic.items()}
+    sim.run_for(idle_s)
+    row: dict[str, Any] = {"nodes": n, "loss": loss,
+                           "idle_msgs_node_s": sum(sim.traffic[i].messages_out - before[i][0]
+                                                   for i in ids) / n / idle_s,
+                           "idle_bytes_node_s": sum(sim.traffic[i].bytes_out - before[i][1]
+                                                    for i in ids) / n / idle_s}
+    members = sim.members
+    sim.add("joiner", sim_record("joiner"))
+    row["join_all_know_s"] = sim.run_until_true(lambda: all(
+        members[i].status_of("joiner") is Status.ALIVE for i in ids), timeout)
+    row["join_view_complete_s"] = sim.run_until_true(
+        lambda: members["joiner"].live_count() == n + 1, timeout)
+    sim.run_for(10)
+    changed = {**sim_record(ids[0]), "serving": "ready"}
+    sim.announce(ids[0], changed)
+    row["change_all_know_s"] = sim.run_until_true(lambda: all(
+        members[i].members[ids[0]].record == changed for i in [*ids, "joiner"]), timeout)
+    sim.run_for(10)
+    live = [i for i in [*ids, "joiner"] if i != "victim"]
+    sent = {i: sim.traffic[i].messages_out for i in live}
+    sim.kill("victim")
+    killed = sim.now
+    row["kill_all_dead_s"] = sim.run_until_true(lambda: all(
+        members[i].status_of("victim") is Status.DEAD for i in live), timeout)
+    row["kill_first_suspect_s"] = min(suspected) - killed if suspected else None
+    row["kill_msgs_node_s"] = (sum(sim.traffic[i].messages_out - sent[i] for i in live)
+                               / len(live) / max(sim.now - killed, 1e-9))
+    row["false_suspect_events"] = wrong["suspect"]
+    row["false_dead_events"] = wrong["dead"]
+    row["seed"] = seed
+    row["suspicion_timeout_s"] = sim.config.suspicion_s(n)
+    row["retransmits"] = sim.config.retransmits(n)
+    row["wall_s"] = time.monotonic() - wall
     return row
 
 
@@ -286,16 +419,35 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=300.0, help="per-phase limit in seconds")
     ap.add_argument("--keep", metavar="DIR",
                     help="keep every node's home (logs) in a new folder under DIR")
-    ap.add_argument("--harness", type=int, default=0,
-                    help="run N in-process nodes (memory transport) instead")
+    ap.add_argument("--harness", default="",
+                    help="comma-separated sizes: in-process nodes (memory transport) instead")
+    ap.add_argument("--instant", action="store_true",
+                    help="with --harness: the instant memory hub (no SWIM, no kills)")
+    ap.add_argument("--sim", default="",
+                    help="comma-separated sizes: the SWIM simulator in simulated time instead")
+    ap.add_argument("--loss", type=float, default=0.0, help="with --sim: message loss rate")
+    ap.add_argument("--latency-ms", type=float, default=1.0,
+                    help="with --sim: one-way latency (plus up to as much jitter)")
+    ap.add_argument("--seeds", type=int, default=1, help="with --sim: runs per size")
     args = ap.parse_args()
-    if args.harness:
-        print(json.dumps(asyncio.run(run_harness(args.harness, args.timeout))))
+    if args.harness or args.sim:
+        for n in (int(x) for x in args.harness.split(",") if x):
+            row = asyncio.run(run_harness(n, args.timeout, swim=not args.instant,
+                                          idle_s=args.idle_s))
+            print(json.dumps(rounded(row)), flush=True)
+        for n in (int(x) for x in args.sim.split(",") if x):
+            for seed in range(1, args.seeds + 1):
+                row = run_simulation(n, seed=seed, loss=args.loss,
+                                     latency_s=args.latency_ms / 1000)
+                print(json.dumps(rounded(row)), flush=True)
         return
     for n in (int(x) for x in args.nodes.split(",")):
         row = run_processes(n, args.idle_s, args.settle_s, args.timeout, args.keep)
-        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
-                          for k, v in row.items()}), flush=True)
+        print(json.dumps(rounded(row)), flush=True)
+
+
+def rounded(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
 
 
 if __name__ == "__main__":

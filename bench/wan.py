@@ -1,6 +1,7 @@
 """Benchmark: a split over an emulated WAN, raw llama.cpp RPC against the mesh, and solo.
 
-Run: ``.venv/bin/python bench/wan.py [--rtts 5,20,50] [--tokens 32] [--runs 2]``. Host and worker
+Run: ``.venv/bin/python bench/wan.py [--rtts 5,20,50] [--tokens 96] [--runs 2] [--modes
+off,draft,ngram]``. Host and worker
 are put "far apart" with the userspace impairment relay (``meshcore_testing.impair``; this
 kernel has no netem), which delays every byte by RTT/2 in each direction:
 
@@ -14,10 +15,10 @@ kernel has no netem), which delays every byte by RTT/2 in each direction:
 - solo: one llama-server with the whole model, no network.
 
 Each at 0 ms (loaded there, then the relays' delay is changed in place) and at every RTT, with
-a prose and a code prompt (the code prompt asks for a near copy of code it contains, where
-speculation can pay), speculation off, with the draft (``--draft SmolLM2-135M`` on the mesh, the
-same ``-md`` flags on raw) and with llama.cpp's draft-free n-gram speculation
-(``--spec-type ngram-simple``, 4-token lookups; raw only: the mesh has no switch for it).
+a prose prompt and a code edit (rename a variable: the reply is mostly the code it was given,
+where speculation can pay), and each speculation mode: off (``--speculation off``), with the
+draft (``--draft SmolLM2-135M``) and llama.cpp's draft-free n-gram lookup (the mesh's default
+for split plans, ``commands.NGRAM``). Raw runs exactly the mesh host's argv of each mode.
 Prints tok/s after the
 first token, TTFT, split/solo, draft acceptance (llama-server's ``draft_n_accepted /
 draft_n``), for raw the delay line's chunks per generated token (both directions), and
@@ -42,21 +43,28 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from meshcore_backend_llamacpp import commands
 from meshcore_testing.impair import Impairment, Relay, start_relay
 from solo import free_port, serves_split, wait_for, wait_ok
 from split import Node
 
 PROSE = "Write a story about a lighthouse keeper who finds a message in a bottle."
-CODE = ("Repeat this Python function exactly, then add a docstring to it:\n\n"
-        "def merge(a, b):\n    out = []\n    i = j = 0\n    while i < len(a) and j < len(b):\n"
-        "        if a[i] <= b[j]:\n            out.append(a[i])\n            i += 1\n"
-        "        else:\n            out.append(b[j])\n            j += 1\n"
-        "    out.extend(a[i:])\n    out.extend(b[j:])\n    return out\n")
+# A code edit: the reply is mostly the code it was given, as in real editing requests, where
+# n-gram lookup (the default for split plans) can draft from the prompt.
+CODE = ("Rename the variable `handle` to `f` in this code. Output the whole code.\n\n"
+        "def parse_config(path):\n    settings = {}\n    with open(path) as handle:\n"
+        "        for line in handle:\n            line = line.strip()\n"
+        "            if not line or line.startswith(\"#\"):\n                continue\n"
+        "            key, value = line.split(\"=\", 1)\n"
+        "            settings[key.strip()] = value.strip()\n    return settings\n\n\n"
+        "def save_config(path, settings):\n    with open(path, \"w\") as handle:\n"
+        "        for key, value in settings.items():\n"
+        "            handle.write(key + \" = \" + value + \"\\n\")\n")
 PROMPTS = {"prose": PROSE, "code": CODE}
-# llama.cpp's defaults look up 12-token n-grams, too long to ever match SmolLM2's short
-# outputs here; 4-token lookups drafting up to 16 do
-NGRAM = ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "4",
-         "--spec-ngram-simple-size-m", "16"]
+NGRAM = list(commands.NGRAM)  # what the mesh host runs for a split plan by default
+# the mesh's switches for each mode; raw runs exactly the mesh host's argv of the same mode
+MESH_MODES = {"off": ["--speculation", "off"], "draft": ["--draft", "SmolLM2-135M"],
+              "ngram": []}
 
 
 @dataclass
@@ -296,21 +304,31 @@ def speeds(samples: dict[str, list[Sample]]) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--rtts", default="5,20,50", help="round-trip times in ms, comma-separated")
-    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--model", help="a GGUF file instead of SmolLM2-135M (e.g. the GPU "
+                                    "bench's 8B shape, bench/gpu_model.py)")
+    ap.add_argument("--modes", default="off,draft,ngram",
+                    help="speculation modes, comma-separated (off is always run)")
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--tunnel", choices=("fast", "quic"), default="fast",
                     help="the mesh's rpc tunnel: the sealed TCP fast path (the default path) "
                          "through a TCP delay line like raw's, or QUIC through the UDP relay")
     args = ap.parse_args()
+    args.modes = {"off", *args.modes.split(",")}
     rtts = [0.0] + [float(x) for x in args.rtts.split(",")]
     modes: dict[str, list[str]] = {}
     mesh_rows: dict[tuple[str, float], dict[str, list[Sample]]] = {}
     with httpx.Client(timeout=600) as client:
-        for mode, extra in (("off", ["--no-draft"]), ("draft", ["--draft", "SmolLM2-135M"])):
+        for mode, extra in MESH_MODES.items():
+            if mode not in args.modes:
+                continue
+            if args.model:  # the last --model wins (split.Node gives SmolLM2-135M first)
+                extra = [*extra, "--model", args.model]
             with mesh(extra, args.tunnel) as (a, relays):
                 modes[mode] = a.status()["backend"]["llama_server"]["argv"]
                 links = {t["link"] for t in a.status()["tunnels"] if t["service"] == "rpc"}
-                print(f"mesh, {mode}: rpc tunnel over {', '.join(sorted(links))}", flush=True)
+                print(f"mesh, {mode}: rpc tunnel over {', '.join(sorted(links))}; "
+                      f"speculation {a.status()['backend'].get('speculation')}", flush=True)
                 for rtt in rtts:
                     for relay in relays:
                         relay.impairment = Impairment(delay_ms=rtt / 2)
@@ -319,15 +337,18 @@ def main() -> None:
                               args.tokens), flush=True)
         off = modes["off"]
         bin_dir = Path(off[0]).parent
-        modes["ngram"] = off + NGRAM
         solo_argv = [off[0], "-m", off[off.index("-m") + 1], "--host", "127.0.0.1", "--port",
-                     "0", "-t", "1"]
-        draft = modes["draft"]
-        at = draft.index("-md")
-        solo_extra = {"off": [], "ngram": NGRAM, "draft": draft[at:at + 6]}
+                     "0", "-t", "1", "-ngl", "99"]
+        solo_extra: dict[str, list[str]] = {"off": [], "ngram": NGRAM}
+        if "draft" in modes:
+            draft = modes["draft"]
+            at = draft.index("-md")
+            solo_extra["draft"] = draft[at:at + 6]
         solo: dict[str, dict[str, float]] = {}
         raw_rows: dict[tuple[str, float], dict[str, list[Sample]]] = {}
         for mode, extra in solo_extra.items():
+            if mode not in modes:
+                continue
             with llama(solo_argv + extra) as base:
                 samples = measure(client, base, args)
             solo[mode] = speeds(samples)
@@ -346,11 +367,10 @@ def main() -> None:
     solo_off = solo["off"]
     for rtt in rtts:
         print(f"--- RTT {rtt:g} ms (split / solo without speculation)")
-        for mode in ("off", "draft", "ngram"):
+        for mode in modes:
             print(row(f"raw --rpc, {mode}", raw_rows[(mode, rtt)], solo_off, args.tokens))
-            if (mode, rtt) in mesh_rows:
-                print(row(f"mesh, {mode}", mesh_rows[(mode, rtt)], solo_off, args.tokens))
-        for mode in ("off", "draft"):
+            print(row(f"mesh, {mode}", mesh_rows[(mode, rtt)], solo_off, args.tokens))
+        for mode in modes:
             m, r = speeds(mesh_rows[(mode, rtt)]), speeds(raw_rows[(mode, rtt)])
             print(f"mesh/raw {mode}: " + ", ".join(f"{k} {m[k] / r[k]:.2f}" for k in PROMPTS))
         if rtt:
@@ -358,12 +378,11 @@ def main() -> None:
                 now, zero = speeds(rows[("off", rtt)]), speeds(rows[("off", 0.0)])
                 print(f"{label} round trips per token: " + ", ".join(
                     f"{k} {(1 / now[k] - 1 / zero[k]) * 1000 / rtt:.2f}" for k in PROMPTS))
-        best = {k: max(speeds(mesh_rows[("draft", rtt)])[k], speeds(mesh_rows[("off", rtt)])[k])
-                for k in PROMPTS}
         one = speeds(raw_rows[("off", rtt)])
-        print("mesh best / raw one token at a time: "
-              + ", ".join(f"{k} {best[k] / one[k]:.2f}" for k in PROMPTS))
-
+        for mode in modes:
+            m = speeds(mesh_rows[(mode, rtt)])
+            print(f"mesh {mode} / raw one token at a time: "
+                  + ", ".join(f"{k} {m[k] / one[k]:.2f}" for k in PROMPTS))
 
 if __name__ == "__main__":
     main()

@@ -63,23 +63,29 @@ class ApiEvent:
     status: int = 0
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    drafted: int | None = None  # speculative decoding (``timings.draft_n``)
+    draft_accepted: int | None = None  # ``timings.draft_n_accepted``
     seconds: float = 0.0  # request to end of response
     first_byte_s: float | None = None  # request to the first response byte
 
 
-def usage_of(tail: bytes) -> dict[str, Any]:
-    """The ``usage`` object in a response's tail: a JSON body, or the last SSE event that
-    carries one; {} when there is none."""
+def usage_of(tail: bytes, key: str = "usage") -> dict[str, Any]:
+    """The ``usage`` object (or another top-level object: ``timings``) in a response's tail:
+    a JSON body, or the last SSE event that carries one; {} when there is none."""
     chunks = [tail] if tail.lstrip().startswith(b"{") else [
         line[5:] for line in reversed(tail.split(b"\n")) if line.startswith(b"data:")]
     for chunk in chunks:
         try:
-            usage = json.loads(chunk).get("usage")
+            usage = json.loads(chunk).get(key)
         except (ValueError, AttributeError):
             continue
         if isinstance(usage, dict):
             return usage
     return {}
+
+
+def _ints(found: dict[str, Any], *keys: str) -> list[int | None]:
+    return [v if isinstance(v := found.get(k), int) and v >= 0 else None for k in keys]
 
 
 class Observed:
@@ -100,16 +106,21 @@ class Observed:
         if self.done:  # once per request
             return
         self.done = True
-        usage = usage_of(tail) if status < 400 else {}
-        prompt, completion = (v if isinstance(v := usage.get(k), int) else None
-                              for k in ("prompt_tokens", "completion_tokens"))
+        ok = status < 400
+        prompt, completion = _ints(usage_of(tail) if ok else {}, "prompt_tokens",
+                                   "completion_tokens")
+        drafted, accepted = _ints(usage_of(tail, "timings") if ok else {}, "draft_n",
+                                  "draft_n_accepted")
         c = self.node.counters
         c.by_status[status] = c.by_status.get(status, 0) + 1
         c.errors += status >= 400
         c.prompt_tokens += prompt or 0
         c.completion_tokens += completion or 0
+        if drafted is not None and accepted is not None and accepted <= drafted:
+            c.drafted, c.draft_accepted = c.drafted + drafted, c.draft_accepted + accepted
         done = dataclasses.replace(self.event, phase="finished", status=status,
                                    prompt_tokens=prompt, completion_tokens=completion,
+                                   drafted=drafted, draft_accepted=accepted,
                                    seconds=time.monotonic() - self.began,
                                    first_byte_s=first_byte_s)
         self.node.collect("meshcore_api_request", node=self.node, event=done)

@@ -45,13 +45,16 @@ class Capabilities:
 @dataclass
 class ApiCounters:
     """What the node's API served since start: ``requests`` counted when each starts;
-    ``by_status``, ``errors`` (status >= 400) and the tokens (from the responses' ``usage``)
-    when each finishes."""
+    ``by_status``, ``errors`` (status >= 400), the tokens (from the responses' ``usage``) and
+    speculative decoding's drafted and accepted tokens (llama-server's ``timings``) when each
+    finishes."""
 
     requests: int = 0
     errors: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    drafted: int = 0
+    draft_accepted: int = 0
     by_status: dict[int, int] = field(default_factory=dict)
 
 

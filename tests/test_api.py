@@ -10,7 +10,7 @@ import httpx
 import pytest
 from meshcore_testing import fakes as testing
 
-from meshcore.api import names_served
+from meshcore.api import names_served, usage_of
 from meshcore.state import Serving
 
 pytestmark = pytest.mark.anyio
@@ -128,6 +128,30 @@ async def test_completion_keeps_timings(mesh_harness: Any) -> None:
         data = r.json()
         assert data["choices"][0]["text"] == " a"
         assert data["timings"]["predicted_n"] == 1
+
+
+async def test_api_counts_drafted_and_accepted_tokens(mesh_harness: Any) -> None:
+    """Speculative decoding's acceptance, summed from the responses' ``timings`` (streamed:
+    the last event that has them) in the node that relayed them: what the console shows."""
+    async with mesh_harness() as mesh:
+        host, worker = await ready_mesh(mesh, 8, 4)
+        async with httpx.AsyncClient(base_url=api(worker)) as client:
+            streamed = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+            plain = await client.post("/v1/completions", json={"prompt": "a b", "max_tokens": 2})
+        assert streamed.status_code == plain.status_code == 200
+        # the fake drafts n tokens for an n-token reply and has n - 1 accepted: 3/2 and 2/1
+        assert (worker.counters.drafted, worker.counters.draft_accepted) == (5, 3)
+        assert worker.status()["api"]["drafted"] == 5
+        assert (host.counters.drafted, host.counters.draft_accepted) == (0, 0)
+
+
+def test_usage_of_reads_timings_and_skips_what_is_not_an_object() -> None:
+    sse = (b'data: {"timings": {"draft_n": 4, "draft_n_accepted": 3}}\n\n'
+           b'data: {"choices": []}\n\ndata: [DONE]\n\n')
+    assert usage_of(sse, "timings") == {"draft_n": 4, "draft_n_accepted": 3}
+    assert usage_of(sse) == {}
+    assert usage_of(b'{"timings": [1, 2]}', "timings") == {}
+    assert usage_of(b'{"usage": {"prompt_tokens": 1}}') == {"prompt_tokens": 1}
 
 
 @pytest.mark.parametrize(("asked", "served", "ok"), [

@@ -81,6 +81,7 @@ def test_defaults(parse: Callable[..., NodeConfig], tmp_path: Path) -> None:
     assert (cfg.joins, cfg.bind_port, cfg.split, cfg.client) == ((), 0, False, False)
     assert (cfg.console_port, cfg.api_port, cfg.max_vram_gb) == (None, 9337, None)
     assert (cfg.draft, cfg.no_draft, cfg.draft_max) == (None, False, 8)
+    assert cfg.options["speculation"] == "auto"
     assert (cfg.election, cfg.backend, cfg.transport) == ("vram", "llamacpp", "quic")
     assert (cfg.listen_all, cfg.api_key, cfg.bind_host) == (False, None, "127.0.0.1")
     assert cfg.state_dir == tmp_path / "home"
@@ -90,13 +91,15 @@ def test_every_flag(parse: Callable[..., NodeConfig], tmp_path: Path) -> None:
     cfg = parse("--model", "org/repo/m.gguf", "--join", "T1", "--join", "T2",
                 "--bind-port", "7000", "--split", "--console", "4000", "--port", "0",
                 "--max-vram", "2.5", "--draft", "d.gguf", "--draft-max", "4",
-                "--election", "vram", *FAKE, "--listen-all", "--api-key", "sekret",
+                "--speculation", "ngram", "--election", "vram", *FAKE, "--listen-all",
+                "--api-key", "sekret",
                 "--state-dir", str(tmp_path / "st"), "--bin-dir", str(tmp_path / "bin"))
     assert cfg.model == "org/repo/m.gguf"
     assert cfg.joins == ("T1", "T2")
     assert (cfg.bind_port, cfg.split, cfg.console_port, cfg.api_port) == (7000, True, 4000, 0)
     assert cfg.max_vram_gb == 2.5 and cfg.max_vram_bytes == int(2.5 * 1024**3)
     assert (cfg.draft, cfg.no_draft, cfg.draft_max) == ("d.gguf", False, 4)
+    assert cfg.options["speculation"] == "ngram"
     assert (cfg.election, cfg.backend, cfg.transport) == ("vram", "fake", "memory")
     assert (cfg.listen_all, cfg.bind_host, cfg.api_key) == (True, "0.0.0.0", "sekret")
     assert (cfg.state_dir, cfg.bin_dir) == (tmp_path / "st", tmp_path / "bin")
@@ -183,6 +186,7 @@ def test_join_file_errors_name_the_file(fails: Callable[..., str], tmp_path: Pat
     (["--model", "m", "--bind-port", "-1"], "--bind-port must be a port number"),
     (["--model", "m", "--console", "99999"], "--console must be a port number"),
     (["--model", "m", "--draft-max", "0"], "--draft-max must be at least 1"),
+    (["--model", "m", "--speculation", "eagle"], "'eagle' is not one of 'auto', 'draft'"),
     (["--model", "m", "--max-vram", "-1"], "--max-vram must be >= 0"),
     (["--model", "m", "--max-vram", "lots"], "'--max-vram'"),
     (["--model", "m", "--election", "nope"], "unknown election 'nope' (from --election); "

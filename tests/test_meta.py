@@ -128,6 +128,7 @@ async def test_every_hook_is_called(tmp_path: Path) -> None:
     started, finished = (c["event"] for c in calls["meshcore_api_request"])
     assert (started.phase, finished.phase, finished.status) == ("started", "finished", 200)
     assert finished.completion_tokens == 2 and finished.path == "/v1/chat/completions"
+    assert (finished.drafted, finished.draft_accepted) == (2, 1)  # the fake's timings
     assert all(callable(calls[h][0]["register"]) for h in HOOKS if "_register_" in h
                and h != "meshcore_register_commands")
 

@@ -75,6 +75,20 @@ def ask(node: MeshProcess) -> tuple[str, dict[str, Any]]:
     return text, dict(reply.model_dump().get("timings") or {})
 
 
+COPY = ("Repeat the following text exactly, word for word:\n\nThe lighthouse stood on a "
+        "rock at the edge of the bay. Every night the keeper climbed the stairs, lit the lamp "
+        "and watched the ships pass.")
+
+
+def ask_copy(node: MeshProcess) -> dict[str, Any]:
+    """A chat reply that copies its prompt (where n-gram lookup drafts); its timings."""
+    r = httpx.post(f"{node.url}/chat/completions", timeout=120, json={
+        "model": MODEL, "messages": [{"role": "user", "content": COPY}], "temperature": 0,
+        "max_tokens": 40})
+    assert r.status_code == 200, r.text
+    return dict(r.json().get("timings") or {})
+
+
 def rpc_bytes_back(host: MeshProcess) -> int:
     """Bytes the host's rpc tunnels received from their workers so far."""
     return sum(t["bytes_from_peer"] for t in mesh_status(host)["tunnels"]
@@ -250,6 +264,12 @@ def test_waiting_until_enough_vram_then_split(mesh_process: Callable[..., MeshPr
         wait_ready(a, "a's split llama-server")
     text, _ = ask(b)
     assert "Paris" in text
+    # a split plan without a draft model speculates by n-gram lookup (--speculation auto)
+    assert "ngram-simple" in server_info(mesh_status(a))["argv"]
+    assert mesh_status(a)["backend"]["speculation"] == "ngram"
+    timings = ask_copy(b)
+    assert 0 < timings.get("draft_n_accepted", 0) <= timings.get("draft_n", 0), timings
+    assert mesh_status(b)["api"]["draft_accepted"] >= timings["draft_n_accepted"]
     for node in (a, b):
         assert "dropping its connection" not in node.log(), node.log()
         assert len(mesh_status(node)["peers"]) == 1

@@ -77,6 +77,11 @@ class LlamaCppBackend:
 
     async def prepare(self) -> ModelInfo | None:
         cfg = self.node.config
+        try:  # a bad MESH_LLM_OPTIONS value fails here, before anything is loaded
+            commands.speculation(str(cfg.options.get("speculation", "auto")),
+                                 has_draft=False, split=False)
+        except ValueError as exc:
+            raise BackendError(str(exc)) from None
         self.machine.bins = binaries.locate(cfg.bin_dir)
         await anyio.to_thread.run_sync(binaries.check_rpc, self.machine.bins)
         if cfg.model is None:
@@ -124,6 +129,7 @@ class LlamaCppBackend:
             "binaries": machine.bins.to_dict() if machine.bins else None,
             "threads": machine.threads,
             "llama_server": child_status(host.server, host.port),
+            "speculation": host.speculation if host.server else None,
             "standby": child_status(standby.child, standby.port) if standby else None,
             "serving_current_plan": self.serves_current_plan(),
             "handovers": self.handover.handovers,

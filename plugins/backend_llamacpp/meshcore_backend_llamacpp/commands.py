@@ -33,6 +33,27 @@ ALL_LAYERS = 99
 # patterns are anchored: ``output\.weight`` alone also matches every ``attn_output.weight``,
 # which cost 16 round trips a token.
 OUTPUT_ON_CPU = r"^token_embd\.weight$=CPU,^output\.weight$=CPU"
+# llama.cpp's draft-free speculation: look the last 4 tokens up in the context and propose the
+# 16 that followed them there. A split pays a network round trip per decode step, so every
+# accepted token is a round trip saved; where nothing matches, nothing is drafted. llama.cpp's
+# default lookup of 12 tokens hardly ever matches. Measured in docs/benchmarks.md.
+NGRAM = ("--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "4",
+         "--spec-ngram-simple-size-m", "16")
+SPECULATION_MODES = ("auto", "draft", "ngram", "off")
+
+
+def speculation(mode: str, *, has_draft: bool, split: bool) -> str | None:
+    """The speculative decoding a host runs: ``"draft"``, ``"ngram"`` or None. ``auto`` (the
+    default): the draft model when there is one, else n-gram lookup on split plans only (a
+    round trip saved per accepted token; solo gains nothing measurable on prose)."""
+    if mode not in SPECULATION_MODES:
+        raise ValueError(f"speculation must be one of {', '.join(SPECULATION_MODES)}, "
+                         f"got {mode!r}")
+    if mode == "off" or (mode == "draft" and not has_draft):
+        return None
+    if mode == "ngram":
+        return "ngram"
+    return "draft" if has_draft else ("ngram" if split and mode == "auto" else None)
 
 
 def default_threads(options: Mapping[str, Any] | None = None) -> int:
@@ -140,9 +161,10 @@ def llama_server_argv(
     binary: Path, model: Path, *, port: int, threads: int, lay: Layout,
     rpc_endpoints: Sequence[str] = (), draft: Path | None = None, draft_max: int = 8,
     draft_devices: str | None = None, no_mmap: bool = False, alias: str | None = None,
-    extra: Sequence[str] = (),
+    ngram: bool = False, extra: Sequence[str] = (),
 ) -> list[str]:
-    """llama-server's command line. Solo plans get no ``--rpc`` at all.
+    """llama-server's command line. Solo plans get no ``--rpc`` at all. ``ngram`` turns on
+    n-gram speculation (:data:`NGRAM`) when there is no ``draft``.
 
     ``draft_devices`` (``-devd``) keeps the draft on the host in a split: ``none`` (CPU) or
     the host's own GPUs; by default the draft would follow the main model onto RPC devices.
@@ -164,6 +186,8 @@ def llama_server_argv(
                  "--spec-draft-n-max", str(draft_max)]
         if draft_devices:
             argv += ["-devd", draft_devices]
+    elif ngram:
+        argv += NGRAM
     return [*argv, *extra]
 
 

@@ -60,6 +60,7 @@ class LlamaServerHost:
         self.lay: Layout | None = None
         self.rpc_endpoints: list[str] = []
         self.load_tunneled_bytes: int | None = None  # sent to workers while llama-server loaded
+        self.speculation: str | None = None  # "draft" / "ngram" / None, of the last argv
 
     async def serve(self, plan: Plan, wake: anyio.Event, may_keep: MayKeep) -> None:
         """Run llama-server for ``plan`` until ``wake`` is set (returns) or it fails (raises);
@@ -89,13 +90,18 @@ class LlamaServerHost:
     def _argv(self, plan: Plan, info: ModelInfo, binary: Path, model: Path, lay: Layout,
               endpoints: Sequence[str], port: int) -> list[str]:
         cap, config = self.machine.capacity, self.node.config
-        use_draft = plan.draft is not None and info.draft_path is not None
+        spec = commands.speculation(
+            str(config.options.get("speculation", "auto")),
+            has_draft=plan.draft is not None and info.draft_path is not None,
+            split=bool(endpoints))
+        self.speculation = spec
         return commands.llama_server_argv(
             binary, model, port=port, threads=self.machine.threads, lay=lay,
-            rpc_endpoints=endpoints, draft=info.draft_path if use_draft else None,
+            rpc_endpoints=endpoints, draft=info.draft_path if spec == "draft" else None,
             draft_max=config.draft_max, no_mmap=cap.has_gpu,
             draft_devices=commands.local_devices(cap.kind, cap.devices) if endpoints else None,
-            alias=plan.model, extra=list(config.options.get("llama_args", ())))
+            alias=plan.model, ngram=spec == "ngram",
+            extra=list(config.options.get("llama_args", ())))
 
     async def _run(self, plan: Plan, lay: Layout, argv: list[str], port: int,
                    wake: anyio.Event, may_keep: MayKeep) -> None:

@@ -88,6 +88,33 @@ def test_draft_flags_use_b11434_names() -> None:
     assert argv[argv.index("--alias") + 1] == "m"
 
 
+@pytest.mark.parametrize(("mode", "has_draft", "split", "runs"), [
+    ("auto", True, True, "draft"), ("auto", True, False, "draft"),
+    ("auto", False, True, "ngram"), ("auto", False, False, None),  # solo: nothing to save
+    ("draft", False, True, None), ("draft", True, False, "draft"),
+    ("ngram", True, False, "ngram"), ("off", True, True, None),
+])
+def test_speculation_mode(mode: str, has_draft: bool, split: bool, runs: str | None) -> None:
+    assert commands.speculation(mode, has_draft=has_draft, split=split) == runs
+
+
+def test_unknown_speculation_mode_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="auto, draft, ngram, off, got 'eagle'"):
+        commands.speculation("eagle", has_draft=False, split=True)
+
+
+def test_ngram_flags_and_a_draft_wins() -> None:
+    lay = Layout(("w1",), (0.5, 0.5), 99, 0)
+    argv = llama_server_argv(BIN, MODEL, port=1, threads=1, lay=lay, rpc_endpoints=["a:1"],
+                             ngram=True)
+    text = " ".join(argv)
+    assert ("--spec-type ngram-simple --spec-ngram-simple-size-n 4 "
+            "--spec-ngram-simple-size-m 16") in text
+    both = llama_server_argv(BIN, MODEL, port=1, threads=1, lay=lay, rpc_endpoints=["a:1"],
+                             ngram=True, draft=Path("/d.gguf"))
+    assert both[both.index("--spec-type") + 1] == "draft-simple" and "ngram-simple" not in both
+
+
 def test_local_devices_keep_the_draft_on_the_host() -> None:
     assert commands.local_devices("cpu", 0) == "none"
     assert commands.local_devices("cuda", 2) == "CUDA0,CUDA1"

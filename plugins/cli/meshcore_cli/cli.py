@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,6 +35,17 @@ from meshcore.plugins import (
     get_plugin_manager,
 )
 from meshcore.registry import Registry, RegistryError, check_config, collect
+
+
+class Speculation(StrEnum):
+    """``--speculation``: what the host drafts with (the llamacpp backend's ``speculation``
+    option; docs/backend.md)."""
+
+    AUTO = "auto"
+    DRAFT = "draft"
+    NGRAM = "ngram"
+    OFF = "off"
+
 
 HELP = """Pool the GPUs (or CPUs) of several machines into one OpenAI-compatible LLM service.
 
@@ -88,10 +100,15 @@ def run(
         help="Cap the VRAM this node offers, in GB.")] = None,
     draft: Annotated[str | None, typer.Option(help="Draft model for speculative decoding.")
                      ] = None,
-    no_draft: Annotated[bool, typer.Option("--no-draft", help="Disable speculative decoding.")
+    no_draft: Annotated[bool, typer.Option(
+        "--no-draft", help="Use no draft model (--speculation off turns n-gram off too).")
                         ] = False,
     draft_max: Annotated[int, typer.Option(help="Most tokens drafted per step.")
                          ] = DEFAULT_DRAFT_MAX,
+    speculation: Annotated[Speculation, typer.Option(
+        help="Speculative decoding on the host: auto = the draft model when there is one, "
+             "else n-gram lookup (draft-free, from the text so far) on split plans, where it "
+             "saves network round trips; draft, ngram, or off.")] = Speculation.AUTO,
     election: Annotated[str, typer.Option(help="Election policy plugin.")] = "vram",
     election_opt: Annotated[list[str] | None, typer.Option(
         "--election-opt", help="A setting for the election, KEY=VALUE; repeatable.")] = None,
@@ -123,7 +140,8 @@ def run(
             draft=draft, no_draft=no_draft, draft_max=draft_max, election=election,
             backend=backend, transport=transport, listen_all=listen_all, api_key=api_key,
             state_dir=state_dir or default_state_dir(), bin_dir=bin_dir,
-            options={"join_timeout_s": join_timeout, **_env_options()},
+            options={"join_timeout_s": join_timeout, "speculation": speculation.value,
+                     **_env_options()},
             uis=_pairs(ui, "--ui", "NAME=PORT", port=True),
             election_options=_pairs(election_opt, "--election-opt", "KEY=VALUE"), name=name,
         )

@@ -30,6 +30,23 @@ def gb(n: float) -> float:
     return round(n / GB, 1)
 
 
+def speculation(backend: Mapping[str, Any], plan: Plan, api: Mapping[str, Any],
+                is_host: bool) -> str:
+    """The "speculation" line: what the host drafts with (known on the host from its backend;
+    elsewhere only a draft model is in the plan) and how many drafted tokens were accepted in
+    the replies this node's API relayed."""
+    if is_host:
+        mode = str(backend.get("speculation"))
+        label = {"draft": f"draft {plan.draft}", "ngram": "n-gram lookup"}.get(mode, "off")
+    else:
+        label = f"draft {plan.draft}" if plan.draft else "set by the host"
+    drafted, accepted = api.get("drafted"), api.get("draft_accepted")
+    if isinstance(drafted, int) and isinstance(accepted, int) and drafted > 0:
+        label += (f" · {accepted}/{drafted} drafted tokens accepted "
+                  f"({round(100 * accepted / drafted)}%) in replies through this node")
+    return label
+
+
 def missing_gb(plan: Plan) -> float:
     """How many more GB of VRAM a waiting plan needs (the election's ``missing_vram``),
     rounded up to a tenth: a shortfall never reads as 0.0."""
@@ -185,6 +202,8 @@ def build_payload(node: NodeHandle, *, loopback: bool, api_host: str) -> dict[st
         "plan_state": plan.state.value,
         "plan_reason": plan.reason,
         "tensor_split": list(plan.tensor_split),
+        "speculation": speculation(backend if isinstance(backend, Mapping) else {}, plan,
+                                   status.get("api") or {}, plan.host_id == me.id),
         "server_tensor_split": list(backend.get("tensor_split") or [])
         if isinstance(backend, Mapping) else [],
         "rpc_entries": rpc_entries(backend if isinstance(backend, Mapping) else {}, plan),

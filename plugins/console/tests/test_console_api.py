@@ -12,11 +12,13 @@ import anyio
 import httpx
 import pytest
 from meshcore_console.app import build_app
+from meshcore_console.payload import speculation
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from meshcore import hookimpl
+from meshcore.plan import Plan, PlanState
 from meshcore.state import Serving
 
 pytestmark = pytest.mark.anyio
@@ -240,6 +242,21 @@ async def test_chat_streams_from_the_host_for_host_and_client(mesh_harness: Any)
             r = await direct.post(f"http://127.0.0.1:{host.api_port}/v1/chat/completions",
                                   json={"messages": []})
         assert r.status_code == 401
+
+
+@pytest.mark.parametrize(("is_host", "mode", "draft", "api", "shown"), [
+    (True, "ngram", None, {"drafted": 40, "draft_accepted": 30},
+     "n-gram lookup · 30/40 drafted tokens accepted (75%) in replies through this node"),
+    (True, "draft", "tiny", {}, "draft tiny"),
+    (True, None, "tiny", {"drafted": 0, "draft_accepted": 0}, "off"),  # --speculation off
+    (False, None, "tiny", {}, "draft tiny"),
+    (False, None, None, {"drafted": 3, "draft_accepted": 3},
+     "set by the host · 3/3 drafted tokens accepted (100%) in replies through this node"),
+])
+def test_speculation_line(is_host: bool, mode: str | None, draft: str | None,
+                          api: dict[str, int], shown: str) -> None:
+    plan = Plan(state=PlanState.SOLO, host_id="h", model="m", draft=draft)
+    assert speculation({"speculation": mode}, plan, api, is_host) == shown
 
 
 async def test_chat_rejects_bad_bodies_and_reports_no_host(mesh_harness: Any) -> None:

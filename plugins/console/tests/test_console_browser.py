@@ -110,6 +110,9 @@ async def test_chat_panel_streams_and_shows_speed(browser: Any, mesh_harness: An
         stats = page.locator("#chat-stats")
         await expect(stats).to_contain_text("200.0 tok/s")
         await expect(stats).to_contain_text("draft 2/3 accepted (67%)")
+        # the node's running count (its API relayed the reply), pushed with the next status
+        await expect(page.locator("#speculation")).to_have_text(
+            "off · 2/3 drafted tokens accepted (67%) in replies through this node")
 
 
 async def test_screenshot_of_a_three_node_mesh(tmp_path: Path) -> None:

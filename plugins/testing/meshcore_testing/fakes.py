@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import random
 import time
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +20,15 @@ from meshcore import hookimpl
 from meshcore.components import Capabilities, ModelInfo, NodeHandle
 from meshcore.config import GB
 from meshcore.plan import Plan, PlanState
-from meshcore.state import MeshView, Serving
+from meshcore.state import MeshView, Peer, Serving
+from meshcore_testing.swim import (
+    Message,
+    Output,
+    Status,
+    SwimConfig,
+    SwimMember,
+    Traffic,
+)
 
 # ---------------------------------------------------------------- fake OpenAI server
 
@@ -247,51 +257,175 @@ class MemoryByteStream(ByteStream):
 
 @dataclass
 class MemoryHub:
-    """A mesh in one process: every member sees every other member."""
+    """A mesh in one process.
+
+    Default: every member sees every other at once (a join or a clean leave updates every
+    member's state directly), and a member that stops without leaving stays in every view.
+    ``swim=True`` (or a :class:`~meshcore_testing.swim.SwimConfig`): membership and
+    announcements travel by SWIM messages (:mod:`meshcore_testing.swim`), which the hub
+    carries between live members only, losing each with probability ``loss``; a node's state
+    follows its SWIM view (a peer appears once learnt alive and goes once declared dead), and
+    a killed member (:meth:`kill`) stops answering without a goodbye, so the others detect it.
+    ``traffic`` counts each member's messages and bytes (their compact JSON size).
+    """
 
     members: dict[str, MemoryTransport] = field(default_factory=dict)
+    swim: bool | SwimConfig = False
+    loss: float = 0.0
+    seed: int = 0
+    killed: set[str] = field(default_factory=set)
+    traffic: dict[str, Traffic] = field(default_factory=dict)
 
-    def join(self, member: MemoryTransport) -> None:
+    def __post_init__(self) -> None:
+        self.rng = random.Random(f"hub:{self.seed}")
+
+    @property
+    def swim_config(self) -> SwimConfig | None:
+        """The SWIM parameters in swim mode; None in the default (instant) mode."""
+        if isinstance(self.swim, SwimConfig):
+            return self.swim
+        return SwimConfig() if self.swim else None
+
+    def live(self) -> list[str]:
+        """Members that run (not killed), in joining order."""
+        return [m for m in self.members if m not in self.killed]
+
+    def join(self, member: MemoryTransport) -> list[str]:
+        """Add ``member``; in swim mode, returns the live members it may contact (shuffled)."""
+        seeds = [m for m in self.live() if m != member.node.id]
         self.members[member.node.id] = member
+        self.killed.discard(member.node.id)
+        if self.swim_config is not None:
+            self.traffic.setdefault(member.node.id, Traffic())
+            self.rng.shuffle(seeds)
+            return seeds
         for other in list(self.members.values()):
             if other is not member:
                 other.node.state.upsert(member.node.state.me)
                 member.node.state.upsert(other.node.state.me)
+        return []
 
     def leave(self, node_id: str) -> None:
-        if self.members.pop(node_id, None) is not None:
-            for other in self.members.values():
-                other.node.state.remove(node_id)
+        """A clean leave: everyone drops it (instant mode), or its goodbye is gossiped (swim
+        mode). A killed member says nothing: it stays until the others detect it."""
+        if node_id in self.killed:
+            return
+        member = self.members.pop(node_id, None)
+        if member is None:
+            return
+        if member.swim is not None:
+            member.swim_leave()
+            return
+        for other in self.members.values():
+            other.node.state.remove(node_id)
+
+    def kill(self, node_id: str) -> None:
+        """From now on ``node_id`` neither sends nor receives (kill -9); nobody is told."""
+        self.killed.add(node_id)
+
+    def deliver(self, sender: str, recipient: str, message: Message) -> None:
+        """Carry one SWIM message, unless either end is killed or it is lost."""
+        if sender in self.killed:
+            return
+        self.traffic.setdefault(sender, Traffic()).sent(message)
+        target = self.members.get(recipient)
+        if target is None or recipient in self.killed:
+            return
+        if self.loss and self.rng.random() < self.loss:
+            return
+        self.traffic.setdefault(recipient, Traffic()).received(message)
+        target.swim_inbox(message)
+
+    def detected(self, node_id: str) -> bool:
+        """Whether every live member declared ``node_id`` dead (or never knew it); a killed
+        member then leaves the hub."""
+        done = all(m.swim is None or m.swim.status_of(node_id) in (None, Status.DEAD)
+                   for i, m in self.members.items() if i not in self.killed)
+        if done and node_id in self.killed:
+            self.members.pop(node_id, None)
+        return done
 
 
 class MemoryTransport:
-    """Gossip by direct calls and tunnels by memory pipes, within one :class:`MemoryHub`
-    (``NodeConfig.options["memory_hub"]``; a private hub when absent)."""
+    """Gossip by direct calls (or SWIM messages, in a swim-mode hub) and tunnels by memory
+    pipes, within one :class:`MemoryHub` (``NodeConfig.options["memory_hub"]``; a private hub
+    when absent)."""
 
     def __init__(self, node: NodeHandle) -> None:
         self.node = node
         self.hub: MemoryHub = node.config.options.get("memory_hub") or MemoryHub()
+        self.swim: SwimMember | None = None
+        self._inbox: deque[Message] = deque()
+        self._wake = anyio.Event()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        self.hub.join(self)
+        config = self.hub.swim_config
+        if config is not None:
+            self.swim = SwimMember(self.node.id, self.node.state.me.to_dict(),
+                                   now=anyio.current_time(), config=config,
+                                   rng=random.Random(f"{self.hub.seed}:{self.node.id}"))
+        seeds = self.hub.join(self)
         task_status.started()
         try:
-            await anyio.sleep_forever()
+            if self.swim is None:
+                await anyio.sleep_forever()
+            else:
+                self._carry_out(self.swim.join(seeds[:3], anyio.current_time()))
+                await self._swim_loop(self.swim)
         finally:
             self.hub.leave(self.node.id)
+
+    async def _swim_loop(self, swim: SwimMember) -> None:
+        """The member's timers on the wall clock, and its inbox."""
+        while True:
+            while self._inbox:
+                self._carry_out(swim.receive(self._inbox.popleft(), anyio.current_time()))
+            self._carry_out(swim.tick(anyio.current_time()))
+            if self._inbox:
+                continue
+            self._wake = anyio.Event()
+            with anyio.move_on_after(max(0.0, swim.next_deadline() - anyio.current_time())):
+                await self._wake.wait()
+
+    def swim_inbox(self, message: Message) -> None:
+        """A message for this member (called by the hub)."""
+        self._inbox.append(message)
+        self._wake.set()
+
+    def swim_leave(self) -> None:
+        """Send the goodbye (called by the hub on a clean leave)."""
+        if self.swim is not None:
+            self._carry_out(self.swim.leave(anyio.current_time()))
+
+    def _carry_out(self, out: Output) -> None:
+        """Send what the member sends; make the node's state follow its view."""
+        for recipient, message in out.sends:
+            self.hub.deliver(self.node.id, recipient, message)
+        state = self.node.state
+        for event in out.events:
+            if event.status is Status.DEAD:
+                state.remove(event.member)
+                self.hub.detected(event.member)
+            elif event.status is Status.ALIVE and event.record is not None:
+                with contextlib.suppress(ValueError):
+                    state.upsert(Peer.from_dict(event.record))
 
     def invite_token(self) -> str | None:
         return f"memory:{id(self.hub):x}"
 
     async def announce(self) -> None:
         me = self.node.state.me
+        if self.swim is not None:
+            self._carry_out(self.swim.announce(me.to_dict(), anyio.current_time()))
+            self._wake.set()  # the new update is due for gossip now
+            return
         for other in list(self.hub.members.values()):
             if other is not self:
                 other.node.state.upsert(me)
 
     async def connect(self, peer_id: str, service: str) -> ByteStream:
         member = self.hub.members.get(peer_id)
-        if member is None:
+        if member is None or peer_id in self.hub.killed:
             raise ConnectionError(f"peer {peer_id} is not in the mesh")
         near, far = MemoryByteStream.pair()
         serve = functools.partial(member.node.serve_inbound, peer_id=self.node.id)
@@ -300,6 +434,15 @@ class MemoryTransport:
 
     def link(self, peer_id: str) -> str:
         return "memory"
+
+    def status(self) -> dict[str, Any]:
+        """Swim mode: this member's traffic and view (``transport`` in ``/mesh/status``)."""
+        if self.swim is None:
+            return {}
+        counts = Counter(m.status.value for m in self.swim.members.values())
+        traffic = self.hub.traffic.get(self.node.id, Traffic())
+        return {**traffic.to_dict(), "incarnation": self.swim.incarnation,
+                "members": dict(sorted(counts.items())), "queued_updates": self.swim.queued}
 
 
 @hookimpl

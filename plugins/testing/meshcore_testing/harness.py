@@ -18,6 +18,7 @@ from meshcore.plan import ElectionRequest
 from meshcore.plugins import get_plugin_manager
 from meshcore.registry import collect
 from meshcore_testing.fakes import MemoryHub
+from meshcore_testing.swim import SwimConfig
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 10,
@@ -31,13 +32,19 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10,
 
 
 class MeshHarness:
-    """Runs many Nodes in one process on a shared MemoryHub (or any transport)."""
+    """Runs many Nodes in one process on a shared MemoryHub (or any transport).
+
+    ``swim=True`` (or a :class:`~meshcore_testing.swim.SwimConfig`, e.g. with short timers)
+    puts the hub in swim mode: membership and announcements travel by SWIM gossip, each
+    message lost with probability ``loss``, and :meth:`kill` is detected by the others.
+    """
 
     def __init__(self, tg: TaskGroup, state_root: Path, *, transport: str = "memory",
-                 election: str = "vram", settle_s: float = 0.05) -> None:
+                 election: str = "vram", settle_s: float = 0.05,
+                 swim: bool | SwimConfig = False, loss: float = 0.0, seed: int = 0) -> None:
         self.tg = tg
         self.state_root = state_root
-        self.hub = MemoryHub()
+        self.hub = MemoryHub(swim=swim, loss=loss, seed=seed)
         self.transport = transport
         self.election = election
         self.settle_s = settle_s
@@ -72,6 +79,17 @@ class MeshHarness:
         self.nodes.remove(node)
         with anyio.fail_after(10):
             while node.id in self.hub.members or await port_open(node.api_port):
+                await anyio.sleep(0.01)
+
+    async def kill(self, node: Node) -> None:
+        """Stop ``node`` without a goodbye (kill -9): it stops sending and answering at once,
+        its tasks stop, and the others are not told; in swim mode they detect it, in the
+        default mode it stays in every view. Returns once its tasks stopped."""
+        self.hub.kill(node.id)
+        node.stop()
+        self.nodes.remove(node)
+        with anyio.fail_after(10):
+            while await port_open(node.api_port):
                 await anyio.sleep(0.01)
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10,

@@ -153,7 +153,7 @@ function render(p) {
   badge.className = `badge ${p.badge.kind}`;
   text("badge-detail", p.badge.detail);
   text("model", p.model);
-  text("draft", p.draft || "none");
+  text("speculation", p.speculation);
   text("total-vram", `${gb(p.total_vram_gb)} (clients excluded)`);
   text("plan-state", p.plan_state);
   $("plan-reason").textContent = p.plan_reason || "";
@@ -231,6 +231,13 @@ async function readStream(resp, onChunk) {
   }
 }
 
+async function refreshStatus() {
+  try {
+    const resp = await fetch("/api/status");
+    if (resp.ok) render(await resp.json());
+  } catch (_) { /* the event stream brings the next status anyway */ }
+}
+
 async function sendChat(event) {
   event.preventDefault();
   const input = $("chat-input");
@@ -267,6 +274,7 @@ async function sendChat(event) {
     });
     history.push({ role: "assistant", content: reply });
     $("chat-stats").textContent = statsLine(tokens, started, firstAt, timings);
+    refreshStatus(); // the node's counters (speculation's acceptance) moved with this reply
   } catch (err) {
     out.className = "msg error";
     out.textContent = String(err.message || err);
