@@ -72,16 +72,25 @@ class ApiEvent:
 def usage_of(tail: bytes, key: str = "usage") -> dict[str, Any]:
     """The ``usage`` object (or another top-level object: ``timings``) in a response's tail:
     a JSON body, or the last SSE event that carries one; {} when there is none."""
+    return _tail_objects(tail, (key,)).get(key, {})
+
+
+def _tail_objects(tail: bytes, keys: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """{key: object} for each of ``keys`` found as :func:`usage_of` finds one, in one pass."""
     chunks = [tail] if tail.lstrip().startswith(b"{") else [
         line[5:] for line in reversed(tail.split(b"\n")) if line.startswith(b"data:")]
+    found: dict[str, dict[str, Any]] = {}
     for chunk in chunks:
         try:
-            usage = json.loads(chunk).get(key)
-        except (ValueError, AttributeError):
+            event = json.loads(chunk)
+        except ValueError:
             continue
-        if isinstance(usage, dict):
-            return usage
-    return {}
+        if isinstance(event, dict):
+            found.update({k: v for k in keys if k not in found
+                          and isinstance(v := event.get(k), dict)})
+        if len(found) == len(keys):
+            break
+    return found
 
 
 def _ints(found: dict[str, Any], *keys: str) -> list[int | None]:
@@ -107,10 +116,9 @@ class Observed:
             return
         self.done = True
         ok = status < 400
-        prompt, completion = _ints(usage_of(tail) if ok else {}, "prompt_tokens",
-                                   "completion_tokens")
-        drafted, accepted = _ints(usage_of(tail, "timings") if ok else {}, "draft_n",
-                                  "draft_n_accepted")
+        found = _tail_objects(tail, ("usage", "timings")) if ok else {}
+        prompt, completion = _ints(found.get("usage", {}), "prompt_tokens", "completion_tokens")
+        drafted, accepted = _ints(found.get("timings", {}), "draft_n", "draft_n_accepted")
         c = self.node.counters
         c.by_status[status] = c.by_status.get(status, 0) + 1
         c.errors += status >= 400

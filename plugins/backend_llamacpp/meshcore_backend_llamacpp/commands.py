@@ -49,11 +49,13 @@ def speculation(mode: str, *, has_draft: bool, split: bool) -> str | None:
     if mode not in SPECULATION_MODES:
         raise ValueError(f"speculation must be one of {', '.join(SPECULATION_MODES)}, "
                          f"got {mode!r}")
-    if mode == "off" or (mode == "draft" and not has_draft):
+    if mode == "off":
         return None
     if mode == "ngram":
         return "ngram"
-    return "draft" if has_draft else ("ngram" if split and mode == "auto" else None)
+    if has_draft:
+        return "draft"
+    return "ngram" if mode == "auto" and split else None
 
 
 def default_threads(options: Mapping[str, Any] | None = None) -> int:

@@ -184,6 +184,7 @@ def build_payload(node: NodeHandle, *, loopback: bool, api_host: str) -> dict[st
         for p in view.others
     ]
     backend = status.get("backend") or {}
+    backend = backend if isinstance(backend, Mapping) else {}
     token = node.invite_token() if loopback else None
     api_url = f"http://{api_host}:{status.get('api_port')}/v1"
     return {
@@ -202,11 +203,10 @@ def build_payload(node: NodeHandle, *, loopback: bool, api_host: str) -> dict[st
         "plan_state": plan.state.value,
         "plan_reason": plan.reason,
         "tensor_split": list(plan.tensor_split),
-        "speculation": speculation(backend if isinstance(backend, Mapping) else {}, plan,
-                                   status.get("api") or {}, plan.host_id == me.id),
-        "server_tensor_split": list(backend.get("tensor_split") or [])
-        if isinstance(backend, Mapping) else [],
-        "rpc_entries": rpc_entries(backend if isinstance(backend, Mapping) else {}, plan),
+        "speculation": speculation(backend, plan, status.get("api") or {},
+                                   plan.host_id == me.id),
+        "server_tensor_split": list(backend.get("tensor_split") or []),
+        "rpc_entries": rpc_entries(backend, plan),
         "host_ready": host is not None and host.serving is Serving.READY,
         "api_url": api_url,
         "api_key_required": bool(node.config.api_key),
