@@ -198,7 +198,8 @@ class QuicTransport:
         """Counters for ``/mesh/status`` (``transport``): links, and what every connection
         sent and received since start (datagrams, bytes, gossip frames by kind)."""
         mesh = self.mesh
-        return {"links": len(mesh.links), "reconnecting": len(mesh.lost),
+        return {"timers": {"dead_after_s": mesh.dead_after_s, "reconnect_s": mesh.reconnect_s},
+                "links": len(mesh.links), "reconnecting": len(mesh.lost),
                 "departed": len(self.members.departed), "heartbeat_rounds": self.members.rounds,
                 **mesh.traffic.to_dict()}
 
