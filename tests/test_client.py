@@ -107,9 +107,9 @@ def test_client_process_over_quic(mesh_process: Callable[..., MeshProcess]) -> N
 
     wait_status(c, lambda s: httpx.get(f"{c.url.removesuffix('/v1')}/health").status_code
                 == 200, "c's API routes to a ready host")
-    api = openai.OpenAI(base_url=c.url, api_key="unused", max_retries=0)
-    reply = api.chat.completions.create(
-        model="fake-model", messages=[{"role": "user", "content": "hello over quic"}])
+    with openai.OpenAI(base_url=c.url, api_key="unused", max_retries=0) as api:
+        reply = api.chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "hello over quic"}])
     assert reply.choices[0].message.content == " hello over quic"
     assert reply.system_fingerprint == a_id  # the fake backend stamps the node that served
     assert "Traceback" not in c.log() + a.log()

@@ -210,9 +210,9 @@ def ask(proc: MeshProcess) -> str:
     """The node's answer at temperature 0 (official openai client)."""
     import openai
 
-    api = openai.OpenAI(base_url=proc.url, api_key="unused", max_retries=0, timeout=120)
-    reply = api.completions.create(model=MODEL, prompt=PROMPT, temperature=0, max_tokens=16,
-                                   seed=1)
+    with openai.OpenAI(base_url=proc.url, api_key="unused", max_retries=0, timeout=120) as api:
+        reply = api.completions.create(model=MODEL, prompt=PROMPT, temperature=0,
+                                       max_tokens=16, seed=1)
     return reply.choices[0].text
 
 

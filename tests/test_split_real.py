@@ -68,9 +68,9 @@ def ask(node: MeshProcess) -> tuple[str, dict[str, Any]]:
     """Ask ``node``'s API with the official openai client at temperature 0; (text, timings)."""
     import openai
 
-    api = openai.OpenAI(base_url=node.url, api_key="unused", max_retries=0, timeout=120)
-    reply = api.completions.create(model=MODEL, prompt=PROMPT, temperature=0, max_tokens=16,
-                                   seed=1)
+    with openai.OpenAI(base_url=node.url, api_key="unused", max_retries=0, timeout=120) as api:
+        reply = api.completions.create(model=MODEL, prompt=PROMPT, temperature=0,
+                                       max_tokens=16, seed=1)
     text = reply.choices[0].text
     return text, dict(reply.model_dump().get("timings") or {})
 
@@ -262,6 +262,8 @@ def test_waiting_until_enough_vram_then_split(mesh_process: Callable[..., MeshPr
         assert [(p["share"], p["rpc"]) for p in plan["participants"]] == [(0.45, True),
                                                                          (0.55, False)]
         wait_ready(a, "a's split llama-server")
+    # b learns that a's server is ready by gossip, a moment after a's own /health says so
+    wait_ready(b, "b to route to a's split")
     text, _ = ask(b)
     assert "Paris" in text
     # a split plan without a draft model speculates by n-gram lookup (--speculation auto)
