@@ -106,8 +106,9 @@ def wait_ready(node: MeshProcess, what: str, timeout: float = 240) -> dict[str, 
     return mesh_status(node)
 
 
-def start(mesh_process: Callable[..., MeshProcess], *args: str) -> MeshProcess:
-    return mesh_process("--model", MODEL, *args, env=ENV, timeout=240)
+def start(mesh_process: Callable[..., MeshProcess], *args: str,
+          env: dict[str, str] | None = None) -> MeshProcess:
+    return mesh_process("--model", MODEL, *args, env={**ENV, **(env or {})}, timeout=240)
 
 
 def server_info(status: dict[str, Any]) -> dict[str, Any]:
@@ -194,8 +195,10 @@ def check_split_runs(status_a: dict[str, Any], status_b: dict[str, Any]) -> None
 
 
 def test_forced_split_matches_solo_answer(mesh_process: Callable[..., MeshProcess]) -> None:
-    # the draft is asked for: SmolLM2 has none by default, and this test checks it runs
-    a = start(mesh_process, "--max-vram", "8", "--split", "--draft", MODEL)
+    # the draft is asked for: SmolLM2 has none by default, and this test checks it runs.
+    # A's rpc tunnels relay in a child process (relayproc.py, opt-in).
+    a = start(mesh_process, "--max-vram", "8", "--split", "--draft", MODEL,
+              env={"MESH_LLM_RELAY_PROCESS": "1"})
     assert a.token, a.log()
     status = wait_ready(a, "a alone (solo despite --split)")
     assert status["plan"]["state"] == "SOLO" and "--rpc" not in server_info(status)["argv"]
@@ -230,6 +233,7 @@ def test_forced_split_matches_solo_answer(mesh_process: Callable[..., MeshProces
         # row, a draft batch of up to 9 rows), not logits (49,152 floats = 196,608 B a row)
         per_token = (rpc_bytes_back(a) - before) / max(1, timings["predicted_n"])
         assert per_token < 50_000, (per_token, timings)
+    assert "relay process" in a.log() and "relay process ended" not in a.log(), a.log()
     # B seeded its own layers before its rpc-server (none of SmolLM2's is over the 10 MiB
     # threshold; the output matrix, a tied embedding, stays on A's CPU), the rest after
     assert "tensors of this worker's" in b.log(), b.log()

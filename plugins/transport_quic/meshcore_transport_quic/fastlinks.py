@@ -5,6 +5,7 @@ peer, kept in ``keys``), the listening :class:`.fastserver.FastPathServer`, and 
 whether tunnels use the fast path: probed after authentication, retried FAST_RETRY_S after a
 failure, ``link()``'s label. The data plane is :mod:`.session` (records), :mod:`.adapter`
 (asyncio) and :mod:`.splice` (relays); :mod:`.fastpath` dials, :mod:`.fastserver` listens.
+Where cores allow, the spliced host ends run in a child process (:mod:`.relayproc`).
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from anyio.abc import ByteStream, TaskGroup
+from anyio.abc import ByteStream, TaskGroup, TaskStatus
 
 from meshcore.relay import Tally
+from meshcore_transport_quic.adapter import hot_window
 from meshcore_transport_quic.fastpath import FastPathError, open_fast, open_fast_raw, probe
 from meshcore_transport_quic.fastserver import FastPathServer, Lookup
 from meshcore_transport_quic.links import PeerLink, host_port
+from meshcore_transport_quic.relayproc import RelayFailed, RelayProcess, process_wanted
 from meshcore_transport_quic.splice import take_raw
 
 log = logging.getLogger("meshcore.transport.quic")
@@ -46,12 +49,22 @@ class FastLinks:
         # called when a tunnel to a peer whose fast path worked is refused (membership checks
         # whether the peer's process is gone)
         self.on_refused: Callable[[PeerLink], None] | None = None
+        # where spliced tunnels (``take``) relay: a child process, or this one (None)
+        self.relay = RelayProcess() if enabled and process_wanted() else None
 
     async def start(self, tg: TaskGroup, port: int, lookup: Lookup) -> None:
         """Listen on ``port`` (or any free one); ``lookup`` finds a tunnel's local service."""
         if self.enabled:
             self.server = FastPathServer(self.keys, lookup)
-            self.port = await tg.start(self.server.serve, port)
+            self.port = await tg.start(self._serve, port)
+
+    async def _serve(self, port: int, *, task_status: TaskStatus[int]) -> None:
+        assert self.server is not None
+        try:
+            await self.server.serve(port, task_status=task_status)
+        finally:
+            if self.relay is not None:
+                self.relay.stop()
 
     # ---------------------------------------------------------------- keys (handshake)
     @staticmethod
@@ -136,4 +149,16 @@ class FastLinks:
                 self.failed(link, str(exc), exc)
                 return None
 
+        if self.relay is not None:
+            try:
+                await self.relay.take(conn, host, port, key, service, tally,
+                                      hot_window(service))
+                return True
+            except RelayFailed as exc:
+                failure = FastPathError(str(exc))
+                failure.__cause__ = ConnectionRefusedError() if exc.refused else None
+                self.failed(link, str(exc), failure)
+                return False
+            except OSError as exc:
+                log.warning("fast path: %s; this tunnel relays in the node", exc)
         return await take_raw(conn, open_raw, tally)

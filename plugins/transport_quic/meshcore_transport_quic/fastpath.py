@@ -34,9 +34,11 @@ class FastPathError(ConnectionError):
 
 
 async def open_tunnel(host: str, port: int, key: bytes, service: str,
-                      protocol_factory: Callable[[], P]) -> tuple[RecordTransport, P]:
+                      protocol_factory: Callable[[], P], hot: float | None = None
+                      ) -> tuple[RecordTransport, P]:
     """Connect, agree on the connection's keys, name the service; then hand the tunnel to
-    ``protocol_factory()``'s Protocol. FastPathError when any of it fails."""
+    ``protocol_factory()``'s Protocol. FastPathError when any of it fails. ``hot``: its
+    polling window (default :func:`.adapter.hot_window` of the service)."""
     loop = asyncio.get_running_loop()
     conn: RecordTransport | None = None
     try:
@@ -49,7 +51,7 @@ async def open_tunnel(host: str, port: int, key: bytes, service: str,
         if conn is not None:
             conn.abort()
         raise FastPathError(f"cannot reach {host}:{port}: {exc!r}") from exc
-    conn.keep_hot(hot_window(service))
+    conn.keep_hot(hot_window(service) if hot is None else hot)
     protocol = protocol_factory()
     conn.attach(protocol)
     return conn, protocol
@@ -62,10 +64,11 @@ async def open_fast(host: str, port: int, key: bytes, service: str) -> RecordStr
 
 
 async def open_fast_raw(host: str, port: int, key: bytes, service: str,
-                        protocol_factory: ProtocolFactory) -> asyncio.Transport:
+                        protocol_factory: ProtocolFactory, hot: float | None = None
+                        ) -> asyncio.Transport:
     """The tunnel handed to ``protocol_factory()``'s Protocol as an asyncio Transport (see
     ``Transport.open_raw`` in meshcore.components); the host side's splice."""
-    conn, _ = await open_tunnel(host, port, key, service, protocol_factory)
+    conn, _ = await open_tunnel(host, port, key, service, protocol_factory, hot)
     return conn
 
 

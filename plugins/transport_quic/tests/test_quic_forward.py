@@ -50,9 +50,11 @@ async def echo_through(port: int, seed: int) -> None:
     assert sent.hexdigest() == got.hexdigest(), "the tunnel corrupted bytes"
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "quic-fallback"])
-async def test_forward_port_carries_bytes_intact(quic_mesh: Any, fast: bool,
+@pytest.mark.parametrize(("fast", "process"), [(True, "0"), (True, "1"), (False, "1")],
+                         ids=["fast-path", "fast-path-relay-process", "quic-fallback"])
+async def test_forward_port_carries_bytes_intact(quic_mesh: Any, fast: bool, process: str,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESH_LLM_RELAY_PROCESS", process)
     a = await quic_mesh.add(quic_fast_path=fast)
     b = await quic_mesh.add(quic_fast_path=fast)
     want = "TCP+AES-GCM" if fast else "QUIC"
@@ -74,3 +76,9 @@ async def test_forward_port_carries_bytes_intact(quic_mesh: Any, fast: bool,
     assert len(taken) == 4
     assert all(taken) == fast and any(taken) == fast, "wrong relay path was used"
     assert a.transport.link(b.id) == want
+    relay = a.transport.fast.relay
+    assert (relay is not None and relay.taken) == (4 if fast and process == "1" else False)
+    # the byte counts come back from the relay process too (every 0.1 s, and at the end)
+    await wait_for(lambda: [(t["bytes_to_peer"], t["bytes_from_peer"], t["connections"])
+                            for t in a.tunnel_status() if t["service"] == "echo"]
+                   == [(4 * EACH, 4 * EACH, 4)], 5, "the tunnel's byte counts")
