@@ -197,8 +197,10 @@ def test_stalled_bodies_on_every_slot_do_not_lock_new_clients_out(
     monkeypatch.setattr(httplimits, "MAX_CONNECTIONS", 4)
     monkeypatch.setattr(httplimits, "BODY_GRACE_S", 60.0)
     monkeypatch.setattr(httplimits, "BODY_IDLE_TIMEOUT_S", 60.0)
+    monkeypatch.setattr(httplimits, "MIN_BODY_RATE", 1000)
     with ThreadPoolExecutor(1) as pool, contextlib.ExitStack() as stack:
-        steady: Future[tuple[bytes, int]] = pool.submit(upload, port, 8000, 400, 0.1)
+        # 4,000 bytes/s for 6 s: ahead of the minimum rate, still sending at the fourth client
+        steady: Future[tuple[bytes, int]] = pool.submit(upload, port, 24000, 400, 0.1)
         stalled = [stack.enter_context(socket.create_connection(("127.0.0.1", port)))
                    for _ in range(3)]
         for sock in stalled:
@@ -210,12 +212,17 @@ def test_stalled_bodies_on_every_slot_do_not_lock_new_clients_out(
             kept.append(sock)
             sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             sock.settimeout(WAIT_S)
-            assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+            reply = b""
+            while not reply.endswith(b'{"size": 0}'):  # the whole answer, not just its head
+                chunk = sock.recv(65536)
+                assert chunk, reply
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
         answers = [read_all(sock) for sock in stalled]
         assert read_all(kept[0]) == b""  # the oldest keep-alive, evicted by the fourth
         answer, sent = steady.result()
     assert all(a.startswith(b"HTTP/1.1 408 Request Timeout\r\n") for a in answers), answers
-    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and sent == 8000, answer
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and sent == 24000, answer
     evicted = [m for m in warnings_of(caplog) if "evicted for a new connection" in m]
     assert len(evicted) == 3, warnings_of(caplog)
 
