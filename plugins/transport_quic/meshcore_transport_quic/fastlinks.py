@@ -5,7 +5,8 @@ peer, kept in ``keys``), the listening :class:`.fastserver.FastPathServer`, and 
 whether tunnels use the fast path: probed after authentication, retried FAST_RETRY_S after a
 failure, ``link()``'s label. The data plane is :mod:`.session` (records), :mod:`.adapter`
 (asyncio) and :mod:`.splice` (relays); :mod:`.fastpath` dials, :mod:`.fastserver` listens.
-Where cores allow, the spliced host ends run in a child process (:mod:`.relayproc`).
+With ``MESH_LLM_RELAY_PROCESS=1`` the spliced host ends run in a child process
+(:mod:`.relayproc`).
 """
 
 from __future__ import annotations
