@@ -172,7 +172,10 @@ def idle(mesh: Mesh, seconds: float) -> dict[str, float]:
             "rss_mb": statistics.mean(p.memory_info().rss for p in procs) / 2**20,
             "datagrams_out_s": rate("datagrams_out"), "datagrams_in_s": rate("datagrams_in"),
             "bytes_out_s": rate("bytes_out"), "frames_out_s": frames,
-            "announce_frames_s_mesh": announces}
+            "announce_frames_s_mesh": announces,
+            "links_mean": statistics.mean(t["links"] for t in t_after),
+            "links_max": max(t["links"] for t in t_after),
+            "connections_mesh": sum(t["links"] for t in t_after) / 2}
 
 
 def run_processes(n: int, idle_s: float, settle_s: float, timeout: float,

@@ -49,6 +49,7 @@ class PeerInfo:
     addrs: tuple[str, ...] = ()
     fast: tuple[int, bytes] | None = None  # (TCP port, the key to present there)
     peer: Any = None
+    env: Any = None  # the same announcement, signed (records.py): passed on to others
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def _info(body: dict[str, Any], what: str) -> PeerInfo:
             offer = (int(fast["port"]), _hex(fast, "key", what, 32))
     except ValueError as exc:
         raise AuthError(f"malformed {what}: {exc}") from None
-    return PeerInfo(port or 0, checked if port else (), offer, info.get("peer"))
+    return PeerInfo(port or 0, checked if port else (), offer, info.get("peer"), info.get("env"))
 
 
 def check_hello(body: dict[str, Any], secret: bytes, server_fp: bytes,

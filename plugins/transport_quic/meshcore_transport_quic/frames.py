@@ -35,7 +35,11 @@ class Kind(IntEnum):
     PONG = 6
     LEAVE = 7
     CHALLENGE = 8
-    GONE = 9  # {"id": peer}: the sender found that peer's process gone (check it yourself)
+    GONE = 9  # {"id", "boot", "seq", "left"}: that member is gone (overlay.py)
+    RECORD = 10  # {"env": signed record}: a member's announcement, passed on (records.py)
+    RECORDS = 11  # {"envs": [signed record, ...]}: what a node knows, to one that joined
+    SUMMARY = 12  # {"have": {id: [boot time, seq]}, "reply": bool}: which records a node holds
+    DIGEST = 13  # {"d": hash of a SUMMARY}: compared now and then, SUMMARY on a difference
 
 
 class FrameError(ValueError):

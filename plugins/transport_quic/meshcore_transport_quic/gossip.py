@@ -8,9 +8,10 @@ peers are dialed through ``dial``.
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.streams.buffered import BufferedByteReceiveStream
@@ -29,6 +30,9 @@ from meshcore_transport_quic.state import (
     send,
 )
 from meshcore_transport_quic.wire import read_frame, staple
+
+if TYPE_CHECKING:
+    from meshcore_transport_quic.overlay import Overlay
 
 HINT_DELAY = 1.5  # the larger id waits this long for the smaller one to dial
 MAX_HINTED = 256  # hinted peers waiting to be dialed; more hints are dropped
@@ -71,7 +75,8 @@ class Gossip:
         self.hinted: set[str] = set()  # hinted peers waiting for (or in) a dial
         self.hint_slots = anyio.Semaphore(HINT_DIALS)
         self.announced_at: dict[str, float] = {}  # peer id -> when its record was applied
-        self.held: dict[str, tuple[PeerLink, Peer]] = {}  # peer id -> its latest, held back
+        self.held: dict[str, tuple[Callable[[], bool], Peer]] = {}  # latest, held back
+        self.overlay: Overlay | None = None  # set by the transport (records, departures)
 
     def on_stream(self, proto: MeshProtocol, stream: QuicByteStream) -> None:
         self.mesh.spawn(proto, "a stream", self._handle_stream, proto, stream)
@@ -131,7 +136,7 @@ class Gossip:
     async def _handle_frame(self, link: PeerLink, frame: Frame) -> None:
         body, state = frame.body, self.mesh.node.state
         if frame.kind is Kind.ANNOUNCE:
-            self._on_announce(link, body.get("peer"))
+            self._on_announce(link, body)
         elif frame.kind is Kind.PING:
             await send(link, Kind.PONG, {"t": body.get("t")})
         elif frame.kind is Kind.PONG:
@@ -148,44 +153,64 @@ class Gossip:
             if not isinstance(hints, list):
                 log.warning("rejected a PEERS frame from %s: 'peers' is not a list", link.id)
                 return
-            for hint in hints[:256]:
+            hints = hints[:256]
+            random.shuffle(hints)  # a joiner dials a few: not always the oldest members
+            for hint in hints:
                 self._on_hint(link, hint)
         elif frame.kind is Kind.LEAVE:
             link.left = True
             state.remove(link.id)
+            if self.overlay is not None:
+                self.overlay.tell_gone(link.id, left=True)
+                self.overlay.forget(link.id)
         elif frame.kind is Kind.GONE:
-            gone = body.get("id")
-            if isinstance(gone, str) and gone != link.id and self.suspect is not None:
+            if self.overlay is not None:
+                self.overlay.on_gone(link, body)
+            elif isinstance(gone := body.get("id"), str) and gone != link.id and self.suspect:
                 self.suspect(gone, link.id)
+        elif frame.kind is Kind.RECORD and self.overlay is not None:
+            self.overlay.on_record(link, body.get("env"))
+        elif frame.kind is Kind.RECORDS and self.overlay is not None:
+            self.overlay.on_records(link, body.get("envs"))
+        elif frame.kind is Kind.SUMMARY and self.overlay is not None:
+            self.overlay.on_summary(link, body)
+        elif frame.kind is Kind.DIGEST and self.overlay is not None:
+            self.overlay.on_digest(link, body)
         else:
             log.warning("peer %s sent an unexpected %s frame; ignored", link.id, frame.kind.name)
 
-    def _on_announce(self, link: PeerLink, data: Any) -> None:
-        """Apply a peer's announcement, at most one per ANNOUNCE_EVERY_S: a faster one is held
-        back and replaced by any later one, so a chatty peer costs a bounded rate of state
-        changes (each may re-plan) and its latest record still arrives. A bad record is
-        rejected at once."""
-        if (peer := checked_record(link, data)) is None:
+    def _on_announce(self, link: PeerLink, body: dict[str, Any]) -> None:
+        if (peer := checked_record(link, body.get("peer"))) is None:
             return
-        if link.id in self.held:
-            self.held[link.id] = (link, peer)
+        self.apply(peer, lambda: self.mesh.links.get(peer.id) is link)
+        if "env" in body and self.overlay is not None:
+            self.overlay.on_record(link, body["env"], direct=True)
+
+    def apply(self, peer: Peer, current: Callable[[], bool]) -> None:
+        """Apply a peer's announcement, at most one per ANNOUNCE_EVERY_S per peer: a faster
+        one is held back and replaced by any later one, so a chatty peer costs a bounded rate
+        of state changes (each may re-plan) and its latest record still arrives (if it is
+        still ``current`` then: not from a link that is gone or a record since replaced)."""
+        peer_id = peer.id
+        if peer_id in self.held:
+            self.held[peer_id] = (current, peer)
             return
-        wait = self.announced_at.get(link.id, -ANNOUNCE_EVERY_S) + ANNOUNCE_EVERY_S
+        wait = self.announced_at.get(peer_id, -ANNOUNCE_EVERY_S) + ANNOUNCE_EVERY_S
         wait -= time.monotonic()
         if wait <= 0:
-            self.announced_at[link.id] = time.monotonic()
+            self.announced_at[peer_id] = time.monotonic()
             self.mesh.node.state.upsert(peer)
             return
-        self.held[link.id] = (link, peer)
-        self.mesh.spawn(link.proto, "applying an announcement", self._apply_held, link.id, wait)
+        self.held[peer_id] = (current, peer)
+        self.mesh.spawn(None, "applying an announcement", self._apply_held, peer_id, wait)
 
     async def _apply_held(self, peer_id: str, wait: float) -> None:
         try:
             await anyio.sleep(wait)
         finally:
-            link, peer = self.held.pop(peer_id)
+            current, peer = self.held.pop(peer_id)
         self.announced_at[peer_id] = time.monotonic()
-        if self.mesh.links.get(peer_id) is link:  # not for a link that is gone or replaced
+        if current():
             self.mesh.node.state.upsert(peer)
 
     def _on_hint(self, via: PeerLink, data: Any) -> None:
@@ -201,6 +226,9 @@ class Gossip:
         if mesh.bindings.get(peer_id, fp) != fp:
             log.warning("ignored a hint from %s: %s has another certificate", via.id, peer_id)
             return
+        if self.overlay is not None and not self.overlay.wants(
+                peer_id, len(self.hinted) + len(mesh.dialing)):
+            return  # enough links: the peer's record comes by gossip (overlay.py)
         if len(self.hinted) >= MAX_HINTED:
             log.warning("ignored a hint from %s: %d hinted peers are waiting to be dialed "
                         "already", via.id, len(self.hinted))
@@ -216,11 +244,13 @@ class Gossip:
             if self.mesh.node.id > peer_id:
                 await anyio.sleep(HINT_DELAY)  # the smaller id dials first; avoid duplicates
             async with self.hint_slots:
-                await self._dial_addrs(peer_id, fp, addrs)
+                await self.dial_addrs(peer_id, fp, addrs)
         finally:
             self.hinted.discard(peer_id)
 
-    async def _dial_addrs(self, peer_id: str, fp: bytes, addrs: list[tuple[str, int]]) -> None:
+    async def dial_addrs(self, peer_id: str, fp: bytes, addrs: list[tuple[str, int]]) -> None:
+        """Dial ``peer_id`` at the first of ``addrs`` that answers (none if it is linked or
+        being dialed already); logged, not raised, when none does."""
         mesh = self.mesh
         for host, port in addrs:
             if peer_id in mesh.links or peer_id in mesh.dialing or fp in mesh.dialing_fps:

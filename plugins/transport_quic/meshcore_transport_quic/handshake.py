@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +75,7 @@ class Handshake:
         self.on_stream = on_stream
         self.pending: set[MeshProtocol] = set()  # inbound, not yet authenticated
         self._busy_logged = -BUSY_LOG_S
+        self.record: Callable[[], dict[str, str]] | None = None  # this node's signed record
 
     def protocol(self, quic: QuicConnection) -> MeshProtocol:
         """The protocol of an inbound connection (it authenticates on its AUTH stream,
@@ -220,7 +222,8 @@ class Handshake:
         mesh = self.mesh
         return {"addrs": mesh.my_addresses(), "port": mesh.port,
                 "fast": mesh.fast.offer(fast_key),
-                "peer": mesh.node.state.me.to_dict()}
+                "peer": mesh.node.state.me.to_dict(),
+                **({"env": self.record()} if self.record is not None else {})}
 
     def _check_binding(self, peer_id: str, fp: bytes) -> None:
         bound = self.mesh.bindings.get(peer_id)

@@ -12,7 +12,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from aioquic.quic.connection import QuicConnection
@@ -30,6 +30,9 @@ from meshcore_transport_quic.links import (
 )
 from meshcore_transport_quic.probes import pick_probes, probes_per_round
 from meshcore_transport_quic.quicstream import MeshProtocol, QuicByteStream
+
+if TYPE_CHECKING:
+    from meshcore_transport_quic.overlay import Overlay
 from meshcore_transport_quic.state import (
     AUTH_TIMEOUT,
     ERR_AUTH,
@@ -107,6 +110,7 @@ class Membership:
         self.rounds = 0  # heartbeat rounds done (status, tests)
         # whether a peer id was hinted to this node (set by the transport: gossip's hints)
         self.was_hinted: Callable[[str], bool] = lambda peer_id: False
+        self.overlay: Overlay | None = None  # set by the transport (records, departures)
 
     # ------------------------------------------------------------------ connections
 
@@ -156,6 +160,8 @@ class Membership:
         """Make ``peer`` this node's link to it (of two simultaneous connections, the one
         dialed by the larger id survives)."""
         mesh, proto, peer_id = self.mesh, peer.proto, peer.peer_id
+        # a member already in the view (a partner dialed from its record) needs no spreading
+        known = self.overlay is not None and mesh.node.state.view().get(peer_id) is not None
         old = mesh.links.get(peer_id)
         if old is not None and old.proto is not proto and old.proto.terminated is None:
             old_dialer = mesh.node.id if old.dialed else peer_id
@@ -182,10 +188,12 @@ class Membership:
         proto.peer_id = peer_id
         proto.ready.set()
         accept_record(mesh.node.state, link, peer.info.peer)
+        if peer.info.env is not None and self.overlay is not None:
+            self.overlay.on_record(link, peer.info.env, direct=True)
         log.info("peer %s connected (%s, %s)", peer_id, host_port(*link.addrs[0]),
                  "dialed" if peer.dialed else "accepted")
         mesh.spawn(proto, "setting up the link", self._after_connect, link,
-                   not self.was_hinted(peer_id))
+                   not (known or self.was_hinted(peer_id)))
         return link
 
     async def _after_connect(self, link: PeerLink, spread: bool) -> None:
@@ -194,15 +202,23 @@ class Membership:
         this node: the node a joiner enters through (or a reconnection) tells everyone, and
         the connections the joiner then makes with the others, each already known to both
         ends, tell nobody again. Re-spreading on every connection cost O(N^3) PEERS frames
-        to form a mesh: 50 processes on 2 cores took 23 s to see each other."""
+        to form a mesh: 50 processes on 2 cores took 23 s to see each other. Nor where the
+        peer is in the view already (a partner the overlay dialed from its record)."""
         links = self.mesh.links
         if spread:
             others = [x.hint() for x in links.values() if x.id != link.id]
             if others:
                 await send(link, Kind.PEERS, {"peers": others})
-            for other in list(links.values()):
-                if other.id != link.id:
-                    await send(other, Kind.PEERS, {"peers": [link.hint()]})
+            # the others dial it only while they lack partners (a mesh of K + 1 or fewer);
+            # beyond that its record reaches them by gossip and the hint would cost O(N)
+            if self.overlay is None or len(others) < self.overlay.partners:
+                for other in list(links.values()):
+                    if other.id != link.id:
+                        await send(other, Kind.PEERS, {"peers": [link.hint()]})
+            if self.overlay is not None:  # the members it holds no link to: by record
+                await self.overlay.send_records(link)
+        elif self.overlay is not None and link.dialed:  # a partner: repair what either lacks
+            await self.overlay.send_summary(link, True)
         await self.mesh.fast.check(link)
 
     # ------------------------------------------------------------------ losing and healing
@@ -224,6 +240,8 @@ class Membership:
         if link.left or code == ERR_LEAVING:
             log.info("peer %s left the mesh", link.id)
             mesh.node.state.remove(link.id)
+            if self.overlay is not None:
+                self.overlay.forget(link.id)
             return
         if link.gone:  # nothing to reconnect to: re-elect now; redialed in case it restarts
             log.warning("peer %s removed: its process is gone; redialing it in the background",
@@ -261,6 +279,9 @@ class Membership:
         """Remove a lost peer from the view and keep redialing it (:meth:`heal_loop`)."""
         mesh = self.mesh
         mesh.node.state.remove(link.id)
+        if self.overlay is not None:  # members not linked to it learn it from this node
+            self.overlay.tell_gone(link.id)
+            self.overlay.forget(link.id)
         now = time.monotonic()
         self.departed[link.id] = Departed(link.fp, list(link.addrs), now, now + mesh.heal_s,
                                           mesh.heal_s)
@@ -306,13 +327,8 @@ class Membership:
         log.warning("peer %s %s (the process is gone): dropping its connection", link.id, why)
         link.gone = True
         link.proto.close(ERR_TIMEOUT, "process gone")
-        if tell:
-            self.mesh.spawn(None, "telling the mesh a peer is gone", self._tell_gone, link.id)
-
-    async def _tell_gone(self, peer_id: str) -> None:
-        for other in list(self.mesh.links.values()):
-            if other.id != peer_id:
-                await send(other, Kind.GONE, {"id": peer_id})
+        if tell and self.overlay is not None:
+            self.overlay.tell_gone(link.id)
 
     async def heal_loop(self) -> None:
         """Redial removed peers (backoff from ``quic_heal_s`` up to HEAL_MAX_S, for up to

@@ -1,6 +1,7 @@
 """QuicTransport: the mesh over aioquic: join, authenticate, gossip, liveness and tunnels.
 
-One QUIC connection per peer pair carries control frames and, as a fallback, tunnels; tunnels
+One QUIC connection per linked peer pair (a few partners and where data flows, not every
+member: :mod:`.overlay`) carries control frames and, as a fallback, tunnels; tunnels
 prefer the direct TCP fast path, AES-GCM records (:mod:`.fastlinks`). Timings can be set in
 ``NodeConfig.options``: ``quic_heartbeat_s`` (2), ``quic_dead_after_s`` (60),
 ``quic_suspect_after_s`` (1.5: a PING unanswered this long, and the peer's TCP port refuses
@@ -8,7 +9,8 @@ connections: its process is gone, it goes at once),
 ``quic_reconnect_s`` (10), ``quic_heal_s`` (5, first redial of a removed peer),
 ``quic_fast_path`` (True), ``quic_fast_port_advertised`` (the TCP port offered to peers
 instead of the listening one: a forwarded port), ``quic_addresses`` (advertised IPs),
-``quic_max_datagram`` (1350; loopback peers use 16 KiB).
+``quic_max_datagram`` (1350; loopback peers use 16 KiB), ``quic_partners`` (8: gossip
+partners a node links to besides the peers data flows to, :mod:`.overlay`).
 
 The transport composes parts around one shared :class:`.state.Mesh` (options, identity,
 links, bindings, dials): :class:`.handshake.Handshake` (dial/accept/authenticate),
@@ -41,10 +43,13 @@ from meshcore_transport_quic.identity import Identity, load_identity, load_mesh_
 from meshcore_transport_quic.join import JOIN_TIMEOUT_S, Join, JoinTimeout
 from meshcore_transport_quic.links import PeerLink, host_port
 from meshcore_transport_quic.membership import Departed, Membership
+from meshcore_transport_quic.overlay import PARTNERS, Overlay
 from meshcore_transport_quic.quicstream import MeshProtocol, QuicByteStream
 from meshcore_transport_quic.state import DialError, JoinRefused, Mesh, log, send
 from meshcore_transport_quic.token import JoinToken, decode_token
 from meshcore_transport_quic.wire import quic_config, udp_socket
+
+LINK_TIMEOUT_S = 5.0  # a tunnel to a member this node holds no link to waits this long for one
 
 
 def bind_udp(port: int, saved: Path) -> tuple[socket.socket, bool]:
@@ -76,6 +81,11 @@ class QuicTransport:
         self.members.was_hinted = lambda peer_id: peer_id in self.gossip.hinted
         self.gossip = Gossip(self.mesh, accept=self.members.accept, dial=self.members.dial,
                              suspect=self.members.suspect)
+        self.overlay = Overlay(self.mesh, dial_addrs=self.gossip.dial_addrs,
+                               check=self.members.suspect, apply=self.gossip.apply,
+                               partners=int(node.config.options.get("quic_partners", PARTNERS)))
+        self.gossip.overlay = self.members.overlay = self.overlay
+        self.handshake.record = lambda: dict(self.overlay.mine().env)
 
     def _on_stream(self, proto: MeshProtocol, stream: QuicByteStream) -> None:
         """Where every connection hands the streams its peer opens: to the gossip part. The
@@ -156,6 +166,8 @@ class QuicTransport:
         task_status.started()
         self.mesh.tg.start_soon(self.members.heartbeat_loop)
         self.mesh.tg.start_soon(self.members.heal_loop)
+        self.mesh.tg.start_soon(self.overlay.maintain_loop)
+        self.mesh.tg.start_soon(self.overlay.relay_loop)
         if not joined:
             timeout = float(self.mesh.node.config.options.get("join_timeout_s", JOIN_TIMEOUT_S))
             await join.until_joined(timeout, started)
@@ -169,12 +181,12 @@ class QuicTransport:
                          tuple(mesh.my_addresses())).encode()
 
     async def announce(self) -> None:
-        body = {"peer": self.mesh.node.state.me.to_dict()}
+        body = {"peer": self.mesh.node.state.me.to_dict(), "env": dict(self.overlay.mine().env)}
         for link in list(self.mesh.links.values()):
             await send(link, Kind.ANNOUNCE, body)
 
     async def connect(self, peer_id: str, service: str) -> ByteStream:
-        link = self.mesh.links.get(peer_id)
+        link = await self.overlay.link_to(peer_id, LINK_TIMEOUT_S)
         if link is None:
             raise ConnectionError(f"peer {peer_id} is not connected")
         fast = await self.mesh.fast.connect(link, service)
@@ -191,7 +203,7 @@ class QuicTransport:
         ``peer_id`` by splicing it to a fast-path tunnel in Protocol callbacks (no anyio
         streams, ~2x the bulk speed); False when the peer is reached over QUIC only (the
         core then relays it through ``connect``)."""
-        link = self.mesh.links.get(peer_id)
+        link = await self.overlay.link_to(peer_id, LINK_TIMEOUT_S)
         return link is not None and await self.mesh.fast.take(link, service, conn, tally)
 
     def status(self) -> dict[str, Any]:
@@ -199,7 +211,8 @@ class QuicTransport:
         sent and received since start (datagrams, bytes, gossip frames by kind)."""
         mesh = self.mesh
         return {"timers": {"dead_after_s": mesh.dead_after_s, "reconnect_s": mesh.reconnect_s},
-                "links": len(mesh.links), "reconnecting": len(mesh.lost),
+                "links": len(mesh.links), "members": len(mesh.node.state.view().peers) - 1,
+                "partners": self.overlay.partners, "reconnecting": len(mesh.lost),
                 "departed": len(self.members.departed), "heartbeat_rounds": self.members.rounds,
                 **mesh.traffic.to_dict()}
 

@@ -121,6 +121,7 @@ async def test_a_quiet_peer_is_tcp_probed_only_after_an_unanswered_ping() -> Non
     mesh = SimpleNamespace(dead_after_s=60.0, suspect_after_s=1.5,
                            spawn=lambda proto, what, func, *args: told.append(what))
     members = Membership(cast(Any, mesh), cast(Any, None))
+    members.overlay = cast(Any, SimpleNamespace(tell_gone=lambda peer_id: told.append(peer_id)))
     await members._judge(link, now)  # silent 10 s, never pinged: no verdict
     assert closed == [] and not link.gone
     link.probe_at = now - 1  # pinged 1 s ago: not yet suspected
@@ -133,7 +134,7 @@ async def test_a_quiet_peer_is_tcp_probed_only_after_an_unanswered_ping() -> Non
     # its port refuses
     await members._judge(link, now)
     assert closed == [(ERR_TIMEOUT, "process gone")] and link.gone
-    assert told == ["telling the mesh a peer is gone"]  # the others check it at once
+    assert told == ["p"]  # the others are told (GONE) and check it at once
     closed.clear()
     link.gone, link.fast_ok = False, False  # its fast path probe once timed out (a busy
     await members._judge(link, now)  # start): a refusal now still means nothing listens
