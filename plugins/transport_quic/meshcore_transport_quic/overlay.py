@@ -133,9 +133,13 @@ class Overlay:
             log.warning("rejected an announcement for %s sent by %s: a node may only announce "
                         "itself", record.id, via.id)
             return
+        if (held is not None and held.fp != record.fp
+                and mesh.bindings.get(peer_id) != record.fp):
+            log.warning("rejected a record of %s from %s: signed by another certificate than "
+                        "the one held", peer_id, via.id if via else "?")
+            return
         self.tombs.pop(peer_id, None)
         self.records[peer_id] = record
-        mesh.bindings.setdefault(peer_id, record.fp)
         if not direct:
             if held is not None and held.boot != record.boot:
                 mesh.node.state.remove(peer_id)  # restarted: its seq counts from 0 again

@@ -10,10 +10,13 @@ The signature is the node's certificate key (the one its QUIC handshake proves, 
 fingerprint) over ``CONTEXT + boot + NUL + boot time + NUL + record text``: the exact bytes,
 so nothing is re-serialized before checking. A record replaces another of the same node when
 its (boot time, ``seq``) is higher: a restarted node's ``seq`` starts again, its boot time
-does not go back (both are its own machine's clock). A receiver binds a node id to the first
-certificate it sees for it (as the handshake does) and refuses a record of that id signed by
-another. Checking costs one ECDSA verification (~0.1 ms), done only for a record newer than
-the one held.
+does not go back (both are its own machine's clock). A receiver refuses a record of an id
+bound to another certificate by a handshake, and (:mod:`.overlay`) one signed by another
+certificate than the record it holds; a record never binds an id itself, so a member cannot
+claim a future node's id before that node's handshake. What a signature cannot stop: a
+member minting a record for an id no node holds yet, or claiming resources it lacks (the
+mesh secret is what admits a member). Checking costs one ECDSA verification (~0.1 ms), done
+only for a record newer than the one held.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 import time
 from pathlib import Path
@@ -181,8 +182,15 @@ class QuicTransport:
                          tuple(mesh.my_addresses())).encode()
 
     async def announce(self) -> None:
+        """To every link; a hub (more links than the overlay's fan-out, 2K: the host, or the
+        seed everyone joined through) sends it to 2K of them at random and the partners pass
+        it on (a host that announced each join's RTT to all N - 1 links sent O(N^2) frames
+        while a mesh formed)."""
         body = {"peer": self.mesh.node.state.me.to_dict(), "env": dict(self.overlay.mine().env)}
-        for link in list(self.mesh.links.values()):
+        links = list(self.mesh.links.values())
+        if len(links) > self.overlay.fanout:
+            links = random.sample(links, self.overlay.fanout)
+        for link in links:
             await send(link, Kind.ANNOUNCE, body)
 
     async def connect(self, peer_id: str, service: str) -> ByteStream:

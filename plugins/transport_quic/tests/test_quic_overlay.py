@@ -240,3 +240,20 @@ async def test_hostile_records_are_rejected_and_the_node_keeps_running(
         await send(link, Kind.GONE, {"id": "nobody", "boot": "b", "seq": 1})
         await wait_for(lambda: caplog.text.count("rejected a record") >= 3, 10, "rejections")
     assert ids(a) == {a.id, b.id} and a.transport.links.get(b.id) is not None
+
+
+def test_a_record_never_binds_an_id_and_another_certificate_cannot_replace_it(
+        tmp_path: Path) -> None:
+    via = SimpleNamespace(id="v")
+    overlay, state, _ = unit_overlay(tmp_path, {"v": via})
+    real = load_identity(tmp_path / "x", "x")
+    impostor = load_identity(tmp_path / "i", "i")
+    overlay.on_record(cast(Any, via), dict(seal_record(real, "bx", 1, peer("x", 5)).env))
+    assert overlay.mesh.bindings == {}, "only a handshake binds an id to a certificate"
+    grab = dataclasses.replace(peer("x", 9), vram=10**12)
+    overlay.on_record(cast(Any, via), dict(seal_record(impostor, "bx", 1, grab).env))
+    got = state.view().get("x")
+    assert got is not None and got.seq == 5 and got.vram == 8, "the impostor's record won"
+    overlay.mesh.bindings["x"] = impostor.fingerprint  # unless a handshake proved it
+    overlay.on_record(cast(Any, via), dict(seal_record(impostor, "bx", 1, grab).env))
+    assert (state.view().get("x") or peer("x", 0)).seq == 9
