@@ -40,6 +40,8 @@ class Kind(IntEnum):
     RECORDS = 11  # {"envs": [signed record, ...]}: what a node knows, to one that joined
     SUMMARY = 12  # {"have": {id: [boot time, seq]}, "reply": bool}: which records a node holds
     DIGEST = 13  # {"d": hash of a SUMMARY}: compared now and then, SUMMARY on a difference
+    PROBE = 14  # {"id": member}: have you heard from it lately? (before reporting it gone)
+    PROBED = 15  # {"id": member, "alive": bool}: the answer
 
 
 class FrameError(ValueError):

@@ -176,6 +176,10 @@ class Gossip:
             self.overlay.on_summary(link, body)
         elif frame.kind is Kind.DIGEST and self.overlay is not None:
             self.overlay.on_digest(link, body)
+        elif frame.kind is Kind.PROBE and self.overlay is not None:
+            self.overlay.on_probe(link, body)
+        elif frame.kind is Kind.PROBED and self.overlay is not None:
+            self.overlay.on_probed(link, body)
         else:
             log.warning("peer %s sent an unexpected %s frame; ignored", link.id, frame.kind.name)
 

@@ -246,7 +246,7 @@ class Membership:
         if link.gone:  # nothing to reconnect to: re-elect now; redialed in case it restarts
             log.warning("peer %s removed: its process is gone; redialing it in the background",
                         link.id)
-            self._depart(link)
+            self._depart(link, proven=True)
             return
         await self._reconnect(link, reason)
 
@@ -275,12 +275,18 @@ class Membership:
                         "background", link.id, mesh.reconnect_s)
             self._depart(link)
 
-    def _depart(self, link: PeerLink) -> None:
-        """Remove a lost peer from the view and keep redialing it (:meth:`heal_loop`)."""
+    def _depart(self, link: PeerLink, *, proven: bool = False) -> None:
+        """Remove a lost peer from the view and keep redialing it (:meth:`heal_loop`).
+        Members not linked to it learn it from this node: at once where its process is
+        gone (``proven``: told already by :meth:`_drop_gone`), else only if no other link
+        has heard from it lately (:meth:`.overlay.Overlay.lost`)."""
         mesh = self.mesh
         mesh.node.state.remove(link.id)
-        if self.overlay is not None:  # members not linked to it learn it from this node
-            self.overlay.tell_gone(link.id)
+        if self.overlay is not None:
+            if proven:
+                self.overlay.tell_gone(link.id)
+            else:
+                self.overlay.lost(link.id)
             self.overlay.forget(link.id)
         now = time.monotonic()
         self.departed[link.id] = Departed(link.fp, list(link.addrs), now, now + mesh.heal_s,

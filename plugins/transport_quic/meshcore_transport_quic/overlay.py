@@ -19,8 +19,9 @@ knows of the others comes by gossip over the links:
   connection. A new partner link starts with a SUMMARY exchange and every 10 s a node
   compares a DIGEST with a random link: what the flood missed is repaired.
 - **Departures.** A node that finds a member gone (its process is, it left, or its
-  connection stayed lost past the reconnect window) tells its links GONE with the member's
-  boot and ``seq``; every node passes each report on once. A node linked to that member
+  connection stayed lost past the reconnect window: then only if none of 3 other links
+  heard from it lately, SWIM's indirect probe) tells its links GONE with the member's boot
+  and ``seq``; every node passes each report on once. A node linked to that member
   checks it itself (a PING and a connect, as before); one that is not removes it. Every
   removal keeps a tombstone, so an older copy of its record does not bring it back. A
   member that hears it is reported gone while alive refutes: it announces again with a
@@ -61,6 +62,9 @@ RELAY_TICK_S = 0.1  # new records are passed on in batches this often
 RECORDS_BYTES = 128 * 1024  # ...and RECORDS frames at most about this many bytes of records
 SYNC_EVERY_S = 10.0  # a node compares its digest with one random link this often
 MAX_MEMBERS = 65536  # a SUMMARY is read up to this many entries
+PROBE_ASK = 3  # links asked whether they hear a peer this node lost
+PROBE_WAIT_S = 2.0  # ...answers awaited this long
+HEARD_S = 15.0  # "heard from lately": anything received from it within this long
 
 DialAddrs = Callable[[str, bytes, list[tuple[str, int]]], Awaitable[None]]
 Check = Callable[[str, str], None]  # (peer id, reported by): a linked peer reported gone
@@ -100,6 +104,7 @@ class Overlay:
         self.started = int(time.time() * 1000)  # this boot's time: orders this node's records
         self._mine: Record | None = None
         self._refuted_at = 0.0
+        self.probes: dict[str, anyio.Event] = {}  # lost peer -> set when another hears it
 
     # ------------------------------------------------------------------ records
 
@@ -287,11 +292,63 @@ class Overlay:
 
     def tell_gone(self, peer_id: str, *, left: bool = False) -> None:
         """This node found ``peer_id`` gone (or it left): tell every link, once."""
+        self._pass_gone(None, peer_id, *self._version_of(peer_id), left)
+
+    def _version_of(self, peer_id: str) -> tuple[str, int]:
         known = self.records.get(peer_id)
         peer = self.mesh.node.state.view().get(peer_id)
         boot = known.boot if known is not None else ""
         seq = known.seq if known is not None else (peer.seq if peer is not None else 0)
-        self._pass_gone(None, peer_id, boot, seq, left)
+        return boot, seq
+
+    def lost(self, peer_id: str) -> None:
+        """``peer_id`` was removed here without direct evidence (its connection stayed lost
+        past the reconnect window): tell the mesh only if none of PROBE_ASK other links has
+        heard from it lately (SWIM's indirect probe: a path that broke between two nodes is
+        not a death). Call before :meth:`forget`."""
+        boot, seq = self._version_of(peer_id)
+        self.mesh.spawn(None, "asking whether a lost peer is alive", self._report_lost,
+                        peer_id, boot, seq)
+
+    async def _report_lost(self, peer_id: str, boot: str, seq: int) -> None:
+        if await self.heard_by_others(peer_id):
+            log.info("peer %s is unreachable from here but others hear it: not reported "
+                     "gone", peer_id)
+            return
+        self._pass_gone(None, peer_id, boot, seq, False)
+
+    async def heard_by_others(self, peer_id: str) -> bool:
+        """Ask up to PROBE_ASK random links whether they heard from ``peer_id`` within
+        HEARD_S; True as soon as one says so, False after PROBE_WAIT_S without."""
+        asked = [k for k in self.mesh.links if k != peer_id]
+        if not asked:
+            return False
+        event = self.probes.setdefault(peer_id, anyio.Event())
+        try:
+            for other in random.sample(asked, min(PROBE_ASK, len(asked))):
+                if (link := self.mesh.links.get(other)) is not None:
+                    await send(link, Kind.PROBE, {"id": peer_id})
+            with anyio.move_on_after(PROBE_WAIT_S):
+                await event.wait()
+            return event.is_set()
+        finally:
+            if self.probes.get(peer_id) is event:
+                del self.probes[peer_id]
+
+    def on_probe(self, via: PeerLink, body: dict[str, Any]) -> None:
+        peer_id = body.get("id")
+        if not isinstance(peer_id, str):
+            return
+        link = self.mesh.links.get(peer_id)
+        alive = link is not None and time.monotonic() - link.proto.last_rx < HEARD_S
+        self.mesh.spawn(None, "answering a probe", send, via, Kind.PROBED,
+                        {"id": peer_id, "alive": alive})
+
+    def on_probed(self, via: PeerLink, body: dict[str, Any]) -> None:
+        peer_id = body.get("id")
+        if isinstance(peer_id, str) and body.get("alive") is True \
+                and (event := self.probes.get(peer_id)) is not None:
+            event.set()
 
     def _pass_gone(self, via: PeerLink | None, peer_id: str, boot: str, seq: int,
                    left: bool) -> bool:
