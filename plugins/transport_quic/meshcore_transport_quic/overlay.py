@@ -459,6 +459,8 @@ class Overlay:
         mesh = self.mesh
         if (link := mesh.links.get(peer_id)) is not None:
             return link
+        if peer_id in mesh.lost:  # its link broke: reconnecting already, or gone (a dead
+            return None  # host's refused tunnel must give a 503 now, not after a dial)
         where = self._dialable(peer_id)
         if where is None:
             return None
