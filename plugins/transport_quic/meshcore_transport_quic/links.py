@@ -143,3 +143,17 @@ def local_addresses(ipv6: bool) -> list[str]:
 
 def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_address(text: str) -> tuple[str, int] | None:
+    """``host:port`` or ``[v6]:port`` (:func:`host_port`'s text, as records carry their
+    addresses) as a (host, port) pair; None when malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return None
+    try:
+        addr = str(ipaddress.ip_address(host.strip("[]")))
+        number = int(port)
+    except ValueError:
+        return None
+    return (addr, number) if 0 < number < 65536 else None

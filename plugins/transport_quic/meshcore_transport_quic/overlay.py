@@ -35,7 +35,6 @@ Why: a full mesh of 50 processes on 2 cores spent its first ~12 s on 1,225 QUIC 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import random
 import time
@@ -47,7 +46,7 @@ import anyio
 from meshcore.plan import PlanState
 from meshcore.state import Peer
 from meshcore_transport_quic.frames import Kind
-from meshcore_transport_quic.links import PeerLink
+from meshcore_transport_quic.links import PeerLink, parse_address
 from meshcore_transport_quic.records import Record, RecordError, open_record, peek, seal_record
 from meshcore_transport_quic.state import Mesh, log, send
 
@@ -69,19 +68,6 @@ HEARD_S = 15.0  # "heard from lately": anything received from it within this lon
 DialAddrs = Callable[[str, bytes, list[tuple[str, int]]], Awaitable[None]]
 Check = Callable[[str, str], None]  # (peer id, reported by): a linked peer reported gone
 Apply = Callable[[Peer, Callable[[], bool]], None]  # a record, and whether it is still current
-
-
-def parse_address(text: str) -> tuple[str, int] | None:
-    """``host:port`` or ``[v6]:port`` (as records carry them) as a (host, port) pair."""
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        return None
-    try:
-        addr = str(ipaddress.ip_address(host.strip("[]")))
-        number = int(port)
-    except ValueError:
-        return None
-    return (addr, number) if 0 < number < 65536 else None
 
 
 class Overlay:

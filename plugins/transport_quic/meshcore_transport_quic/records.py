@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshcore.state import Peer
+from meshcore_transport_quic.auth import MAX_CERT
 from meshcore_transport_quic.frames import FrameError, loads_bounded
 from meshcore_transport_quic.identity import Identity, fingerprint, verify_signature
 
 CONTEXT = b"mesh-llm record v1\0"
 MAX_RECORD = 64 * 1024  # record JSON text, bytes (an RTT table of 1,000 peers is ~21 KB)
-MAX_CERT = 8192
 MAX_TEXT = 64
 
 
@@ -87,6 +87,13 @@ def _dumps(data: Mapping[str, Any]) -> str:
 def peek(env: Any) -> tuple[str, str, tuple[int, int]]:
     """(id, boot, (boot time, seq)) of an envelope without checking its signature (to skip
     one already held before paying for the check); raises :class:`RecordError`."""
+    data, boot, started = _parse(env)
+    return data["id"], boot, (started, data.get("seq", 0))
+
+
+def _parse(env: Any) -> tuple[dict[str, Any], str, int]:
+    """The record (parsed, with a text id and an integer seq), boot id and boot time of an
+    envelope, unchecked; raises :class:`RecordError`."""
     if not isinstance(env, dict):
         raise RecordError("a record envelope must be an object")
     text, boot, started = env.get("r"), env.get("b"), env.get("t")
@@ -105,13 +112,13 @@ def peek(env: Any) -> tuple[str, str, tuple[int, int]]:
     peer_id, seq = data.get("id"), data.get("seq", 0)
     if not isinstance(peer_id, str) or isinstance(seq, bool) or not isinstance(seq, int):
         raise RecordError("the record has no id or seq")
-    return peer_id, boot, (started, seq)
+    return data, boot, started
 
 
 def open_record(env: Any, bindings: Mapping[str, bytes]) -> Record:
     """Check an envelope: its signature, and that its id is not bound to another certificate
     in ``bindings`` (node id -> fingerprint); the record as a :class:`Record`."""
-    peek(env)
+    data, boot, started = _parse(env)
     cert_text, sig = env.get("c"), env.get("s")
     if not isinstance(cert_text, str) or len(cert_text) > MAX_CERT:
         raise RecordError("'c' must be the base64 certificate")
@@ -122,10 +129,10 @@ def open_record(env: Any, bindings: Mapping[str, bytes]) -> Record:
         signature = bytes.fromhex(sig)
     except (binascii.Error, ValueError):
         raise RecordError("'c' is not base64 or 's' is not hex") from None
-    text, boot, started = env["r"], env["b"], env["t"]
+    text = env["r"]
     try:
-        peer = Peer.from_dict(loads_bounded(text.encode()))
-    except (FrameError, ValueError, TypeError) as exc:
+        peer = Peer.from_dict(data)
+    except (ValueError, TypeError) as exc:
         raise RecordError(f"record: {exc}") from None
     fp = fingerprint(cert)
     bound = bindings.get(peer.id)

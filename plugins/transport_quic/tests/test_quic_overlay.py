@@ -14,7 +14,8 @@ import anyio
 import pytest
 from meshcore_transport_quic.frames import Kind
 from meshcore_transport_quic.identity import load_identity
-from meshcore_transport_quic.overlay import Overlay, parse_address
+from meshcore_transport_quic.links import parse_address
+from meshcore_transport_quic.overlay import Overlay
 from meshcore_transport_quic.records import RecordError, open_record, peek, seal_record
 from meshcore_transport_quic.state import send
 from quic_helpers import QuicMesh, echo_server, wait_for
