@@ -262,47 +262,38 @@ def test_a_record_never_binds_an_id_and_another_certificate_cannot_replace_it(
 
 
 async def test_a_lost_peer_is_reported_gone_only_if_no_other_link_hears_it(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """SWIM's indirect probe: a node that lost a peer asks other links before telling the
     mesh; a link that heard from it lately says so and the report is not sent."""
     now_rx = SimpleNamespace(last_rx=0.0)
     sent: list[tuple[str, Kind, dict[str, Any]]] = []
 
-    class Proto:  # what send() needs: a stream that records the frame
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-    links = {n: SimpleNamespace(id=n, proto=Proto(n)) for n in ("a", "b", "c", "d")}
+    links = {n: SimpleNamespace(id=n) for n in ("a", "b", "c", "d")}  # send() is faked
     overlay, _, spawned = unit_overlay(tmp_path, links)
 
     async def fake_send(link: Any, kind: Kind, body: dict[str, Any]) -> None:
         sent.append((link.id, kind, body))
 
-    import meshcore_transport_quic.overlay as overlay_module
-    real_send = overlay_module.send
-    overlay_module.send = fake_send  # type: ignore[assignment]
-    try:
-        async with anyio.create_task_group() as tg:
-            async def answer() -> None:
-                await wait_for(lambda: len(sent) == 3, 5, "three links asked")
-                assert {k for _, k, _ in sent} == {Kind.PROBE}
-                assert "x" not in {i for i, _, _ in sent}
-                overlay.on_probed(cast(Any, links["a"]), {"id": "x", "alive": True})
-            tg.start_soon(answer)
-            assert await overlay.heard_by_others("x") is True
-        sent.clear()
-        overlay.mesh.links = {k: v for k, v in links.items() if k != "d"}
-        assert await overlay.heard_by_others("x") is False  # nobody answered within 2 s
-        # answering: a link heard from lately is "alive", a silent or absent one is not
-        linked = SimpleNamespace(id="x", proto=now_rx)
-        overlay.mesh.links["x"] = linked
-        overlay.on_probe(cast(Any, links["a"]), {"id": "x"})
-        overlay.on_probe(cast(Any, links["a"]), {"id": "nobody"})
-        now_rx.last_rx = time.monotonic()
-        overlay.on_probe(cast(Any, links["a"]), {"id": "x"})
-        overlay.on_probe(cast(Any, links["a"]), {"id": 5})  # malformed: ignored
-    finally:
-        overlay_module.send = real_send  # type: ignore[assignment]
+    monkeypatch.setattr("meshcore_transport_quic.overlay.send", fake_send)
+    async with anyio.create_task_group() as tg:
+        async def answer() -> None:
+            await wait_for(lambda: len(sent) == 3, 5, "three links asked")
+            assert {k for _, k, _ in sent} == {Kind.PROBE}
+            assert "x" not in {i for i, _, _ in sent}
+            overlay.on_probed(cast(Any, links["a"]), {"id": "x", "alive": True})
+        tg.start_soon(answer)
+        assert await overlay.heard_by_others("x") is True
+    sent.clear()
+    overlay.mesh.links = {k: v for k, v in links.items() if k != "d"}
+    assert await overlay.heard_by_others("x") is False  # nobody answered within 2 s
+    # answering: a link heard from lately is "alive", a silent or absent one is not
+    linked = SimpleNamespace(id="x", proto=now_rx)
+    overlay.mesh.links["x"] = linked
+    overlay.on_probe(cast(Any, links["a"]), {"id": "x"})
+    overlay.on_probe(cast(Any, links["a"]), {"id": "nobody"})
+    now_rx.last_rx = time.monotonic()
+    overlay.on_probe(cast(Any, links["a"]), {"id": "x"})
+    overlay.on_probe(cast(Any, links["a"]), {"id": 5})  # malformed: ignored
     answers = [args[2] for what, args in spawned[1:] if what == "answering a probe"]
     assert answers == [{"id": "x", "alive": False}, {"id": "nobody", "alive": False},
                        {"id": "x", "alive": True}]
