@@ -47,8 +47,8 @@ class FastLinks:
         self.keys: dict[bytes, str] = {}  # keys we issued -> peer id ("": not proved yet)
         self.port: int | None = None
         self.server: FastPathServer | None = None
-        # called when a tunnel to a peer whose fast path worked is refused (membership checks
-        # whether the peer's process is gone)
+        # called when a tunnel to a peer whose port was reached before is refused (membership
+        # checks whether the peer's process is gone)
         self.on_refused: Callable[[PeerLink], None] | None = None
         # where spliced tunnels (``take``) relay: a child process, or this one (None)
         self.relay = RelayProcess() if enabled and process_wanted() else None
@@ -98,11 +98,15 @@ class FastLinks:
         return link.fast_ok is not False
 
     def failed(self, link: PeerLink, why: str, exc: BaseException | None = None) -> None:
+        first, link.fast_tried = not link.fast_tried, True
         if isinstance(exc.__cause__ if exc is not None else None, ConnectionRefusedError):
-            if link.fast_ok is None:  # refused by a peer that has just authenticated
+            if first:  # refused by a peer that has just authenticated
                 link.refuses_alive = True
             elif not link.refuses_alive and self.on_refused is not None:
-                self.on_refused(link)  # a port that answered before: is the process gone?
+                # a port that answered or timed out before: is the process gone? (A retry
+                # after a timeout is no first contact: 50 processes starting on 2 cores time
+                # probes out, and taking its refusal for a firewall's hid a dead host.)
+                self.on_refused(link)
         if link.fast_ok is not False:
             log.warning("link to %s: fast path unreachable (%s); tunnels use QUIC", link.id, why)
         link.fast_ok, link.fast_why = False, why
@@ -118,7 +122,7 @@ class FastLinks:
         except FastPathError as exc:
             self.failed(link, str(exc), exc)
         else:
-            link.fast_ok = True
+            link.fast_ok = link.fast_tried = True
             log.info("link to %s: fast path (sealed TCP) at %s", link.id,
                      host_port(link.host, link.fast_port))
 
@@ -129,10 +133,12 @@ class FastLinks:
             return None
         assert link.fast_port is not None and link.fast_key is not None
         try:
-            return await open_fast(link.host, link.fast_port, link.fast_key, service)
+            stream = await open_fast(link.host, link.fast_port, link.fast_key, service)
         except FastPathError as exc:
             self.failed(link, str(exc), exc)
             return None
+        link.fast_tried = True
+        return stream
 
     async def take(self, link: PeerLink, service: str, conn: socket.socket,
                    tally: Tally | None) -> bool:
@@ -145,10 +151,12 @@ class FastLinks:
 
         async def open_raw(factory: Callable[[], asyncio.Protocol]) -> asyncio.Transport | None:
             try:
-                return await open_fast_raw(host, port, key, service, factory)
+                transport = await open_fast_raw(host, port, key, service, factory)
             except FastPathError as exc:
                 self.failed(link, str(exc), exc)
                 return None
+            link.fast_tried = True
+            return transport
 
         if self.relay is not None:
             try:

@@ -26,7 +26,8 @@ class PeerLink:
     addrs: list[tuple[str, int]]  # where the peer's QUIC port answers, best first
     fast_port: int | None = None
     fast_key: bytes | None = None  # what we present to the peer's fast-path listener
-    fast_ok: bool | None = None  # None = not probed yet
+    fast_ok: bool | None = None  # None = not probed yet (or again, after FAST_RETRY_S)
+    fast_tried: bool = False  # a probe or tunnel got an answer or an error from its port
     fast_why: str = ""
     fast_retry_at: float = 0.0
     # its fast-path port refused a connection while the peer was alive (a firewall that

@@ -77,9 +77,15 @@ async def process_gone(link: PeerLink) -> bool:
     behind a firewall that rejects TCP: neither is judged this way. A fast path that failed
     otherwise (a probe that timed out while 50 processes started on 2 cores) does not
     exclude the check: a refusal still means nothing listens."""
-    if not link.fast_port or link.refuses_alive:
+    if not port_testable(link):
         return False
+    assert link.fast_port is not None
     return await port_refuses(link.host, link.fast_port)
+
+
+def port_testable(link: PeerLink) -> bool:
+    """Whether a refused connect to ``link``'s fast-path port means its process is gone."""
+    return bool(link.fast_port) and not link.refuses_alive
 
 
 @dataclass
@@ -293,7 +299,7 @@ class Membership:
                                           mesh.heal_s)
 
     def refused(self, link: PeerLink) -> None:
-        """A tunnel to ``link``'s peer was refused although its fast path worked: evidence
+        """A tunnel to ``link``'s peer was refused although its port was reached before: evidence
         that its process is gone (every node's API goes to the host, so a dead host is felt
         at the first request). Confirmed before the drop (:meth:`_confirm_gone`)."""
         self._confirm(link, "refused a tunnel", tell=True)
@@ -301,7 +307,8 @@ class Membership:
     def suspect(self, peer_id: str, by: str) -> None:
         """Peer ``by`` found ``peer_id``'s process gone (a GONE frame): check it here too, at
         once, instead of waiting for its turn in the heartbeat (with 50 nodes, every ~20 s).
-        Only this node's own check drops it, so a false report costs a PING and a connect."""
+        Only this node's own check drops it, so a false report costs a PING and a connect
+        (where this node cannot test the port, the PING alone: SWIM's suspicion confirmed)."""
         link = self.mesh.links.get(peer_id)
         if link is not None:
             self._confirm(link, f"was reported gone by {by}", tell=False)
@@ -314,16 +321,24 @@ class Membership:
     async def _confirm_gone(self, link: PeerLink, why: str, tell: bool) -> None:
         """Drop ``link`` if a PING over QUIC goes unanswered for ``suspect_after_s`` and its
         port refuses connections (a live peer whose TCP port alone broke answers the PING
-        and keeps its link, its tunnels on QUIC)."""
+        and keeps its link, its tunnels on QUIC). A peer reported gone by another node
+        (``tell`` False) whose port this node cannot test (no fast path, or one refused
+        while the peer was alive) is dropped on the unanswered PING alone: the report is the
+        evidence, as it is for the nodes not linked to it. Else only the 60 s silence limit
+        would drop it, and a dead host would keep such a node's requests waiting."""
         try:
             sent = await self._ping(link)
             await anyio.sleep(self.mesh.suspect_after_s)
             if link.proto.last_rx >= sent:  # alive, so its port refuses for another reason
                 link.refuses_alive = link.refuses_alive or tell
-            elif (self.mesh.links.get(link.id) is link and not link.gone
-                  and await process_gone(link)):
+            elif self.mesh.links.get(link.id) is not link or link.gone:
+                pass
+            elif await process_gone(link):
                 self._drop_gone(link, f"{why}, left a PING unanswered and its port refuses "
                                       "connections", tell)
+            elif not tell and not port_testable(link):
+                self._drop_gone(link, f"{why} and left a PING unanswered for "
+                                      f"{self.mesh.suspect_after_s:.1f} s", tell)
         finally:
             link.checking = False
 

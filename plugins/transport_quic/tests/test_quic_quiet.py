@@ -10,6 +10,8 @@ from typing import Any, cast
 
 import anyio
 import pytest
+from meshcore_transport_quic.fastlinks import FastLinks
+from meshcore_transport_quic.fastpath import FastPathError
 from meshcore_transport_quic.frames import Kind
 from meshcore_transport_quic.links import (
     RTT_HOLD_ROUNDS,
@@ -143,6 +145,79 @@ async def test_a_quiet_peer_is_tcp_probed_only_after_an_unanswered_ping() -> Non
     link.gone, link.refuses_alive = False, True  # its port refused while it was alive
     await members._judge(link, now)
     assert closed == [] and not link.gone
+
+
+def refusal() -> FastPathError:
+    exc = FastPathError("cannot reach it: refused")
+    exc.__cause__ = ConnectionRefusedError(111, "Connection refused")
+    return exc
+
+
+def test_only_a_first_contact_refusal_marks_a_port_that_refuses_while_alive(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refusal at the first probe of a new link: a firewall that rejects TCP, so the port
+    says nothing about the process. A refusal after a probe timed out (50 processes starting
+    on 2 cores) is no first contact: membership checks the peer. Taking it for a firewall's
+    once kept a dead host in a node's view for 60 s (bench/scale.py, 50 nodes)."""
+    monkeypatch.setenv("MESH_LLM_RELAY_PROCESS", "0")
+    fast = FastLinks(True)
+    checked: list[str] = []
+    fast.on_refused = lambda link: checked.append(link.id)
+
+    def new_link() -> PeerLink:
+        return PeerLink("p", b"f" * 32, "boot", cast(Any, SimpleNamespace(peer_addr=None)),
+                        True, [("127.0.0.1", 1)], fast_port=1, fast_key=b"k" * 32)
+
+    first = new_link()
+    fast.failed(first, "refused", refusal())
+    assert first.refuses_alive and checked == []
+    timed_out = new_link()
+    fast.failed(timed_out, "timed out", FastPathError("cannot reach it: TimeoutError()"))
+    assert not timed_out.refuses_alive and timed_out.fast_ok is False
+    timed_out.fast_retry_at = 0.0
+    assert fast.usable(timed_out) and timed_out.fast_ok is None  # tried again
+    fast.failed(timed_out, "refused", refusal())
+    assert not timed_out.refuses_alive and checked == ["p"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("port", ["refuses while alive", "none"])
+async def test_a_reported_peer_whose_port_cannot_be_tested_goes_on_an_unanswered_ping(
+        port: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another node reports p gone; this node cannot test p's port (it refused while p was
+    alive, or p has no fast path): p's unanswered PING confirms the report. Before, only
+    the 60 s silence limit dropped it. A refused tunnel (this node's own evidence) still
+    needs the port check, and a peer that answers is kept."""
+    async def no_send(*args: Any) -> None:
+        return None
+
+    monkeypatch.setattr("meshcore_transport_quic.membership.send", no_send)
+    closed: list[str] = []
+
+    def setup() -> tuple[Membership, PeerLink]:
+        proto = SimpleNamespace(last_rx=time.monotonic() - 1, peer_addr=("127.0.0.1", 1),
+                                terminated=None, close=lambda code, why: closed.append(why))
+        link = PeerLink("p", b"f" * 32, "boot", cast(Any, proto), True, [("127.0.0.1", 1)])
+        if port == "refuses while alive":
+            link.fast_port, link.refuses_alive = closed_port(), True
+        mesh = SimpleNamespace(suspect_after_s=0.05, links={"p": link})
+        return Membership(cast(Any, mesh), cast(Any, None)), link
+
+    members, link = setup()
+    await members._confirm_gone(link, "was reported gone by q", tell=False)
+    assert link.gone and closed == ["process gone"] and not link.checking
+    closed.clear()
+    members, link = setup()
+    await members._confirm_gone(link, "refused a tunnel", tell=True)
+    assert not link.gone and closed == []
+    members, link = setup()
+
+    async def answered(*args: Any) -> None:
+        link.proto.last_rx = time.monotonic() + 1  # anything received counts as an answer
+
+    monkeypatch.setattr("meshcore_transport_quic.membership.send", answered)
+    await members._confirm_gone(link, "was reported gone by q", tell=False)
+    assert not link.gone and closed == []
 
 
 @pytest.mark.anyio
