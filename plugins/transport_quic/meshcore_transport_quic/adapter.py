@@ -51,10 +51,14 @@ def hot_window(service: str, *, cpus: int | None = None,
     value = (os.environ if env is None else env).get(HOT_ENV, "")
     if value.strip():
         return max(0, int(value)) / 1e6
-    if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-            os.cpu_count() or 1
-    return HOT_RPC_S if cpus >= HOT_MIN_CPUS else 0.0
+    return HOT_RPC_S if (usable_cpus() if cpus is None else cpus) >= HOT_MIN_CPUS else 0.0
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, where the OS tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 class RecordTransport(asyncio.BufferedProtocol, asyncio.Transport):

@@ -41,16 +41,19 @@ async def open_tunnel(host: str, port: int, key: bytes, service: str,
     polling window (default :func:`.adapter.hot_window` of the service)."""
     loop = asyncio.get_running_loop()
     conn: RecordTransport | None = None
+    opened = False
     try:
         with anyio.fail_after(CONNECT_TIMEOUT):
             _, conn = await loop.create_connection(
                 lambda: RecordTransport(RecordSession.dialing(key, service)), host, port)
             if not await conn.opened:
                 raise conn.error or ConnectionError("the tunnel did not open")
+        opened = True
     except (OSError, TimeoutError, SealError) as exc:
-        if conn is not None:
-            conn.abort()
         raise FastPathError(f"cannot reach {host}:{port}: {exc!r}") from exc
+    finally:
+        if not opened and conn is not None:
+            conn.abort()  # failed, or cancelled (the node stops): no socket left behind
     conn.keep_hot(hot_window(service) if hot is None else hot)
     protocol = protocol_factory()
     conn.attach(protocol)

@@ -56,13 +56,18 @@ RTT_WARMUP_SAMPLES = 3  # a new link is pinged every round until it has this man
 
 async def port_refuses(host: str, port: int) -> bool:
     """Whether a TCP connect to ``host:port`` is refused (nothing listens there any more)."""
+    transport: asyncio.BaseTransport | None = None
     try:  # asyncio's: anyio's connect_tcp folds a refusal into a generic OSError
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), PROBE_S)
+        with anyio.fail_after(PROBE_S):
+            transport, _ = await asyncio.get_running_loop().create_connection(
+                asyncio.Protocol, host, port)
     except ConnectionRefusedError:
         return True
     except (OSError, TimeoutError):
         return False
-    writer.close()
+    finally:  # also when cancelled (the node stops): no socket left open
+        if transport is not None:
+            transport.close()
     return False
 
 
@@ -247,6 +252,8 @@ class Membership:
             log.info("peer %s left the mesh", link.id)
             mesh.node.state.remove(link.id)
             if self.overlay is not None:
+                if not link.left:  # its LEAVE frame was lost: the close alone says it
+                    self.overlay.tell_gone(link.id, left=True)
                 self.overlay.forget(link.id)
             return
         if link.gone:  # nothing to reconnect to: re-elect now; redialed in case it restarts

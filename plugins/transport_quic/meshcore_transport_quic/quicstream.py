@@ -168,6 +168,8 @@ class CountingTransport(asyncio.DatagramTransport):
         self.traffic = traffic
 
     def sendto(self, data: Any, addr: Any = None) -> None:
+        if self.inner.is_closing():  # a timer that fired after its dial's socket closed:
+            return  # dropped like any lost datagram (asyncio would raise on the closed socket)
         self.traffic.datagrams_out += 1
         self.traffic.bytes_out += len(data)
         self.inner.sendto(data, addr)

@@ -19,9 +19,10 @@ to QUIC); then ``{"id", "sent", "received"}`` totals while bytes flow and ``{"id
 true, ...}`` last. The child exits when the socketpair closes (the node stopped or died);
 the node kills it when it stops.
 
-Off by default: ``MESH_LLM_RELAY_PROCESS=1`` turns it on. Its gain on a GPU split is not
-measured yet (the session that built it got no GPU machine for the run); the tests run it
-through real llama.cpp.
+On by default where the node may use at least 8 CPUs (:func:`process_wanted`: on an H200
+split the API ran at 0.965-0.977 of raw llama.cpp with it, 0.926-0.950 without);
+``MESH_LLM_RELAY_PROCESS=1`` or ``0`` forces it on or off. The tests run it through real
+llama.cpp.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from meshcore.relay import Tally
+from meshcore_transport_quic.adapter import HOT_MIN_CPUS, usable_cpus
 
 log = logging.getLogger("meshcore.transport.fast")
 
@@ -47,11 +49,15 @@ COUNT_EVERY_S = 0.1  # how often the child reports a busy connection's byte tota
 MAX_PACKET = 64 * 1024
 
 
-def process_wanted(env: Mapping[str, str] | None = None) -> bool:
-    """Whether takes go to a relay process: ``MESH_LLM_RELAY_PROCESS=1`` (off by default
-    until a GPU run shows its gain, docs/benchmarks.md)."""
+def process_wanted(env: Mapping[str, str] | None = None, cpus: int | None = None) -> bool:
+    """Whether takes go to a relay process: ``MESH_LLM_RELAY_PROCESS`` (1 or 0) when set,
+    else where the node may use at least HOT_MIN_CPUS CPUs, as for the relays' polling (the
+    child's hot relays take a core while tokens flow). Measured on an H200 split: API / raw
+    0.965-0.977 with it against 0.926-0.950 without (docs/benchmarks.md, "Issue 13")."""
     value = (os.environ if env is None else env).get(PROCESS_ENV, "").strip().lower()
-    return value in ("1", "yes", "true", "on")
+    if value:
+        return value in ("1", "yes", "true", "on")
+    return (usable_cpus() if cpus is None else cpus) >= HOT_MIN_CPUS
 
 
 class RelayFailed(ConnectionError):

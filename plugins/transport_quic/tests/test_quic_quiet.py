@@ -3,6 +3,7 @@ re-announcement of RTT noise, and a quiet peer is TCP-probed only once a PING we
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from types import SimpleNamespace
@@ -22,6 +23,7 @@ from meshcore_transport_quic.links import (
 )
 from meshcore_transport_quic.membership import Membership
 from meshcore_transport_quic.probes import PROBES_PER_ROUND, pick_probes, probes_per_round
+from meshcore_transport_quic.quicstream import CountingTransport, Traffic
 from meshcore_transport_quic.state import ERR_TIMEOUT, send
 from quic_helpers import QuicMesh, wait_for
 
@@ -81,10 +83,8 @@ def test_an_inflated_first_rtt_is_forgotten_with_the_next_good_sample() -> None:
 
 @pytest.mark.anyio
 async def test_a_pong_counts_only_as_the_echo_of_a_ping_this_node_sent() -> None:
-    from meshcore_transport_quic.fastlinks import FastLinks
-    from meshcore_transport_quic.frames import Frame, Kind
+    from meshcore_transport_quic.frames import Frame
     from meshcore_transport_quic.gossip import Gossip
-    from meshcore_transport_quic.quicstream import Traffic
     from meshcore_transport_quic.state import Mesh
 
     from meshcore.state import MeshState, Peer
@@ -145,6 +145,24 @@ async def test_a_quiet_peer_is_tcp_probed_only_after_an_unanswered_ping() -> Non
     link.gone, link.refuses_alive = False, True  # its port refused while it was alive
     await members._judge(link, now)
     assert closed == [] and not link.gone
+
+
+@pytest.mark.anyio
+async def test_a_datagram_sent_after_its_socket_closed_is_dropped_not_raised() -> None:
+    """aioquic's timer can fire after a dial's UDP socket closed; asyncio raises on a closed
+    unconnected datagram socket (an error inside the event loop's callback), so the count
+    wrapper drops the datagram as the network would."""
+    loop = asyncio.get_running_loop()
+    inner, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol,
+                                                   local_addr=("127.0.0.1", 0))
+    traffic = Traffic()
+    counted = CountingTransport(cast(asyncio.DatagramTransport, inner), traffic)
+    counted.sendto(b"x", ("127.0.0.1", 9))
+    assert traffic.datagrams_out == 1
+    counted.close()
+    await anyio.sleep(0)
+    counted.sendto(b"x", ("127.0.0.1", 9))  # raised AttributeError inside asyncio before
+    assert traffic.datagrams_out == 1
 
 
 def refusal() -> FastPathError:

@@ -21,10 +21,11 @@ from quic_helpers import echo_server, wait_for
 pytestmark = pytest.mark.anyio
 
 
-def test_off_unless_asked_for() -> None:
-    assert process_wanted(env={}) is False
-    assert process_wanted(env={"MESH_LLM_RELAY_PROCESS": "1"}) is True
-    assert process_wanted(env={"MESH_LLM_RELAY_PROCESS": "0"}) is False
+def test_on_where_cores_allow_unless_told() -> None:
+    assert process_wanted(env={}, cpus=2) is False  # a small machine: relays in the node
+    assert process_wanted(env={}, cpus=16) is True  # a GPU host: a core to spare
+    assert process_wanted(env={"MESH_LLM_RELAY_PROCESS": "1"}, cpus=2) is True
+    assert process_wanted(env={"MESH_LLM_RELAY_PROCESS": "0"}, cpus=16) is False
 
 
 async def echo_once(port: int, payload: bytes) -> bytes:
