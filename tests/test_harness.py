@@ -47,3 +47,16 @@ async def test_five_nodes_elect_highest_vram_and_reelect_on_removal(mesh_harness
         await mesh.wait_for(lambda: hosts(mesh) == {second.id}, what="re-election of node01")
         await mesh.wait_for(lambda: second.state.me.serving is Serving.READY, what="new host")
         assert all(len(n.view().peers) == 4 for n in mesh.nodes)
+
+
+async def test_default_ids_stay_unique_after_a_remove(mesh_harness: Any) -> None:
+    """An id is never handed out twice: a node added after a remove gets a new one (before,
+    it got the length of the list, the id of a node still running)."""
+    async with mesh_harness() as mesh:
+        first, second, third = [await mesh.add(v) for v in (4, 8, 6)]
+        await mesh.remove(second)
+        fourth = await mesh.add(2)
+        ids = [n.id for n in mesh.nodes]
+        assert len(set(ids)) == len(ids) == 3 and fourth.id not in (first.id, third.id)
+        await mesh.wait_for(lambda: all(len(n.view().peers) == 3 for n in mesh.nodes),
+                            what="the three distinct nodes to see each other")

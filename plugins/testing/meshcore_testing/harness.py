@@ -49,11 +49,12 @@ class MeshHarness:
         self.election = election
         self.settle_s = settle_s
         self.nodes: list[Node] = []
+        self.added = 0  # nodes ever added: default ids stay unique after a remove or kill
 
     async def add(self, vram_gb: float = 8, *, model: str | None = "fake-model",
                   model_gb: float = 1, client: bool = False, split: bool = False,
                   node_id: str | None = None, **config: Any) -> Node:
-        n = len(self.nodes)
+        n, self.added = self.added, self.added + 1
         node_id = node_id or f"node{n:02d}"
         options = {"memory_hub": self.hub, "fake_vram_gb": vram_gb, "fake_model_gb": model_gb,
                    **config.pop("options", {})}

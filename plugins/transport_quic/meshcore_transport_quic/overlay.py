@@ -91,6 +91,7 @@ class Overlay:
         self._mine: Record | None = None
         self._refuted_at = 0.0
         self.probes: dict[str, anyio.Event] = {}  # lost peer -> set when another hears it
+        self._needed: tuple[object, int, frozenset[str]] | None = None  # plan, generation
 
     # ------------------------------------------------------------------ records
 
@@ -383,19 +384,24 @@ class Overlay:
 
     # ------------------------------------------------------------------ which links to keep
 
-    def needed(self) -> set[str]:
+    def needed(self) -> frozenset[str]:
         """The peers data flows to: the plan's host, and on the host, while its plan needs
-        workers, every node with VRAM."""
+        workers, every node with VRAM. Kept until the plan or the view changes: a PEERS
+        frame asks once per hint, up to 256 times."""
         node = self.mesh.node
-        plan, me = node.plan, node.id
-        if plan.host_id is None:
-            return set()
-        if plan.host_id != me:
-            return {plan.host_id}
-        if plan.state is PlanState.SOLO:
-            return set()
-        return {p.id for p in node.state.view().peers
-                if p.id != me and not p.is_client and p.vram > 0}
+        plan, me, generation = node.plan, node.id, node.state.generation
+        cached = self._needed
+        if cached is not None and cached[0] is plan and cached[1] == generation:
+            return cached[2]
+        if plan.host_id is None or (plan.host_id == me and plan.state is PlanState.SOLO):
+            found: frozenset[str] = frozenset()
+        elif plan.host_id != me:
+            found = frozenset({plan.host_id})
+        else:
+            found = frozenset(p.id for p in node.state.view().peers
+                              if p.id != me and not p.is_client and p.vram > 0)
+        self._needed = (plan, generation, found)
+        return found
 
     def wants(self, peer_id: str, pending: int = 0) -> bool:
         """Whether to dial ``peer_id`` (hinted): needed, or this node lacks partners."""

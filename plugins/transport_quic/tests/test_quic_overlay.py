@@ -21,6 +21,7 @@ from meshcore_transport_quic.records import RecordError, open_record, peek, seal
 from meshcore_transport_quic.state import send
 from quic_helpers import QuicMesh, echo_server, wait_for
 
+from meshcore.plan import Plan, PlanState
 from meshcore.state import MeshState, Peer
 
 pytestmark = pytest.mark.anyio
@@ -321,3 +322,21 @@ async def test_a_lost_peer_is_reported_gone_only_if_no_other_link_hears_it(
     answers = [args[2] for what, args in spawned[1:] if what == "answering a probe"]
     assert answers == [{"id": "x", "alive": False}, {"id": "nobody", "alive": False},
                        {"id": "x", "alive": True}]
+
+
+def test_the_links_data_needs_follow_the_plan_and_the_view(tmp_path: Path) -> None:
+    """needed(): the host for a node that is not it; every node with VRAM for a host whose
+    plan needs workers; none for a SOLO host. Kept between changes, asked again after one."""
+    overlay, state, _ = unit_overlay(tmp_path, {})
+    node = cast(Any, overlay.mesh).node
+    assert overlay.needed() == frozenset()  # no plan yet
+    node.plan = Plan(PlanState.SOLO, host_id="h")
+    assert overlay.needed() == {"h"}
+    state.upsert(peer("w", 1))
+    state.upsert(dataclasses.replace(peer("c", 1), vram=0))  # nothing to give a split
+    node.plan = Plan(PlanState.SPLIT, host_id="me")
+    assert overlay.needed() == {"w"}
+    state.upsert(peer("w2", 1))  # the view changed, the plan did not (yet)
+    assert overlay.needed() == {"w", "w2"}
+    node.plan = Plan(PlanState.SOLO, host_id="me")
+    assert overlay.needed() == frozenset()
