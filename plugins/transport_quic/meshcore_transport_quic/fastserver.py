@@ -60,6 +60,7 @@ class FastPathServer:
         self.lookup = lookup
         self.live: set[RecordTransport] = set()  # open connections (tests check for leaks)
         self._connecting: set[asyncio.Task[None]] = set()
+        self.stopping = False  # connections accepted from now on are dropped at once
 
     async def serve(self, port: int, *, task_status: TaskStatus[int]) -> None:
         """Listen (``port``, or any port when it is taken) and serve until cancelled."""
@@ -72,6 +73,7 @@ class FastPathServer:
             task_status.started(sock.getsockname()[1])
             await server.serve_forever()
         finally:
+            self.stopping = True  # an accept already queued still makes a connection
             server.close()
             for task in list(self._connecting):
                 task.cancel()
@@ -84,6 +86,8 @@ class FastPathServer:
                                timeout=HEADER_TIMEOUT)
 
     def _admit(self, conn: RecordTransport) -> bool:
+        if self.stopping:  # nobody would close it: the cleanup in serve() has run
+            return False
         pending = sum(1 for c in self.live if not c.opened.done())
         if pending >= MAX_PENDING:  # a flood of idle connections must not cost memory
             log.warning("fast path: %d connections have not authenticated yet; dropping "
