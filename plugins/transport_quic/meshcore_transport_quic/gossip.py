@@ -161,8 +161,7 @@ class Gossip:
             link.left = True
             state.remove(link.id)
             if self.overlay is not None:
-                self.overlay.tell_gone(link.id, left=True)
-                self.overlay.forget(link.id)
+                self.overlay.left(link.id)
         elif frame.kind is Kind.GONE:
             if self.overlay is not None:
                 self.overlay.on_gone(link, body)

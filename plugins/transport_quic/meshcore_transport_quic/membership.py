@@ -252,9 +252,10 @@ class Membership:
             log.info("peer %s left the mesh", link.id)
             mesh.node.state.remove(link.id)
             if self.overlay is not None:
-                if not link.left:  # its LEAVE frame was lost: the close alone says it
-                    self.overlay.tell_gone(link.id, left=True)
-                self.overlay.forget(link.id)
+                if link.left:
+                    self.overlay.forget(link.id)  # its LEAVE frame told the mesh already
+                else:
+                    self.overlay.left(link.id)  # it was lost: the close code alone says it
             return
         if link.gone:  # nothing to reconnect to: re-elect now; redialed in case it restarts
             log.warning("peer %s removed: its process is gone; redialing it in the background",

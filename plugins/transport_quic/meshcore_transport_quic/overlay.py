@@ -281,6 +281,12 @@ class Overlay:
         """This node found ``peer_id`` gone (or it left): tell every link, once."""
         self._pass_gone(None, peer_id, *self._version_of(peer_id), left)
 
+    def left(self, peer_id: str) -> None:
+        """``peer_id`` left the mesh (its LEAVE frame, or its connection's LEAVING close code
+        when the frame was lost): tell every link, then drop its record."""
+        self.tell_gone(peer_id, left=True)
+        self.forget(peer_id)
+
     def _version_of(self, peer_id: str) -> tuple[str, int]:
         known = self.records.get(peer_id)
         peer = self.mesh.node.state.view().get(peer_id)
