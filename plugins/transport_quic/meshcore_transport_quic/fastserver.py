@@ -17,6 +17,7 @@ import logging
 import socket
 from collections.abc import Callable
 
+import anyio
 from anyio.abc import TaskStatus
 
 from meshcore_transport_quic.adapter import RecordTransport, hot_window
@@ -51,6 +52,27 @@ def listen_socket(port: int) -> socket.socket:
     raise OSError("no address family could listen")  # pragma: no cover
 
 
+async def close_server(server: asyncio.Server) -> None:
+    """Stop listening without losing a connection accepted a moment before.
+
+    asyncio's selector loop accepts in the listening socket's callback but sets the connection
+    up in a task one loop pass later; a ``Server.close()`` in between makes that setup fail
+    (CPython gh-109564: an AssertionError in ``Server._attach``, swallowed) and leaves the
+    accepted socket to the garbage collector: the peer hangs until then, and a test's teardown
+    sees an "unclosed transport" ResourceWarning. So accepting stops first, the setups already
+    queued run (their connections go through ``_admit``, which drops them), then the server
+    closes. uvloop sets a connection up in its accept callback: nothing is queued there."""
+    loop = asyncio.get_running_loop()
+    try:
+        if isinstance(loop, asyncio.SelectorEventLoop):
+            for sock in server.sockets:
+                loop.remove_reader(sock.fileno())  # no accept from now on
+            with anyio.CancelScope(shield=True):  # the serve task is being cancelled
+                await asyncio.sleep(0)  # one pass: the queued setups run before it ends
+    finally:
+        server.close()
+
+
 class FastPathServer:
     """Accepts fast-path connections; ``keys`` maps a key we issued to the peer holding it,
     ``lookup(peer, service)`` gives the local endpoint (or None to refuse)."""
@@ -71,15 +93,15 @@ class FastPathServer:
         server = await asyncio.get_running_loop().create_server(self._accept, sock=sock)
         try:
             task_status.started(sock.getsockname()[1])
-            await server.serve_forever()
+            await anyio.sleep_forever()  # not serve_forever(): it closes at once (close_server)
         finally:
             self.stopping = True  # an accept already queued still makes a connection
-            server.close()
             for task in list(self._connecting):
                 task.cancel()
             for conn in list(self.live):
                 conn.fail(ConnectionAbortedError("the node is stopping"))
             self.live.clear()
+            await close_server(server)
 
     def _accept(self) -> RecordTransport:
         return RecordTransport(RecordSession.accepting(self.keys), admit=self._admit,
