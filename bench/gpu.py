@@ -17,6 +17,9 @@ Phases, each skipped when the budget left is too small for it:
    /health), tok/s through the mesh API, through the mesh host's llama-server directly (the
    tunnel without the API proxy) and raw, ratios; then the raw split through
    bench/rpc_trace.py's counting relay (round trips and bytes per generated token).
+   ``--mesh-trace``: the nodes note every chunk at both tunnel ends (``MESH_LLM_SPLICE_TRACE``)
+   and the run reports where a token's turn goes on the mesh path (the crossings, the
+   worker's and the host's compute), beside the raw trace's turns.
 
 Prints a table last; writes results.json, the run's log and every process log (logs.tar.gz)
 under OUT. Nothing here is asserted by the test suite.
@@ -43,7 +46,7 @@ import httpx
 from meshcore_testing import HealthPoller
 
 sys.path.insert(0, str(Path(__file__).parent))
-from rpc_trace import relay_latency, trace_split
+from rpc_trace import mesh_trace, relay_latency, trace_split, turns_report
 from rpc_trace import report as trace_report
 from solo import (
     Run,
@@ -147,10 +150,10 @@ class Node(Proc):
     """A ``mesh-llm`` process with its own MESH_LLM_HOME, on the GPUs ``gpus`` names."""
 
     def __init__(self, name: str, args: list[str], gpus: str, logs: Path, common: list[str],
-                 threads: int) -> None:
+                 threads: int, extra_env: dict[str, str] | None = None) -> None:
         home = Path(tempfile.mkdtemp(prefix=f"gpu-{name}-", dir=logs))
         env = {**os.environ, "MESH_LLM_HOME": str(home), "CUDA_VISIBLE_DEVICES": gpus,
-               "MESH_LLM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+               "MESH_LLM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         super().__init__(name, [sys.executable, "-m", "meshcore_cli", "--port", "0", *common,
                                 *args], env, logs)
         self.base, self.token = "", ""
@@ -245,14 +248,18 @@ def split(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> No
     """A on GPU0 with --split, B joins on GPU1. The election picks the host (equal cards: the
     larger node id), so the raw side mirrors whichever GPU the mesh's host got."""
     common = ["--model", str(path), "--bin-dir", str(bin_dir), "--speculation", "off"]
-    a = Node("split-A", ["--split"], "0", logs, common, args.threads)
+    traced: dict[str, str] = {}
+    if args.mesh_trace:
+        args.trace_dir = Path(tempfile.mkdtemp(prefix="splice-trace-", dir=logs))
+        traced = {"MESH_LLM_SPLICE_TRACE": str(args.trace_dir)}
+    a = Node("split-A", ["--split"], "0", logs, common, args.threads, traced)
     with stopping(a):
         wait_ok(f"{a.base}/health", a.proc, timeout=150)
         say("split: A serves solo; starting B on GPU1")
         start = time.monotonic()
         probes = HealthPoller(f"{a.base}/health", every=0.1, timeout=5)  # A's API meanwhile
         b_gpu = "0" if args.same_gpu else "1"
-        b = Node("split-B", ["--join", a.token], b_gpu, logs, common, args.threads)
+        b = Node("split-B", ["--join", a.token], b_gpu, logs, common, args.threads, traced)
         with stopping(b), probes:
             gpu_of = {id(a): "0", id(b): b_gpu}
 
@@ -319,6 +326,10 @@ def raw_split(argv: list[str], bin_dir: Path, logs: Path, args: argparse.Namespa
     res["ratio_tps_direct"] = res["median"]["direct"][1] / res["median"]["raw"][1]
     say(f"split tok/s raw {res['median']['raw'][1]:.1f}, mesh API {res['median']['mesh'][1]:.1f}"
         f", mesh llama-server direct {res['median']['direct'][1]:.1f}")
+    if args.mesh_trace:
+        time.sleep(1.5)  # the ends write their notes once a second
+        res["mesh_trace"] = mesh_trace(args.trace_dir)
+        turns_report("mesh turns (host and worker ends)", res["mesh_trace"])
     if not args.trace:
         return res
     try:
@@ -355,6 +366,10 @@ def table() -> None:
         print(f"{phase:5} ratio mesh/raw tok/s {r['ratio_tps']:.3f}  added TTFT "
               f"{r['added_ttft_ms']:+.1f} ms  load ratio {r['ratio_load']:.2f}  "
               f"(median of {r['runs']}, {r['tokens']} tokens)")
+        if r.get("mesh_trace"):
+            turns_report("mesh turns", r["mesh_trace"])
+        if r.get("trace", {}).get("per_token", {}).get("turns"):
+            turns_report("raw turns (trace relay)", r["trace"]["per_token"]["turns"])
 
 
 def main() -> None:
@@ -373,6 +388,8 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, help="override the GPU count (CPU smoke tests)")
     ap.add_argument("--no-trace", dest="trace", action="store_false",
                     help="skip the raw split through bench/rpc_trace.py's counting relay")
+    ap.add_argument("--mesh-trace", action="store_true",
+                    help="the nodes note every tunnel chunk; report where a token's turn goes")
     ap.add_argument("--same-gpu", action="store_true",
                     help="split with both nodes (and both raw processes) on GPU 0, for a "
                          "machine with one GPU")

@@ -23,13 +23,23 @@ client waited for each reply at the relay; the command sequence of one token; an
 one-way latency the relay itself adds (a 64-byte ping-pong through it against raw TCP).
 ``bench/gpu.py`` uses :func:`trace_split` the same way on the GPU. Nothing here is asserted by
 the test suite.
+
+The mesh path is traced by the nodes themselves (``MESH_LLM_SPLICE_TRACE``: every splice end
+notes when each chunk reached it, meshcore_transport_quic.splice.TracedEnd); :func:`mesh_trace`
+lines up the host's and the worker's notes (both nodes on one machine share the monotonic
+clock) into turns, a turn being the commands llama-server sends and the reply it waits for
+(one per generated token), and :func:`turn_stats` gives where a turn's time goes: the host's
+commands, the crossing to the worker, the worker's compute, the crossing back, the host's
+compute. The raw trace's turns come from this relay's own log, the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import contextlib
+import itertools
 import json
 import os
 import socket
@@ -38,6 +48,7 @@ import struct
 import subprocess
 import threading
 import time
+from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,7 +268,120 @@ def per_token(relay: TraceRelay, base: str, tokens: int) -> dict[str, Any]:
         "reads_to_client": round(gen.reads_to_client / n, 2),
         "server_ms_per_token": long.get("timings", {}).get("predicted_per_token_ms"),
         "one_token": one_token(events),
+        "turns": turn_stats(turns([(int(t * 1e9), d == ">", size)
+                                   for t, d, _, size in events])),
     }
+
+
+# ------------------------------------------------------------------ turns, raw and mesh
+
+@dataclass
+class Turn:
+    """One request and its reply as one observer saw them (monotonic ns)."""
+
+    c_first: int
+    c_last: int
+    c_bytes: int
+    r_first: int = 0
+    r_last: int = 0
+    r_bytes: int = 0
+
+
+def turns(events: Sequence[tuple[int, bool, int]]) -> list[Turn]:
+    """Group (ns, is a command, bytes) events into turns: a run of commands, then the reply's
+    chunks; a command after a reply starts the next turn."""
+    out: list[Turn] = []
+    for t, command, size in sorted(events):
+        last = out[-1] if out else None
+        if command:
+            if last is None or last.r_bytes:
+                out.append(Turn(t, t, size))
+            else:
+                last.c_last, last.c_bytes = t, last.c_bytes + size
+        elif last is not None:
+            if not last.r_bytes:
+                last.r_first = t
+            last.r_last, last.r_bytes = t, last.r_bytes + size
+    return [x for x in out if x.r_bytes]
+
+
+def _pct(values: list[float]) -> dict[str, float]:
+    values = sorted(values)
+    if not values:
+        return {}
+    p10, p90 = values[len(values) // 10], values[min(len(values) - 1, len(values) * 9 // 10)]
+    return {"p10": round(p10, 1), "median": round(statistics.median(values), 1),
+            "p90": round(p90, 1)}
+
+
+GAP_NS = 50_000_000  # a turn followed by a longer pause ends a request: not a token
+
+
+def turn_stats(host: list[Turn], worker: list[Turn] | None = None) -> dict[str, Any]:
+    """Where a generated token's turn goes, in microseconds (p10 / median / p90), over the
+    turns whose reply has the most common size (one per generated token): ``send`` (the
+    host's commands, first to last), ``wait`` (last command to the reply's first chunk, as
+    the host's observer saw it), ``receive`` (the reply's chunks), ``host`` (the reply's last
+    chunk to the next turn's first command: the host's compute), ``token`` (first command to
+    the next first command). With the worker's observer (the mesh's far end): ``forward``
+    (the last command's crossing), ``worker`` (its compute: last command in to first reply
+    chunk out), ``back`` (the reply's last chunk crossing)."""
+    sizes = collections.Counter(x.r_bytes for x in host)
+    if not sizes:
+        return {"turns": 0}
+    size = sizes.most_common(1)[0][0]
+    keys = ("send", "wait", "receive", "host", "token", "forward", "worker", "back")
+    got: dict[str, list[float]] = {k: [] for k in keys}
+    starts = [w.c_last for w in worker] if worker else []
+    for this, after in itertools.pairwise(host):
+        if this.r_bytes != size or after.c_first - this.c_first > GAP_NS:
+            continue
+        got["send"].append((this.c_last - this.c_first) / 1e3)
+        got["wait"].append((this.r_first - this.c_last) / 1e3)
+        got["receive"].append((this.r_last - this.r_first) / 1e3)
+        got["host"].append((after.c_first - this.r_last) / 1e3)
+        got["token"].append((after.c_first - this.c_first) / 1e3)
+        if worker:  # the worker's turn: its last command came between ours and our reply
+            i = bisect.bisect_left(starts, this.c_last)
+            if i < len(worker) and worker[i].c_last < this.r_first and worker[i].r_bytes == size:
+                w = worker[i]
+                got["forward"].append((w.c_last - this.c_last) / 1e3)
+                got["worker"].append((w.r_first - w.c_last) / 1e3)
+                got["back"].append((this.r_last - w.r_last) / 1e3)
+    return {"turns": len(got["token"]), "reply_bytes": size,
+            **{k: _pct(v) for k, v in got.items() if v}}
+
+
+def _notes(path: Path) -> list[tuple[int, int]]:
+    values = array("q")
+    values.frombytes(path.read_bytes()[: path.stat().st_size // 16 * 16])
+    return list(zip(values[::2], values[1::2], strict=True))
+
+
+def mesh_trace(directory: Path) -> dict[str, Any]:
+    """Turn statistics of the busiest tunnel traced under ``directory`` (the split's rpc
+    connection): the host's end (``dial``: llama-server's commands in, the worker's replies
+    in) and the worker's (``accept``: the commands in, the rpc-server's replies in)."""
+    ends: dict[tuple[str, str], dict[str, list[tuple[int, int]]]] = {}
+    for path in directory.glob("*.trace"):
+        side, pid, n, role = path.stem.split("-")
+        ends.setdefault((side, f"{pid}-{n}"), {})[role] = _notes(path)
+
+    def busiest(side: str) -> list[Turn]:
+        mine = [v for (s, _), v in ends.items() if s == side]
+        if not mine:
+            return []
+        best = max(mine, key=lambda v: sum(n for part in v.values() for _, n in part))
+        commands = best.get("local" if side == "dial" else "tunnel", [])
+        replies = best.get("tunnel" if side == "dial" else "local", [])
+        return turns([(t, True, n) for t, n in commands] + [(t, False, n) for t, n in replies])
+
+    return turn_stats(busiest("dial"), busiest("accept") or None)
+
+
+def turns_report(name: str, stats: dict[str, Any]) -> None:
+    parts = [f"{k} {v['median']:.0f}" for k, v in stats.items() if isinstance(v, dict)]
+    print(f"  {name}: {stats.get('turns', 0)} turns, median us: {', '.join(parts)}")
 
 
 def one_token(events: Sequence[tuple[float, str, str, int]]) -> list[str]:
@@ -371,6 +495,8 @@ def report(result: dict[str, Any]) -> None:
     print("  one token, as the relay saw it:")
     for line in tok["one_token"]:
         print(f"    {line}")
+    if tok.get("turns"):
+        turns_report("turns at this relay", tok["turns"])
     lat = result.get("relay_latency")
     if lat:
         print(f"this relay adds {lat['one_way_added_us']} us one way (ping-pong "

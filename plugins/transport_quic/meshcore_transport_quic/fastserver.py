@@ -22,7 +22,7 @@ from anyio.abc import TaskStatus
 
 from meshcore_transport_quic.adapter import RecordTransport, hot_window
 from meshcore_transport_quic.session import PROBE, RecordSession
-from meshcore_transport_quic.splice import SpliceEnd, join
+from meshcore_transport_quic.splice import SpliceEnd, join, new_end
 
 log = logging.getLogger("meshcore.transport.fast")
 
@@ -135,7 +135,7 @@ class FastPathServer:
             log.warning("fast path: %s asked for unknown service %r", peer_id, service)
             conn.close()
             return
-        far = SpliceEnd()
+        far = new_end(None, "accept")
         conn.keep_hot(hot_window(service or ""))
         conn.attach(far)
         task = asyncio.get_running_loop().create_task(self._connect(far, target))

@@ -20,7 +20,8 @@ true, ...}`` last. The child exits when the socketpair closes (the node stopped 
 the node kills it when it stops.
 
 On by default where the node may use at least 8 CPUs (:func:`process_wanted`: on an H200
-split the API ran at 0.965-0.977 of raw llama.cpp with it, 0.926-0.950 without);
+split the API ran at 0.965-0.977 of raw llama.cpp with it, 0.926-0.950 without, then at
+0.970-1.013 in thirteen more runs);
 ``MESH_LLM_RELAY_PROCESS=1`` or ``0`` forces it on or off. The tests run it through real
 llama.cpp.
 """

@@ -2,15 +2,24 @@
 chunk is written to the other side inside the socket callback: no task switch, no anyio
 stream), with pause/resume backpressure, half-close and resets. Both ends of a fast-path
 tunnel use it: the host joins an accepted local connection to a dialed
-:class:`.adapter.RecordTransport`, the worker joins an accepted one to its local service."""
+:class:`.adapter.RecordTransport`, the worker joins an accepted one to its local service.
+
+With ``MESH_LLM_SPLICE_TRACE`` set to a directory, every end notes when each chunk reached it
+and its size (:class:`TracedEnd`), so that bench/gpu.py can line up a split's crossings on both
+nodes (one machine: one monotonic clock) hop by hop; unset, nothing on the per-chunk path
+changes."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import functools
+import itertools
+import os
 import socket
 import struct
+import time
+from array import array
 from collections.abc import Awaitable, Callable
 from typing import cast
 
@@ -106,6 +115,54 @@ class SpliceEnd(asyncio.Protocol):
                 end.transport.close()
 
 
+TRACE_ENV = "MESH_LLM_SPLICE_TRACE"
+_traced = itertools.count()
+
+
+def new_end(count: Count | None, side: str) -> SpliceEnd:
+    """A tunnel's far end (the bytes from the peer); a :class:`TracedEnd` writing under
+    ``$MESH_LLM_SPLICE_TRACE`` when it is set. ``side``: ``dial`` (the host's end of a tunnel)
+    or ``accept`` (the worker's). :func:`join` gives the near end the same kind."""
+    where = os.environ.get(TRACE_ENV)
+    if not where:
+        return SpliceEnd(count)
+    name = f"{side}-{os.getpid()}-{next(_traced)}-tunnel.trace"
+    return TracedEnd(count, os.path.join(where, name))
+
+
+class TracedEnd(SpliceEnd):
+    """A splice end that notes (monotonic ns, bytes) for every chunk it receives, appended to
+    ``path`` as native int64 pairs once a second while traffic flows and when it ends (a
+    write per chunk would cost more than what it measures)."""
+
+    FLUSH_EVERY_S = 1.0
+
+    def __init__(self, count: Count | None, path: str) -> None:
+        super().__init__(count)
+        self.path = path
+        self.notes = array("q")
+        self._timer: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.notes.extend((time.perf_counter_ns(), len(data)))
+        super().data_received(data)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.FLUSH_EVERY_S, self.flush)
+
+    def flush(self) -> None:
+        self._timer = None
+        if self.notes:
+            with contextlib.suppress(OSError), open(self.path, "ab") as out:
+                self.notes.tofile(out)
+            self.notes = array("q")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.flush()
+        super().connection_lost(exc)
+
+
 def splice(a: SpliceEnd, b: SpliceEnd) -> None:
     """Join two connected ends; bytes, EOF or a loss that came meanwhile are passed on now."""
     a.other, b.other = b, a
@@ -128,7 +185,8 @@ async def join(far: SpliceEnd, connect: Callable[[Callable[[], SpliceEnd]], Awai
                count: Count | None = None) -> SpliceEnd:
     """Connect a new end with ``connect(protocol_factory)`` and splice it to ``far``, a
     connected end (OSError when the connection fails)."""
-    near = SpliceEnd(count)
+    near = (TracedEnd(count, far.path.removesuffix("tunnel.trace") + "local.trace")
+            if isinstance(far, TracedEnd) else SpliceEnd(count))
     await connect(lambda: near)
     splice(near, far)
     return near
@@ -159,7 +217,7 @@ async def _serve_raw(conn: socket.socket, remote: asyncio.Transport, far: Splice
 async def take_raw(conn: socket.socket, open_raw: RawOpener, tally: Tally | None) -> bool:
     """Splice an accepted local connection to the tunnel ``open_raw`` gives; False (the
     connection untouched) when it gives none right now."""
-    far = SpliceEnd(tally.add_received if tally else None)
+    far = new_end(tally.add_received if tally else None, "dial")
     remote = await open_raw(lambda: far)
     if remote is None:
         return False
