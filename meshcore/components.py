@@ -112,6 +112,9 @@ class NodeHandle(Protocol):
     def invite_token(self) -> str | None: ...
     def election(self, name: str) -> Elect:
         """A registered election by name (an election may delegate to another)."""
+    def elect(self, view: MeshView) -> Plan:
+        """The plan the configured election makes of ``view`` (the plan in force when it
+        fails): what the next election will decide, known before the election settles."""
     async def wait_stopped(self) -> None: ...
 
 

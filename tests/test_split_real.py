@@ -237,6 +237,8 @@ def test_forced_split_matches_solo_answer(mesh_process: Callable[..., MeshProces
     # B seeded its own layers before its rpc-server (none of SmolLM2's is over the 10 MiB
     # threshold; the output matrix, a tied embedding, stays on A's CPU), the rest after
     assert "tensors of this worker's" in b.log(), b.log()
+    # ... and started on them while the election settled, before the plan (worker.py)
+    assert "ahead of the plan" in b.log(), b.log()
     wait_status(b, lambda s: "seeded the rest" in b.log(), "b to seed the rest", 60)
     seeded = status_b["backend"].get("seeded_bytes")
     print(f"\nsplit: B seeded {seeded} bytes of its rpc cache; "

@@ -38,6 +38,7 @@ log = logging.getLogger("meshcore.llamacpp")
 
 MAX_BACKOFF_S = 30.0
 STABLE_S = 60.0  # a child that ran this long resets the backoff
+FORESEE_S = 0.2  # after a change of the mesh, the rest of its burst before looking ahead
 
 
 def child_status(c: Child | None, port: int | None = None) -> dict[str, Any] | None:
@@ -51,7 +52,8 @@ def child_status(c: Child | None, port: int | None = None) -> dict[str, Any] | N
 class LlamaCppBackend:
     """Options (``NodeConfig.options``): ``threads`` (or env MESH_LLM_THREADS),
     ``load_timeout_s`` (default 900), ``llama_args`` (extra llama-server arguments),
-    ``handover`` (default True: see handover.py)."""
+    ``handover`` (default True: see handover.py), ``seed_ahead`` (default True: see
+    worker.py)."""
 
     capabilities = Capabilities(host=True, rpc_worker=True, uses_workers=True)
 
@@ -161,6 +163,10 @@ class LlamaCppBackend:
         task_status.started()
         # Workers predict their layers from the host's device kind (see worker.py).
         self.node.set_serving(self.node.state.me.serving, device=self.machine.capacity.kind)
+        model = self.node.model
+        if model is not None and model.path is not None \
+                and self.node.config.options.get("seed_ahead", True):
+            self.node.task_group.start_soon(self._foresee)
         backoff = 1.0
         try:
             while True:
@@ -173,6 +179,23 @@ class LlamaCppBackend:
         finally:
             await self.handover.retire()
             self.node.withdraw_service("rpc")
+
+    async def _foresee(self) -> None:
+        """Seed ahead of the plan (worker.py): after each change of the mesh, the plan the
+        election will make once it settles; one that makes this node a worker of our model
+        starts the seeding of its layers now, not 1 s later."""
+        node, gen = self.node, -1
+        while True:
+            gen = await node.state.changed(gen)
+            await anyio.sleep(FORESEE_S)
+            gen = node.state.generation
+            try:
+                plan = node.elect(node.view())
+                if plan != node.plan and self.worker.seed_ahead(plan):
+                    log.info("the mesh is settling on a split with this node as a worker: "
+                             "seeding its layers ahead of the plan")
+            except Exception:  # a look ahead must never stop the node
+                log.exception("looking ahead of the election failed")
 
     async def _step(self, plan: Plan | None, wanted: Want, wake: anyio.Event) -> None:
         """Run what ``wanted`` asks until ``wake`` is set (or a part returns to start over)."""

@@ -4,6 +4,11 @@ Before the rpc-server starts, the worker writes the cache entries of the layers 
 put on it (predicted from the plan and the device the host announced), so those weights never
 cross the network; the rest of the model follows while the rpc-server runs (a later plan may
 give this worker other layers). See hashcache.py.
+
+Seeding ahead (:meth:`RpcWorker.seed_ahead`): the election settles 1 s after the last change
+of the mesh (``settle_s``) before it decides, but the plan it is forming is known at once
+(``node.elect``). A node that this plan makes a worker starts seeding its layers then, so
+that the plan's own pass finds them hashed (the index) and the rpc-server starts sooner.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -46,6 +52,15 @@ def predicted_layers(plan: Plan, host_device: str | None, n_layer: int,
     return layers - {n_layer} if lay.output_on_host else layers
 
 
+@dataclass
+class Ahead:
+    """A pass seeding the ``layers`` of a plan not yet in force; ``done`` once it ended."""
+
+    layers: set[int]
+    done: anyio.Event = field(default_factory=anyio.Event)
+    written: int = 0
+
+
 class RpcWorker:
     """Runs rpc-server for the plans that make this node a worker; keeps its status."""
 
@@ -57,10 +72,19 @@ class RpcWorker:
         self.rpc: Child | None = None
         self.rpc_port: int | None = None
         self.seeded_bytes: int | None = None
+        self.ahead: Ahead | None = None  # the last pass that seeded ahead of a plan
+        self.serving = False  # serve() runs
 
     async def serve(self, plan: Plan, wake: anyio.Event) -> None:
         """Seed, then run rpc-server (offered to tunnels as ``rpc``) until ``wake`` is set
         (returns) or it fails (raises)."""
+        self.serving = True  # its passes write the cache: none ahead meanwhile
+        try:
+            await self._serve(plan, wake)
+        finally:
+            self.serving = False
+
+    async def _serve(self, plan: Plan, wake: anyio.Event) -> None:
         node, bins = self.node, self.machine.bins
         assert bins is not None
         node.set_serving(Serving.LOADING, error=None)
@@ -100,6 +124,9 @@ class RpcWorker:
         rpc-server runs, see ``_seed_rest``). Returns what the second pass may skip, or None
         when there is no second pass."""
         self.seeded_bytes = None
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None:  # one pass at a time on the cache (its ledger, its index)
+            await ahead.done.wait()
         cache_dir.mkdir(parents=True, exist_ok=True)
         # Before every start, whether or not we have the model: what an earlier host made
         # rpc-server save (or anyone else left) must not reach the next host (hashcache.py).
@@ -114,7 +141,37 @@ class RpcWorker:
         if layers is None:
             await self._seed_all(info.path, cache_dir)
             return None
-        return await self._seed_layers(info.path, cache_dir, layers)
+        written, known = await self._seed_layers(info.path, cache_dir, layers)
+        self.seeded_bytes = written + (ahead.written if ahead is not None else 0)
+        return known
+
+    def seed_ahead(self, plan: Plan) -> bool:
+        """Start seeding the layers ``plan`` would give this node, before it is the plan in
+        force (the election is settling; see the module doc). Only one such pass at a time,
+        only for a plan of our model that makes us a worker, and only while :meth:`serve`
+        does not run (its passes write the cache too). True if a pass started."""
+        info, ahead = self.node.model, self.ahead
+        if (self.serving or info is None or info.path is None
+                or info.name != plan.model or self.node.id not in {w.peer_id for w in plan.workers}
+                or (ahead is not None and not ahead.done.is_set())):
+            return False
+        layers = self._my_layers(plan)
+        if layers is None or (ahead is not None and ahead.layers == layers):
+            return False
+        self.ahead = Ahead(layers)
+        self.node.task_group.start_soon(self._ahead_pass, info.path, self.ahead)
+        return True
+
+    async def _ahead_pass(self, model: Path, ahead: Ahead) -> None:
+        cache_dir = self.machine.rpc_cache / "rpc"
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            ahead.written, _ = await self._seed_layers(model, cache_dir, ahead.layers,
+                                                       " ahead of the plan")
+        except Exception as exc:  # only load time is lost: the plan's pass redoes it
+            log.warning("seeding ahead of the plan failed: %r", exc)
+        finally:
+            ahead.done.set()
 
     # Hashing runs in a worker process: hashing a big GGUF in a thread would hold the GIL for
     # long stretches and starve the event loop (gossip, tunnels). What the rpc-server waits
@@ -129,19 +186,20 @@ class RpcWorker:
         log.info("seeded the rpc cache with %s bytes of %s in %.1f s", self.seeded_bytes,
                  model.name, time.monotonic() - started)
 
-    async def _seed_layers(self, model: Path, cache_dir: Path,
-                           layers: set[int]) -> dict[str, str]:
+    async def _seed_layers(self, model: Path, cache_dir: Path, layers: set[int],
+                           when: str = "") -> tuple[int, dict[str, str]]:
+        """Bytes written and tensor name -> entry name, for the tensors of ``layers``."""
         started = time.monotonic()
         names = await anyio.to_thread.run_sync(functools.partial(
             hashcache.tensors_of_layers, model, layers, self.machine.n_layer))
-        self.seeded_bytes, known = await anyio.to_process.run_sync(functools.partial(
+        written, known = await anyio.to_process.run_sync(functools.partial(
             hashcache.seed_tensors, model, cache_dir, names, workers=None),
             cancellable=True)
         log.info("seeded the rpc cache with the %d tensors of this worker's %d layers "
-                 "(%s bytes) in %.1f s; the rest of %s follows in the background",
-                 len(names), len(layers), self.seeded_bytes, time.monotonic() - started,
+                 "(%s bytes) in %.1f s%s; the rest of %s follows in the background",
+                 len(names), len(layers), written, time.monotonic() - started, when,
                  model.name)
-        return known
+        return written, known
 
     async def _seed_rest(self, cache_dir: Path, known: dict[str, str] | None) -> None:
         """Seed the rest of the model while the rpc-server runs (a later plan may give this

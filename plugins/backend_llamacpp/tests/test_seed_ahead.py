@@ -1,0 +1,170 @@
+"""Seeding ahead of the plan (worker.py): while the election settles, a node that the plan being
+formed makes a worker seeds its layers; the plan's own pass then hashes nothing again, and
+never runs beside it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import anyio
+import anyio.to_process
+import pytest
+from meshcore_backend_llamacpp import hashcache
+from meshcore_backend_llamacpp.machine import Machine
+from meshcore_backend_llamacpp.worker import RpcWorker
+from test_hashcache import layered_model
+
+from meshcore.components import ModelInfo
+from meshcore.plan import Participant, Plan, PlanState
+from meshcore.state import MeshState, Peer
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def split(model: str = "m") -> Plan:
+    """Host ``h`` (a GPU) and worker ``w``, half the layers each."""
+    return Plan(PlanState.SPLIT, host_id="h", model=model,
+                participants=(Participant("w", 1 << 30, 0.5, rpc=True),
+                              Participant("h", 1 << 30, 0.5, rpc=False)))
+
+
+class Hashes:
+    """Runs the worker's process calls in a thread, counting the tensors hashed; ``gate``,
+    when given, holds every call until it is set."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, gate: anyio.Event | None = None) -> None:
+        self.count, self.gate, self.calls = 0, gate, 0
+        real = hashcache.fnv1a_64
+
+        def counting(data: bytes) -> int:
+            self.count += 1
+            return int(real(data))
+
+        async def in_thread(func: Callable[[], Any], *, cancellable: bool = False) -> Any:
+            self.calls += 1
+            if self.gate is not None:
+                await self.gate.wait()
+            return await anyio.to_thread.run_sync(func)
+
+        monkeypatch.setattr(hashcache, "fnv1a_64", counting)
+        monkeypatch.setattr(anyio.to_process, "run_sync", in_thread)
+
+
+async def worker_for(tmp_path: Path, tg: Any) -> tuple[RpcWorker, Path]:
+    path, _ = layered_model(tmp_path, tied=False)  # 3 blocks and an output layer
+    state = MeshState(Peer(id="w"))
+    state.upsert(Peer(id="h", seq=1, extra={"device": "cuda"}))
+    node = SimpleNamespace(id="w", state=state, task_group=tg,
+                           model=ModelInfo(name="m", path=path, size=path.stat().st_size))
+    machine = Machine(tmp_path / "state", threads=1, n_layer=3)
+    return RpcWorker(node, machine, lambda: None), machine.rpc_cache / "rpc"
+
+
+async def test_a_worker_to_be_seeds_its_layers_and_the_plan_hashes_none_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hashes = Hashes(monkeypatch)
+    async with anyio.create_task_group() as tg:
+        worker, cache = await worker_for(tmp_path, tg)
+        assert worker.seed_ahead(split())
+        assert not worker.seed_ahead(split())  # one pass at a time
+        assert worker.ahead is not None
+        ahead = worker.ahead
+        await ahead.done.wait()
+        names = hashcache.tensors_of_layers(worker.node.model.path, ahead.layers, 3)
+        assert names and hashes.count == len(names)
+        assert ahead.written > 0
+        assert not worker.seed_ahead(split())  # the same layers again: nothing to do
+        hashes.count = 0
+        known = await worker._seed(split(), cache)  # what serve() runs for the plan
+        assert hashes.count == 0, "the plan's pass hashed again what was seeded ahead"
+        assert known is not None and set(known) == set(names)
+        assert worker.seeded_bytes == ahead.written
+        for entry in known.values():
+            assert (cache / entry).is_file()
+
+
+async def test_the_plans_pass_waits_for_the_pass_ahead(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = anyio.Event()
+    hashes = Hashes(monkeypatch, gate)
+    pruned: list[bool] = []
+    real_prune = hashcache.prune_foreign
+
+    def prune(cache: Path) -> list[str]:
+        pruned.append(True)
+        return list(real_prune(cache))
+
+    monkeypatch.setattr(hashcache, "prune_foreign", prune)
+    async with anyio.create_task_group() as tg:
+        worker, cache = await worker_for(tmp_path, tg)
+        assert worker.seed_ahead(split())
+        seeded: list[object] = []
+
+        async def plan_pass() -> None:
+            seeded.append(await worker._seed(split(), cache))
+
+        tg.start_soon(plan_pass)
+        await anyio.sleep(0.2)
+        assert not pruned and not seeded  # still behind the pass ahead: one writer at a time
+        gate.set()
+        with anyio.fail_after(10):
+            while not seeded:
+                await anyio.sleep(0.01)
+        assert pruned and hashes.calls == 2
+
+
+@pytest.mark.parametrize("case", ["serving", "host", "other model", "no device"])
+async def test_no_pass_ahead_where_the_plan_would_not_use_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    Hashes(monkeypatch)
+    async with anyio.create_task_group() as tg:
+        worker, _ = await worker_for(tmp_path, tg)
+        plan = split()
+        if case == "serving":  # serve() runs: its own passes write the cache
+            worker.serving = True
+        elif case == "host":
+            plan = Plan(PlanState.SPLIT, host_id="w", model="m", participants=(
+                Participant("h", 1 << 30, 0.5, rpc=True),
+                Participant("w", 1 << 30, 0.5, rpc=False)))
+        elif case == "other model":
+            plan = split("another")
+        else:  # the host announced no device: the layers cannot be predicted
+            worker.node.state.upsert(Peer(id="h", seq=2))
+        assert not worker.seed_ahead(plan)
+        assert worker.ahead is None
+
+
+
+async def test_a_failed_pass_ahead_costs_only_its_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    """Whatever the pass ahead raises (a broken worker process, say) is logged; the node's
+    task group goes on, and the plan's own pass seeds the layers."""
+    hashes = Hashes(monkeypatch)
+    calls = 0
+    counted = anyio.to_process.run_sync
+
+    async def broken_once(func: Callable[[], Any], *, cancellable: bool = False) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("the worker process broke")
+        return await counted(func, cancellable=cancellable)
+
+    monkeypatch.setattr(anyio.to_process, "run_sync", broken_once)
+    async with anyio.create_task_group() as tg:
+        worker, cache = await worker_for(tmp_path, tg)
+        assert worker.seed_ahead(split()) and worker.ahead is not None
+        await worker.ahead.done.wait()
+        assert "seeding ahead of the plan failed" in caplog.text
+        known = await worker._seed(split(), cache)
+        assert known and hashes.count == len(known)
+        assert worker.seeded_bytes and worker.seeded_bytes > 0
