@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 
 from meshcore.components import ModelInfo, NodeHandle
+from meshcore.fields import Field, declare
 from meshcore.plan import Plan
 from meshcore.state import MeshView, Serving
 from meshcore_backend_llamacpp import commands
@@ -32,6 +33,11 @@ from meshcore_backend_llamacpp.race import Woken, race
 log = logging.getLogger("meshcore.llamacpp")
 
 MayKeep = Callable[[Plan, Layout, Child], bool]  # may this server stand by for the new plan?
+
+LOADED = declare(Field("rpc_loaded", list, "backend (llamacpp) hosts",
+                       "backend (llamacpp) workers",
+                       "list of str: the workers whose layers this host's ready llama-server "
+                       "holds (a worker seeds the rest of the model only then, see worker.py)"))
 
 
 def without_rpc(view: MeshView, peers: Iterable[str]) -> list[str]:
@@ -124,13 +130,16 @@ class LlamaServerHost:
             self._loaded(lay.rpc_peers, sent_before, time.monotonic() - began)
             self.ready, self.serving_plan = True, plan
             self.on_ready()
-            node.set_serving(Serving.READY, error=None)
+            node.set_serving(Serving.READY, error=None,
+                             **{LOADED.key: list(lay.rpc_peers) or None})
             served = await race(wake, [child],
                                 functools.partial(self._serve_and_retire, lay.rpc_peers))
             if isinstance(served, Woken) and may_keep(plan, lay, child):
                 self.handover.keep(Standby(stack, child, port, plan.model or ""))
                 handed_over = True
         finally:
+            if self.ready:
+                node.announce(**{LOADED.key: None})
             self.ready, self.serving_plan = False, None
             if not handed_over:
                 with anyio.CancelScope(shield=True):

@@ -3,7 +3,8 @@
 Before the rpc-server starts, the worker writes the cache entries of the layers the host will
 put on it (predicted from the plan and the device the host announced), so those weights never
 cross the network; the rest of the model follows while the rpc-server runs (a later plan may
-give this worker other layers). See hashcache.py.
+give this worker other layers), once the host's llama-server has loaded (``rpc_loaded``). See
+hashcache.py.
 
 Seeding ahead (:meth:`RpcWorker.seed_ahead`): the election settles 1 s after the last change
 of the mesh (``settle_s``) before it decides, but the plan it is forming is known at once
@@ -30,6 +31,7 @@ from meshcore.components import NodeHandle
 from meshcore.plan import Plan
 from meshcore.state import Serving
 from meshcore_backend_llamacpp import commands, hashcache
+from meshcore_backend_llamacpp.host import LOADED
 from meshcore_backend_llamacpp.machine import Machine
 from meshcore_backend_llamacpp.process import Child, free_port, supervised, wait_listening
 from meshcore_backend_llamacpp.race import Woken, race
@@ -37,6 +39,7 @@ from meshcore_backend_llamacpp.race import Woken, race
 log = logging.getLogger("meshcore.llamacpp")
 
 LISTEN_TIMEOUT_S = 60.0
+LOADED_WAIT_S = 300.0  # the longest the background seeding waits for the host's load
 
 
 def predicted_layers(plan: Plan, host_device: str | None, n_layer: int,
@@ -107,7 +110,8 @@ class RpcWorker:
                 self.rpc_port = port
                 node.set_serving(Serving.RPC, error=None)
                 await race(wake, [child],
-                           functools.partial(self._seed_rest, cache_dir, seeded.value))
+                           functools.partial(self._seed_rest, cache_dir, seeded.value,
+                                             plan.host_id))
             finally:
                 node.withdraw_service("rpc", port)
                 self.rpc_port = None
@@ -173,6 +177,19 @@ class RpcWorker:
         finally:
             ahead.done.set()
 
+    async def host_loaded(self, host_id: str | None) -> bool:
+        """Wait until the host announces that its llama-server holds this worker's layers
+        (``rpc_loaded``, host.py), at most LOADED_WAIT_S (a host that never says so). The
+        background pass reads the rest of the model file and writes gigabytes of entries:
+        during the host's load it slowed that load by a quarter on a 2-core machine
+        (docs/benchmarks.md, "Issue 13: seeding ahead of the plan, ..."). True if it was said."""
+        state, gen = self.node.state, -1
+        with anyio.move_on_after(LOADED_WAIT_S):
+            while self.node.id not in (LOADED.read(state.view().get(host_id or "")) or ()):
+                gen = await state.changed(gen)
+            return True
+        return False
+
     # Hashing runs in a worker process: hashing a big GGUF in a thread would hold the GIL for
     # long stretches and starve the event loop (gossip, tunnels). What the rpc-server waits
     # for is hashed on self.machine.threads threads there; the background pass on one, so it
@@ -201,11 +218,13 @@ class RpcWorker:
                  model.name)
         return written, known
 
-    async def _seed_rest(self, cache_dir: Path, known: dict[str, str] | None) -> None:
+    async def _seed_rest(self, cache_dir: Path, known: dict[str, str] | None,
+                         host_id: str | None = None) -> None:
         """Seed the rest of the model while the rpc-server runs (a later plan may give this
         worker other layers), then wait. A failure here only costs load time later."""
         info = self.node.model
         if known is not None and info is not None and info.path is not None:
+            await self.host_loaded(host_id)
             started = time.monotonic()
             try:
                 more = await anyio.to_process.run_sync(functools.partial(

@@ -491,6 +491,9 @@ def test_worker_prunes_a_poisoned_cache_before_its_rpc_server_starts(
     reply = httpx.post(f"{a.url}/completions", json={"prompt": "The capital of France is",
                        "max_tokens": 4, "temperature": 0}, timeout=120)
     assert reply.status_code == 200 and reply.json()["choices"][0]["text"], reply.text
+    while "seeded the rest" not in b.log():  # after A's load (rpc_loaded): the real entry
+        assert time.monotonic() < deadline, b.log()
+        time.sleep(0.2)
     assert poisoned.read_bytes() == real, "the poisoned entry survived B's rpc-server start"
     assert not stray.exists(), b.log()
     assert "deleted 2 entries this node did not write" in b.log()

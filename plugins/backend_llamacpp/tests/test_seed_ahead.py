@@ -168,3 +168,33 @@ async def test_a_failed_pass_ahead_costs_only_its_work(
         known = await worker._seed(split(), cache)
         assert known and hashes.count == len(known)
         assert worker.seeded_bytes and worker.seeded_bytes > 0
+
+
+async def test_the_rest_waits_for_the_host_to_hold_this_workers_layers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The background pass (the rest of the model) starts once the host announces that its
+    llama-server holds our layers (``rpc_loaded``), or after LOADED_WAIT_S without it."""
+    from meshcore_backend_llamacpp import worker as worker_module
+    from meshcore_backend_llamacpp.host import LOADED
+
+    async with anyio.create_task_group() as tg:
+        worker, _ = await worker_for(tmp_path, tg)
+        state = worker.node.state
+        said: list[bool] = []
+
+        async def wait() -> None:
+            said.append(await worker.host_loaded("h"))
+
+        tg.start_soon(wait)
+        await anyio.sleep(0.1)
+        state.upsert(Peer(id="h", seq=2, extra={"device": "cuda", LOADED.key: ["other"]}))
+        await anyio.sleep(0.1)
+        assert not said  # another worker's layers, not ours
+        state.upsert(Peer(id="h", seq=3, extra={"device": "cuda", LOADED.key: ["other", "w"]}))
+        with anyio.fail_after(5):
+            while not said:
+                await anyio.sleep(0.01)
+        assert said == [True]
+        monkeypatch.setattr(worker_module, "LOADED_WAIT_S", 0.2)  # a host that never says so
+        with anyio.fail_after(5):
+            assert await worker.host_loaded("gone") is False
