@@ -151,7 +151,7 @@ class Node(Proc):
 
     def __init__(self, name: str, args: list[str], gpus: str, logs: Path, common: list[str],
                  threads: int, extra_env: dict[str, str] | None = None) -> None:
-        home = Path(tempfile.mkdtemp(prefix=f"gpu-{name}-", dir=logs))
+        home = self.home = Path(tempfile.mkdtemp(prefix=f"gpu-{name}-", dir=logs))
         env = {**os.environ, "MESH_LLM_HOME": str(home), "CUDA_VISIBLE_DEVICES": gpus,
                "MESH_LLM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         super().__init__(name, [sys.executable, "-m", "meshcore_cli", "--port", "0", *common,
@@ -181,6 +181,19 @@ class Node(Proc):
     def argv(self) -> list[str]:
         argv: list[str] = self.status()["backend"]["llama_server"]["argv"]
         return argv
+
+    def evidence(self, lines: int = 40) -> dict[str, Any]:
+        """What tells why this node is not where the bench waited for it: its status (or
+        why there is none) and the last lines of its log and its children's logs."""
+        out: dict[str, Any] = {}
+        try:
+            out["status"] = self.status()
+        except (httpx.HTTPError, ValueError) as exc:
+            out["status"] = f"unavailable: {exc!r}"
+        for log in [self.log, *sorted(self.home.glob("logs/*.log"))]:
+            with contextlib.suppress(OSError):
+                out[log.name] = log.read_text(errors="replace").splitlines()[-lines:]
+        return out
 
 
 def with_port(argv: list[str], port: int, rpc: str | None = None) -> list[str]:
@@ -274,7 +287,11 @@ def split(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> No
                 return h is not None and serves_split(h.status()) and httpx.get(
                     f"{h.base}/health", timeout=10).status_code == 200
 
-            wait_for(serving, "the mesh to serve the split", 240, every=0.05)
+            try:
+                wait_for(serving, "the mesh to serve the split", 240, every=0.05)
+            except SystemExit:  # a machine is gone by the next call: keep why, in results
+                RESULTS["split_failure"] = {n.log.stem: n.evidence() for n in (a, b)}
+                raise
             mesh_load = time.monotonic() - start
             probes.stop()
             say(f"A's /health while B joined and the split loaded: {probes.summary()}")
