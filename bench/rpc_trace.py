@@ -314,7 +314,7 @@ def _pct(values: list[float]) -> dict[str, float]:
             "p90": round(p90, 1)}
 
 
-GAP_NS = 50_000_000  # a turn followed by a longer pause ends a request: not a token
+GAP = 10  # a turn followed by a pause this many times the median turn ends a request
 
 
 def turn_stats(host: list[Turn], worker: list[Turn] | None = None) -> dict[str, Any]:
@@ -333,8 +333,12 @@ def turn_stats(host: list[Turn], worker: list[Turn] | None = None) -> dict[str, 
     keys = ("send", "wait", "receive", "host", "token", "forward", "worker", "back")
     got: dict[str, list[float]] = {k: [] for k in keys}
     starts = [w.c_last for w in worker] if worker else []
-    for this, after in itertools.pairwise(host):
-        if this.r_bytes != size or after.c_first - this.c_first > GAP_NS:
+    pairs = [(a, b) for a, b in itertools.pairwise(host) if a.r_bytes == size]
+    if not pairs:
+        return {"turns": 0}
+    usual = statistics.median(b.c_first - a.c_first for a, b in pairs)
+    for this, after in pairs:
+        if after.c_first - this.c_first > GAP * usual:
             continue
         got["send"].append((this.c_last - this.c_first) / 1e3)
         got["wait"].append((this.r_first - this.c_last) / 1e3)
