@@ -35,6 +35,7 @@ from meshcore_backend_llamacpp.host import LOADED
 from meshcore_backend_llamacpp.machine import Machine
 from meshcore_backend_llamacpp.process import Child, free_port, supervised, wait_listening
 from meshcore_backend_llamacpp.race import Woken, race
+from meshcore_backend_llamacpp.want import Worker, want
 
 log = logging.getLogger("meshcore.llamacpp")
 
@@ -155,8 +156,8 @@ class RpcWorker:
         only for a plan of our model that makes us a worker, and only while :meth:`serve`
         does not run (its passes write the cache too). True if a pass started."""
         info, ahead = self.node.model, self.ahead
-        if (self.serving or info is None or info.path is None
-                or info.name != plan.model or self.node.id not in {w.peer_id for w in plan.workers}
+        if (self.serving or info is None or info.path is None or info.name != plan.model
+                or not isinstance(want(plan, self.node.id), Worker)
                 or (ahead is not None and not ahead.done.is_set())):
             return False
         layers = self._my_layers(plan)

@@ -142,7 +142,6 @@ async def test_no_pass_ahead_where_the_plan_would_not_use_it(
         assert worker.ahead is None
 
 
-
 async def test_a_failed_pass_ahead_costs_only_its_work(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
         ) -> None:
