@@ -196,6 +196,35 @@ class Node(Proc):
         return out
 
 
+class Timeline:
+    """When each step of the split's load was first seen, in seconds since ``start``: the
+    bench polls both nodes' status every 50 ms while it waits for the split."""
+
+    def __init__(self, start: float, a_id: str) -> None:
+        self.start, self.a_id = start, a_id
+        self.seen: dict[str, float] = {}
+
+    def note(self, what: str) -> None:
+        self.seen.setdefault(what, round(time.monotonic() - self.start, 2))
+
+    def look(self, a: Node, b: Node) -> None:
+        for name, node in (("A", a), ("B", b)):
+            st = node.status()
+            plan, back = st["plan"], st["backend"]
+            self.note(f"{name} plan {plan['state']}" + (
+                f", host {'A' if plan['host_id'] == self.a_id else 'B'}" if plan["host_id"]
+                else ""))
+            if back.get("seeding"):
+                self.note(f"{name} seeding {back['seeding']}")
+            if back.get("rpc_server"):
+                self.note(f"{name} rpc-server running")
+            if st["me"]["extra"].get("rpc_loaded"):
+                self.note(f"{name} says its llama-server holds the workers' layers")
+            server = back.get("llama_server")
+            if server:
+                self.note(f"{name} llama-server pid {server['pid']}")
+
+
 def with_port(argv: list[str], port: int, rpc: str | None = None) -> list[str]:
     argv = list(argv)
     argv[argv.index("--port") + 1] = str(port)
@@ -269,10 +298,13 @@ def split(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> No
     with stopping(a):
         wait_ok(f"{a.base}/health", a.proc, timeout=150)
         say("split: A serves solo; starting B on GPU1")
+        a_id = a.status()["id"]
         start = time.monotonic()
         probes = HealthPoller(f"{a.base}/health", every=0.1, timeout=5)  # A's API meanwhile
         b_gpu = "0" if args.same_gpu else "1"
+        timeline = Timeline(start, a_id)
         b = Node("split-B", ["--join", a.token], b_gpu, logs, common, args.threads, traced)
+        timeline.note("B printed its banner")
         with stopping(b), probes:
             gpu_of = {id(a): "0", id(b): b_gpu}
 
@@ -283,6 +315,8 @@ def split(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> No
                 return next(n for n in (a, b) if n.status()["id"] == plan["host_id"])
 
             def serving() -> bool:
+                with contextlib.suppress(httpx.HTTPError, KeyError, TypeError):
+                    timeline.look(a, b)
                 h = host()
                 return h is not None and serves_split(h.status()) and httpx.get(
                     f"{h.base}/health", timeout=10).status_code == 200
@@ -293,12 +327,24 @@ def split(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> No
                 RESULTS["split_failure"] = {n.log.stem: n.evidence() for n in (a, b)}
                 raise
             mesh_load = time.monotonic() - start
+            timeline.note("served")
             probes.stop()
+            say("the split's load, seconds after B started: " + "; ".join(
+                f"{t:.2f} {what}" for what, t in timeline.seen.items()))
             say(f"A's /health while B joined and the split loaded: {probes.summary()}")
             h = host()
             assert h is not None
             worker = b if h is a else a
+            # The worker seeds the rest of the model (the host's layers) once the host has
+            # loaded: gigabytes read, hashed and written. Let it end before the raw load and
+            # the comparison, so neither runs beside it; how long it took is kept.
+            rest = time.monotonic()
+            wait_for(lambda: worker.status()["backend"].get("seeding") is None,
+                     "the worker's background seeding to end", 300, every=0.2)
+            rest_s = time.monotonic() - rest
+            say(f"the worker's background seeding ended {rest_s:.1f} s after the split served")
             status_h, status_w = h.status(), worker.status()
+            node_logs = {n.log.stem: n.evidence(lines=60) for n in (a, b)}  # the load's steps
             argv = status_h["backend"]["llama_server"]["argv"]
             say(f"split mesh serving after {mesh_load:.1f} s, host on GPU{gpu_of[id(h)]}: "
                 f"{' '.join(argv[1:])}")
@@ -306,7 +352,9 @@ def split(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> No
             res = raw_split(argv, bin_dir, logs, args, h.base,
                             (gpu_of[id(h)], gpu_of[id(worker)]))
     res["load_s"]["mesh"] = mesh_load
-    res.update(argv=argv, ratio_load=mesh_load / res["load_s"]["raw"],
+    res.update(argv=argv, worker_rest_seed_s=rest_s, mesh_timeline=timeline.seen,
+               node_logs=node_logs,
+               ratio_load=mesh_load / res["load_s"]["raw"],
                host_gpu=gpu_of[id(h)], effective_shares=status_h["backend"].get(
                    "effective_shares"), worker_seeded_bytes=status_w["backend"].get(
                    "seeded_bytes"), gpu_memory_mesh_only=mem_mesh,
@@ -329,17 +377,19 @@ def raw_split(argv: list[str], bin_dir: Path, logs: Path, args: argparse.Namespa
                {**os.environ, "CUDA_VISIBLE_DEVICES": worker_gpu}, logs)
     with stopping(rpc):
         wait_for(lambda: listening(rpc_port), "the raw rpc-server", 60, every=0.05)
+        rpc_up = time.monotonic() - start
         server = Proc("split-raw-llama-server", with_port(argv, port, f"127.0.0.1:{rpc_port}"),
                       {**os.environ, "CUDA_VISIBLE_DEVICES": host_gpu}, logs)
         with stopping(server):
             wait_ok(f"http://127.0.0.1:{port}/health", server.proc, timeout=300)
             raw_load = time.monotonic() - start
-            say(f"split raw serving after {raw_load:.1f} s")
+            say(f"split raw serving after {raw_load:.1f} s (its rpc-server listened after "
+                f"{rpc_up:.2f} s)")
             mem = gpu_memory()
             direct = f"http://127.0.0.1:{argv[argv.index('--port') + 1]}"
             res = compare({"raw": f"http://127.0.0.1:{port}", "mesh": mesh_base,
                            "direct": direct}, args.runs, args.tokens)
-    res.update(load_s={"raw": raw_load}, gpu_memory_both=mem)
+    res.update(load_s={"raw": raw_load}, raw_rpc_server_s=rpc_up, gpu_memory_both=mem)
     res["ratio_tps_direct"] = res["median"]["direct"][1] / res["median"]["raw"][1]
     say(f"split tok/s raw {res['median']['raw'][1]:.1f}, mesh API {res['median']['mesh'][1]:.1f}"
         f", mesh llama-server direct {res['median']['direct'][1]:.1f}")

@@ -241,7 +241,8 @@ def test_forced_split_matches_solo_answer(mesh_process: Callable[..., MeshProces
     assert "ahead of the plan" in b.log(), b.log()
     # A announced that its llama-server holds B's layers: B seeds the rest after that
     assert status_a["me"]["extra"].get("rpc_loaded") == [status_b["id"]], status_a["me"]
-    wait_status(b, lambda s: "seeded the rest" in b.log(), "b to seed the rest", 60)
+    wait_status(b, lambda s: "seeded the rest" in b.log() and s["backend"]["seeding"] is None,
+                "b to seed the rest", 60)
     seeded = status_b["backend"].get("seeded_bytes")
     print(f"\nsplit: B seeded {seeded} bytes of its rpc cache; "
           f"A layout {status_a['backend']['layout']}")

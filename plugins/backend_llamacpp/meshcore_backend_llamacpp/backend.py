@@ -144,6 +144,7 @@ class LlamaCppBackend:
             "restarts": self.restarts,
             "error": self.error,
             "seeded_bytes": worker.seeded_bytes,
+            "seeding": worker.seeding,
             "load_tunneled_bytes": host.load_tunneled_bytes,
             "log_dir": str(machine.log_dir),
         }
@@ -167,6 +168,8 @@ class LlamaCppBackend:
         if model is not None and model.path is not None \
                 and self.node.config.options.get("seed_ahead", True):
             self.node.task_group.start_soon(self._foresee)
+            if self.node.config.joins:  # it may be made a worker as soon as it has joined
+                self.node.task_group.start_soon(self.worker.warm)
         backoff = 1.0
         try:
             while True:

@@ -14,13 +14,15 @@ that the plan's own pass finds them hashed (the index) and the rpc-server starts
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 import anyio.to_process
@@ -37,6 +39,7 @@ from meshcore_backend_llamacpp.process import Child, free_port, supervised, wait
 from meshcore_backend_llamacpp.race import Woken, race
 from meshcore_backend_llamacpp.want import Worker, want
 
+T = TypeVar("T")
 log = logging.getLogger("meshcore.llamacpp")
 
 LISTEN_TIMEOUT_S = 60.0
@@ -78,6 +81,9 @@ class RpcWorker:
         self.seeded_bytes: int | None = None
         self.ahead: Ahead | None = None  # the last pass that seeded ahead of a plan
         self.serving = False  # serve() runs
+        self.seeding: str | None = None  # which pass writes the cache now (status)
+        self._warming: anyio.Event | None = None  # set once the hashing process is up
+        self.hashing_pid: int | None = None  # that process, once warm() started it
 
     async def serve(self, plan: Plan, wake: anyio.Event) -> None:
         """Seed, then run rpc-server (offered to tunnels as ``rpc``) until ``wake`` is set
@@ -93,7 +99,8 @@ class RpcWorker:
         assert bins is not None
         node.set_serving(Serving.LOADING, error=None)
         cache_dir = self.machine.rpc_cache / "rpc"
-        seeded = await race(wake, (), functools.partial(self._seed, plan, cache_dir))
+        with self._doing("this worker's layers"):
+            seeded = await race(wake, (), functools.partial(self._seed, plan, cache_dir))
         if isinstance(seeded, Woken):
             return
         port = free_port()
@@ -170,13 +177,25 @@ class RpcWorker:
     async def _ahead_pass(self, model: Path, ahead: Ahead) -> None:
         cache_dir = self.machine.rpc_cache / "rpc"
         try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            ahead.written, _ = await self._seed_layers(model, cache_dir, ahead.layers,
-                                                       " ahead of the plan")
+            with self._doing("ahead of the plan"):
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                ahead.written, _ = await self._seed_layers(model, cache_dir, ahead.layers,
+                                                           " ahead of the plan")
         except Exception as exc:  # only load time is lost: the plan's pass redoes it
             log.warning("seeding ahead of the plan failed: %r", exc)
         finally:
             ahead.done.set()
+
+    @contextlib.contextmanager
+    def _doing(self, what: str) -> Iterator[None]:
+        """Shown as ``seeding`` in the status while the block runs (the plan's pass may
+        start while a pass ahead of it ends: the later one keeps the word)."""
+        self.seeding = what
+        try:
+            yield
+        finally:
+            if self.seeding == what:
+                self.seeding = None
 
     async def host_loaded(self, host_id: str | None) -> bool:
         """Wait until the host announces that its llama-server holds this worker's layers
@@ -193,14 +212,35 @@ class RpcWorker:
 
     # Hashing runs in a worker process: hashing a big GGUF in a thread would hold the GIL for
     # long stretches and starve the event loop (gossip, tunnels). What the rpc-server waits
-    # for is hashed on self.machine.threads threads there; the background pass on one, so it
-    # does not compete with the rpc-server serving the host's load (or, on a CPU, computing).
+    # for is hashed on one thread per CPU there (nothing of ours runs beside it yet); the
+    # background pass on one, so it does not compete with the rpc-server serving the host's
+    # load (or, on a CPU, computing).
+
+    async def warm(self) -> None:
+        """Start the hashing process now, with what it imports (anyio keeps an idle one for
+        the next call): a node that joins a mesh may be made a worker within a second, and
+        its first pass would otherwise wait for a Python start first (0.1-0.4 s on 2 cores;
+        docs/benchmarks.md, "Issue 13: the split's load, step by step")."""
+        if self._warming is not None:
+            return
+        self._warming = anyio.Event()
+        try:
+            self.hashing_pid = await anyio.to_process.run_sync(hashcache.warm)
+        except Exception as exc:  # the pass itself starts one again, and reports its failure
+            log.debug("starting the hashing process ahead failed: %r", exc)
+        finally:
+            self._warming.set()
+
+    async def _in_process(self, call: Callable[[], T]) -> T:
+        """``call()`` in the hashing process (once the one warming up is ready)."""
+        if self._warming is not None:
+            await self._warming.wait()
+        return await anyio.to_process.run_sync(call, cancellable=True)
 
     async def _seed_all(self, model: Path, cache_dir: Path) -> None:
         started = time.monotonic()
-        self.seeded_bytes = await anyio.to_process.run_sync(functools.partial(
-            hashcache.seed_cache, model, cache_dir, workers=None),
-            cancellable=True)
+        self.seeded_bytes = await self._in_process(functools.partial(
+            hashcache.seed_cache, model, cache_dir, workers=None))
         log.info("seeded the rpc cache with %s bytes of %s in %.1f s", self.seeded_bytes,
                  model.name, time.monotonic() - started)
 
@@ -210,9 +250,8 @@ class RpcWorker:
         started = time.monotonic()
         names = await anyio.to_thread.run_sync(functools.partial(
             hashcache.tensors_of_layers, model, layers, self.machine.n_layer))
-        written, known = await anyio.to_process.run_sync(functools.partial(
-            hashcache.seed_tensors, model, cache_dir, names, workers=None),
-            cancellable=True)
+        written, known = await self._in_process(functools.partial(
+            hashcache.seed_tensors, model, cache_dir, names, workers=None))
         log.info("seeded the rpc cache with the %d tensors of this worker's %d layers "
                  "(%s bytes) in %.1f s%s; the rest of %s follows in the background",
                  len(names), len(layers), written, time.monotonic() - started, when,
@@ -225,12 +264,13 @@ class RpcWorker:
         worker other layers), then wait. A failure here only costs load time later."""
         info = self.node.model
         if known is not None and info is not None and info.path is not None:
-            await self.host_loaded(host_id)
+            with self._doing("the rest, after the host's load"):
+                await self.host_loaded(host_id)
             started = time.monotonic()
             try:
-                more = await anyio.to_process.run_sync(functools.partial(
-                    hashcache.seed_cache, info.path, cache_dir, known=known, workers=1),
-                    cancellable=True)
+                with self._doing("the rest"):
+                    more = await self._in_process(functools.partial(
+                        hashcache.seed_cache, info.path, cache_dir, known=known, workers=1))
             except (OSError, ValueError) as exc:
                 log.warning("seeding the rest of the rpc cache failed: %s", exc)
             else:

@@ -114,11 +114,13 @@ async def test_the_plans_pass_waits_for_the_pass_ahead(
         tg.start_soon(plan_pass)
         await anyio.sleep(0.2)
         assert not pruned and not seeded  # still behind the pass ahead: one writer at a time
+        assert worker.seeding == "ahead of the plan"  # what the status shows meanwhile
         gate.set()
         with anyio.fail_after(10):
             while not seeded:
                 await anyio.sleep(0.01)
         assert pruned and hashes.calls == 2
+        assert worker.seeding is None
 
 
 @pytest.mark.parametrize("case", ["serving", "host", "other model", "no device"])
@@ -197,3 +199,20 @@ async def test_the_rest_waits_for_the_host_to_hold_this_workers_layers(
         monkeypatch.setattr(worker_module, "LOADED_WAIT_S", 0.2)  # a host that never says so
         with anyio.fail_after(5):
             assert await worker.host_loaded("gone") is False
+
+
+async def test_a_pass_runs_in_the_hashing_process_warmed_before_it(tmp_path: Path) -> None:
+    """``warm`` starts the hashing process (with its imports) as the node joins; a pass that
+    comes while it is still starting waits for it instead of starting a second one."""
+    import os
+
+    async with anyio.create_task_group() as tg:
+        worker, _ = await worker_for(tmp_path, tg)
+        tg.start_soon(worker.warm)
+        await anyio.sleep(0)  # warm() is under way, its process not up yet
+        assert worker.hashing_pid is None
+        with anyio.fail_after(60):
+            pid = await worker._in_process(os.getpid)
+        assert worker.hashing_pid is not None and pid == worker.hashing_pid != os.getpid()
+        await worker.warm()  # once only
+        assert await worker._in_process(os.getpid) == pid

@@ -161,8 +161,8 @@ NOISY = ("httpx", "httpcore", "quic", "aioquic", "uvicorn", "asyncio")  # INFO p
 def configure_logging(verbose: bool) -> None:
     """mesh-llm's own INFO lines; third-party libraries' only from WARNING unless verbose."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+                        format="%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")  # milliseconds: a split's load is read from them
     for name in NOISY:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
 
