@@ -33,9 +33,11 @@ only the caller's thread touches the ledger and the index, in the spans' order.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import mmap
 import os
 import shutil
 import stat
@@ -46,8 +48,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
-
-import psutil
 
 log = logging.getLogger("meshcore.backend.hashcache")
 
@@ -60,8 +60,6 @@ INDEX_SUFFIX = "-index.json"  # beside the cache dir: model file -> tensor -> en
 _FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF scalars
 _STRING, _ARRAY = 8, 9
 _U64 = struct.Struct("<Q")
-READ_CHUNK = 1 << 30  # bytes per pread: Linux returns at most ~2 GiB from one read call
-MEMORY_SHARE = 4  # the tensors held by the pool at once stay under 1/4 of available memory
 
 
 @dataclass(frozen=True)
@@ -74,12 +72,17 @@ class TensorSpan:
     size: int
 
 
-def fnv1a_64(data: bytes) -> int:
+def fnv1a_64(data: bytes | memoryview) -> int:
     """FNV-1a 64 as ggml-rpc computes it, through the C extension ``fnv-c`` (~740-950 MB/s
-    a core; the GIL is released while it runs)."""
-    from fnv_c import fnv1a_64 as fast
+    a core; the GIL is released while it runs). A memoryview (a tensor in the mapped model
+    file) is hashed in place: its C function takes any buffer, its Python wrapper only bytes."""
+    try:
+        from fnv_c.ext._fnv import ffi, lib
+    except ImportError:  # another layout of fnv-c: its public function, on a copy
+        from fnv_c import fnv1a_64 as fast
 
-    return int(fast(bytes(data)))
+        return int(fast(bytes(data)))
+    return int(lib.fnv1a_64(ffi.from_buffer(data), len(data)))
 
 
 def fnv1a_64_reference(data: bytes) -> int:
@@ -312,7 +315,7 @@ def _seed_indexed(spans: list[TensorSpan], cache_dir: Path, known: Mapping[str, 
     return written, hashes
 
 
-def _write_entry(path: Path, data: bytes) -> Stamp:
+def _write_entry(path: Path, data: bytes | memoryview) -> Stamp:
     """Write atomically (a running rpc-server must never read a half-written entry); returns
     the stamp of the file written, taken before it is visible under its name."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -324,34 +327,33 @@ def _write_entry(path: Path, data: bytes) -> Stamp:
     return stamp
 
 
-def pool_size(workers: int | None, spans: Sequence[TensorSpan],
-              available: int | None = None) -> int:
+def pool_size(workers: int | None, spans: Sequence[TensorSpan]) -> int:
     """Threads to hash ``spans`` with: ``workers`` (None: one per CPU), at most one per CPU
-    and per span, and few enough that the tensors they hold at once (the biggest, twice over
-    when it is read in parts) fit in 1/MEMORY_SHARE of ``available`` bytes (default: what
-    the OS reports); never less than one."""
+    and per span, never less than one. The threads hold no copies of the tensors (they read
+    the mapped file), so memory does not bound them."""
     cpus = os.cpu_count() or 1
-    wanted = max(1, min(workers or cpus, cpus, len(spans)))
-    if not spans:
-        return 1
-    biggest = max(span.size for span in spans)
-    held = biggest * (2 if biggest > READ_CHUNK else 1)
-    free = psutil.virtual_memory().available if available is None else available
-    return max(1, min(wanted, free // MEMORY_SHARE // held))
+    return max(1, min(workers or cpus, cpus, len(spans)))
 
 
-def _read_span(fd: int, span: TensorSpan) -> bytes:
-    """The tensor's bytes, by ``os.pread`` (no shared file position: threads can share
-    ``fd``); a tensor over READ_CHUNK is read in order, in parts."""
-    parts, done = [], 0
-    while done < span.size:
-        part = os.pread(fd, min(READ_CHUNK, span.size - done), span.offset + done)
-        if not part:
-            raise ValueError(f"model file {span.path}: tensor {span.name} is truncated "
-                             f"({done} of {span.size} bytes); download it again")
-        parts.append(part)
-        done += len(part)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+@contextlib.contextmanager
+def _mapped(path: Path) -> Iterator[memoryview]:
+    """The whole file, mapped read-only (shared by the pool's threads)."""
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:  # mmap refuses an empty file
+            yield memoryview(b"")
+            return
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm, memoryview(mm) as view:
+            yield view
+
+
+def _span_view(view: memoryview, span: TensorSpan) -> memoryview:
+    """The tensor's bytes in the mapped file (no copy: reading them into fresh buffers cost
+    more than hashing them, docs/benchmarks.md, "Issue 13: the split's load, step by step")."""
+    if span.offset + span.size > len(view):
+        raise ValueError(f"model file {span.path}: tensor {span.name} is truncated "
+                         f"({max(0, len(view) - span.offset)} of {span.size} bytes); "
+                         f"download it again")
+    return view[span.offset:span.offset + span.size]
 
 
 def _seed_spans(spans: Iterable[TensorSpan], cache_dir: Path, known: Mapping[str, str],
@@ -375,22 +377,23 @@ def _seed_spans(spans: Iterable[TensorSpan], cache_dir: Path, known: Mapping[str
             todo.append(span)
     lock, claimed = threading.Lock(), set()
 
-    def hash_and_write(fd: int, span: TensorSpan) -> tuple[str, Stamp | None]:
-        data = _read_span(fd, span)
-        name = cache_name(fnv1a_64(data))
-        with lock:  # two equal tensors: one writes, and only a missing or foreign entry
-            fresh = name not in claimed and not _owned(cache_dir / name, ledger.get(name),
-                                                       span.size)
-            claimed.add(name)
-        return name, _write_entry(cache_dir / name, data) if fresh else None
+    def hash_and_write(view: memoryview, span: TensorSpan) -> tuple[str, Stamp | None]:
+        with _span_view(view, span) as data:
+            name = cache_name(fnv1a_64(data))
+            with lock:  # two equal tensors: one writes, and only a missing or foreign entry
+                fresh = name not in claimed and not _owned(cache_dir / name, ledger.get(name),
+                                                           span.size)
+                claimed.add(name)
+            return name, _write_entry(cache_dir / name, data) if fresh else None
 
-    written, fds = 0, {}
-    pool = ThreadPoolExecutor(pool_size(workers, todo), thread_name_prefix="hashcache")
-    try:
-        for path in {span.path for span in todo}:
-            fds[path] = os.open(path, os.O_RDONLY)
+    written = 0
+    with contextlib.ExitStack() as stack:
+        views = {path: stack.enter_context(_mapped(path)) for path in {s.path for s in todo}}
+        pool = ThreadPoolExecutor(pool_size(workers, todo), thread_name_prefix="hashcache")
+        # on the way out, before the files are unmapped; a failure stops the queued tasks
+        stack.callback(pool.shutdown, wait=True, cancel_futures=True)
         tasks: list[Future[tuple[str, Stamp | None]]] = [
-            pool.submit(hash_and_write, fds[span.path], span) for span in todo]
+            pool.submit(hash_and_write, views[span.path], span) for span in todo]
         for span, task in zip(todo, tasks, strict=True):
             name, stamp = task.result()
             hashes[span.name] = learnt[span.name] = name
@@ -399,10 +402,6 @@ def _seed_spans(spans: Iterable[TensorSpan], cache_dir: Path, known: Mapping[str
                     ledger[name] = stamp
                     _save_ledger(cache_dir, ledger)  # after each entry: a cut pass keeps them
                 written += span.size
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # a failure stops the queued tasks
-        for fd in fds.values():
-            os.close(fd)
     return written, {span.name: hashes[span.name] for span in spans}
 
 
@@ -452,6 +451,14 @@ def seed_tensors(model_path: Path, cache_dir: Path, names: Collection[str],
     wanted = set(names)
     spans = [s for s in large_tensors(model_path, threshold) if s.name in wanted]
     return _seed_indexed(spans, cache_dir, {}, workers)
+
+
+def warm() -> int:
+    """Import what a seeding pass needs, in the process that will run it (RpcWorker.warm);
+    returns that process's id."""
+    import fnv_c  # noqa: F401
+    import gguf.constants  # noqa: F401
+    return os.getpid()
 
 
 def tensors_of_layers(model_path: Path, layers: Collection[int], n_layer: int,

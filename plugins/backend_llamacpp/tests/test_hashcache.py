@@ -506,15 +506,13 @@ def cache_contents(cache: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in cache.iterdir() if not p.name.startswith(".")}
 
 
-def test_parallel_seeding_writes_what_sequential_seeding_writes(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_parallel_seeding_writes_what_sequential_seeding_writes(tmp_path: Path) -> None:
     """Entries, names, index and bytes written are the same on one thread and on a pool, and
-    are the tensors' own bytes: tensors read in several preads (a small READ_CHUNK) must be
-    put back together in order, and every hash must land on its own tensor."""
+    are the tensors' own bytes (hashed and written from the mapped file): every hash must
+    land on its own tensor."""
     sizes = {f"blk.{i}.w": HASH_THRESHOLD + 4 * (i + 1) for i in range(6)} | {"small": 64}
     path = tmp_path / "m.gguf"
     contents = write_gguf(path, sizes, seed=5)
-    monkeypatch.setattr(hashcache, "READ_CHUNK", MIB + 12)  # ~11 uneven parts per tensor
     expected = {cache_name(fnv1a_64(data)): data for data in contents.values()
                 if len(data) > HASH_THRESHOLD}
     results = []
@@ -548,17 +546,25 @@ def test_equal_tensors_are_written_once(tmp_path: Path, monkeypatch: pytest.Monk
     assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_pool_size_is_bounded_by_cpus_spans_and_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_truncated_model_file_is_named_not_hashed(tmp_path: Path) -> None:
+    """A file cut short after its header (an interrupted download) is reported with what to
+    do, and no entry is written for the missing tensor."""
+    sizes = {"blk.0.w": HASH_THRESHOLD + 8, "blk.1.w": HASH_THRESHOLD + 16}
+    path = tmp_path / "m.gguf"
+    write_gguf(path, sizes, seed=9)
+    with path.open("r+b") as fh:
+        fh.truncate(path.stat().st_size - 1000)  # into the last tensor, past its padding
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"m\.gguf: tensor blk\.1\.w is truncated .*download"):
+        hashcache.seed_tensors(path, cache, list(sizes), workers=2)
+    assert all(p.stat().st_size == HASH_THRESHOLD + 8 for p in cache.iterdir()
+               if not p.name.startswith("."))
+
+
+def test_pool_size_is_bounded_by_cpus_and_spans(monkeypatch: pytest.MonkeyPatch) -> None:
     spans = [hashcache.TensorSpan(f"t{i}", Path("m"), 0, 100 * MIB) for i in range(8)]
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    plenty = 1 << 40
-    assert hashcache.pool_size(None, spans, plenty) == 8  # one per span
-    assert hashcache.pool_size(3, spans, plenty) == 3  # MESH_LLM_THREADS / threads option
-    assert hashcache.pool_size(64, spans * 4, plenty) == 16  # one per CPU
-    # 1 GiB available: a quarter holds two 100 MiB tensors at once
-    assert hashcache.pool_size(None, spans, 1 << 30) == 2
-    assert hashcache.pool_size(None, spans, 0) == 1  # always one
-    assert hashcache.pool_size(None, [], plenty) == 1
-    # a tensor read in parts is held twice while they are joined
-    huge = [hashcache.TensorSpan("h", Path("m"), 0, hashcache.READ_CHUNK + 1)] * 4
-    assert hashcache.pool_size(None, huge, 4 * 4 * (hashcache.READ_CHUNK + 1)) == 2
+    assert hashcache.pool_size(None, spans) == 8  # one per span
+    assert hashcache.pool_size(3, spans) == 3  # MESH_LLM_THREADS / threads option
+    assert hashcache.pool_size(64, spans * 4) == 16  # one per CPU
+    assert hashcache.pool_size(None, []) == 1  # always one
