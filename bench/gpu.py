@@ -493,6 +493,9 @@ def main() -> None:
                     tar.add(log, arcname=log.name if "build" not in log.name else "build.log")
             for home_log in logs.glob("gpu-*/logs/*"):
                 tar.add(home_log, arcname=f"{home_log.parent.parent.name}/{home_log.name}")
+        # the nodes' homes hold their rpc caches (the whole model again, per worker): what
+        # is worth keeping is in logs.tar.gz and results.json
+        shutil.rmtree(logs, ignore_errors=True)
         table()
 
 

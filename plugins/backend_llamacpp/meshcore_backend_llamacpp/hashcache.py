@@ -26,8 +26,9 @@ by the hash the host sends, so a wrong index can cost load time, never give a wr
 
 Hashing runs on a thread pool, one tensor per task: FNV-1a is a serial chain over the bytes
 (no way to hash a tensor's chunks apart and combine them), but ``fnv-c`` is a cffi call, and
-cffi releases the GIL around it, as ``os.pread`` and the entry's write do. Each task reads its
-tensor with ``os.pread`` on a shared descriptor, hashes it and writes its entry atomically;
+cffi releases the GIL around it, as the entry's write does. Each task hashes its tensor where
+it lies in the model file, mapped read-only once for the pool (copying it into a fresh buffer
+first cost more than the hash on a 2-core VM), and writes its entry atomically from there;
 only the caller's thread touches the ledger and the index, in the spans' order.
 """
 
