@@ -349,7 +349,7 @@ def _mapped(path: Path) -> Iterator[memoryview]:
 
 def _span_view(view: memoryview, span: TensorSpan) -> memoryview:
     """The tensor's bytes in the mapped file (no copy: reading them into fresh buffers cost
-    more than hashing them, docs/benchmarks.md, "Issue 13: the split's load, step by step")."""
+    more than hashing them, docs/benchmarks.md, "Issue 13: the split's load step by step")."""
     if span.offset + span.size > len(view):
         raise ValueError(f"model file {span.path}: tensor {span.name} is truncated "
                          f"({max(0, len(view) - span.offset)} of {span.size} bytes); "

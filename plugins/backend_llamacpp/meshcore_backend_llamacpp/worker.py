@@ -27,6 +27,7 @@ from typing import TypeVar
 import anyio
 import anyio.to_process
 import anyio.to_thread
+from anyio import BrokenWorkerProcess
 
 from meshcore import fields
 from meshcore.components import NodeHandle
@@ -220,7 +221,7 @@ class RpcWorker:
         """Start the hashing process now, with what it imports (anyio keeps an idle one for
         the next call): a node that joins a mesh may be made a worker within a second, and
         its first pass would otherwise wait for a Python start first (0.1-0.4 s on 2 cores;
-        docs/benchmarks.md, "Issue 13: the split's load, step by step")."""
+        docs/benchmarks.md, "Issue 13: the split's load step by step")."""
         if self._warming is not None:
             return
         self._warming = anyio.Event()
@@ -271,8 +272,9 @@ class RpcWorker:
                 with self._doing("the rest"):
                     more = await self._in_process(functools.partial(
                         hashcache.seed_cache, info.path, cache_dir, known=known, workers=1))
-            except (OSError, ValueError) as exc:
-                log.warning("seeding the rest of the rpc cache failed: %s", exc)
+            except (OSError, ValueError, BrokenWorkerProcess) as exc:  # the last: its process
+                # died (a file cut short under its mapping raises SIGBUS there, say)
+                log.warning("seeding the rest of the rpc cache failed: %r", exc)
             else:
                 self.seeded_bytes = (self.seeded_bytes or 0) + more
                 log.info("seeded the rest of the rpc cache (%d bytes) in %.1f s", more,

@@ -216,3 +216,24 @@ async def test_a_pass_runs_in_the_hashing_process_warmed_before_it(tmp_path: Pat
         assert worker.hashing_pid is not None and pid == worker.hashing_pid != os.getpid()
         await worker.warm()  # once only
         assert await worker._in_process(os.getpid) == pid
+
+
+async def test_the_rest_failing_in_its_process_leaves_the_rpc_server_serving(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The background pass's process dying (a SIGBUS from a model file cut short under its
+    mapping, an OOM kill) is logged; ``_seed_rest`` keeps waiting, as serve() needs it to,
+    instead of raising and taking the rpc-server down."""
+    from anyio import BrokenWorkerProcess
+
+    async def broken(call: Callable[[], Any]) -> Any:
+        raise BrokenWorkerProcess
+
+    async with anyio.create_task_group() as tg:
+        worker, cache = await worker_for(tmp_path, tg)
+        monkeypatch.setattr(worker, "_in_process", broken)
+        monkeypatch.setattr(worker, "host_loaded", lambda host_id: anyio.sleep(0))
+        with anyio.move_on_after(0.5) as waited:
+            await worker._seed_rest(cache, {}, "h")
+        assert waited.cancelled_caught  # still waiting: it did not raise
+        assert "seeding the rest of the rpc cache failed" in caplog.text
+        assert worker.seeding is None
