@@ -86,6 +86,8 @@ class FastLinks:
     def adopt(self, link: PeerLink, offered: tuple[int, bytes] | None) -> None:
         if offered is not None and self.enabled:
             link.fast_port, link.fast_key = offered
+            if self.relay is not None:  # a mesh formed: tunnels may come (RelayProcess.warm)
+                self.relay.warm()
 
     def label(self, link: PeerLink) -> str:
         return FAST_LABEL if link.fast_ok and self.enabled else "QUIC"

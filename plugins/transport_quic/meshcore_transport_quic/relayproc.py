@@ -6,7 +6,8 @@ with the API, which relays every generated token to its client at the very momen
 sends the next token's commands to the worker; the splice then waits for the proxy's Python
 work. A thread of its own did not help (same GIL: measured, docs/benchmarks.md, "Issue 13");
 a process shares nothing with the proxy. :class:`RelayProcess` starts ``python -m
-meshcore_transport_quic.relayproc`` once, on first use, and hands it each accepted local
+meshcore_transport_quic.relayproc`` once, as soon as the node has a fast-path link (a
+mesh formed; also on first use, should it have died), and hands it each accepted local
 connection (its file descriptor over a ``SOCK_SEQPACKET`` socketpair) with where to dial;
 the child dials the fast path and splices exactly as the node would (:mod:`.splice`,
 :mod:`.adapter`, polling included).
@@ -84,6 +85,18 @@ class RelayProcess:
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None and self._ctl is not None
+
+    def warm(self) -> None:
+        """Start the child now, unless it runs: the first tunnel a split's host takes is
+        llama-server's rpc connection as its load begins, which would otherwise wait for a
+        Python start (docs/benchmarks.md, "Issue 13: the split's load step by step"). A child
+        that cannot start is logged; the first take tries again."""
+        if self.alive:
+            return
+        try:
+            self._start()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: no running event loop
+            log.warning("fast path: the relay process did not start: %r", exc)
 
     def _start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -47,14 +47,21 @@ async def pair(quic_mesh: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, An
     return a, b, await a.forward_port(b.id, "echo")
 
 
-async def test_starts_on_first_use_and_is_replaced_when_it_dies(
+async def test_starts_with_the_mesh_and_is_replaced_when_it_dies(
         quic_mesh: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node alone starts no child; once it has a fast-path link it starts one before any
+    tunnel needs it (a split host's first tunnel would wait for its Python start), and the
+    first tunnel uses that one."""
+    monkeypatch.setenv("MESH_LLM_RELAY_PROCESS", "1")
+    alone = await quic_mesh.add()
+    await anyio.sleep(0.5)
+    assert alone.transport.fast.relay.proc is None, "a node alone started a relay process"
     a, _, port = await pair(quic_mesh, monkeypatch)
     relay: RelayProcess = a.transport.fast.relay
-    assert relay.proc is None, "started before any tunnel needed it"
-    assert await echo_once(port, b"first") == b"first"
-    assert relay.proc is not None and relay.taken == 1
+    assert relay.proc is not None, "not started when the mesh formed"
     first = relay.proc.pid
+    assert await echo_once(port, b"first") == b"first"
+    assert relay.proc.pid == first and relay.taken == 1
     os.kill(first, signal.SIGKILL)
     await wait_for(lambda: relay.proc is None, 5, "the node to notice its relay died")
     assert await echo_once(port, b"second") == b"second"  # a new child took it
