@@ -216,8 +216,10 @@ class Timeline:
                 else ""))
             if back.get("seeding"):
                 self.note(f"{name} seeding {back['seeding']}")
-            if back.get("rpc_server"):
-                self.note(f"{name} rpc-server running")
+            if back.get("rpc_server"):  # it starts while the cache is seeded, then is offered
+                self.note(f"{name} rpc-server started")
+                if back["rpc_server"].get("port"):
+                    self.note(f"{name} rpc-server offered")
             if st["me"]["extra"].get("rpc_loaded"):
                 self.note(f"{name} says its llama-server holds the workers' layers")
             server = back.get("llama_server")

@@ -1,8 +1,8 @@
 """A worker: runs ggml-rpc-server for the host, its hash cache seeded from our own model copy.
 
-Before the rpc-server starts, the worker writes the cache entries of the layers the host will
-put on it (predicted from the plan and the device the host announced), so those weights never
-cross the network; the rest of the model follows while the rpc-server runs (a later plan may
+Before the rpc-server is offered (it starts meanwhile), the worker writes the cache entries of
+the layers the host will put on it (predicted from the plan and the device the host announced),
+so those weights never cross the network; the rest of the model follows while the rpc-server runs (a later plan may
 give this worker other layers), once the host's llama-server has loaded (``rpc_loaded``). See
 hashcache.py.
 
@@ -87,7 +87,7 @@ class RpcWorker:
         self.hashing_pid: int | None = None  # that process, once warm() started it
 
     async def serve(self, plan: Plan, wake: anyio.Event) -> None:
-        """Seed, then run rpc-server (offered to tunnels as ``rpc``) until ``wake`` is set
+        """Seed while rpc-server starts, then offer it to tunnels as ``rpc`` until ``wake`` is set
         (returns) or it fails (raises)."""
         self.serving = True  # its passes write the cache: none ahead meanwhile
         try:
@@ -100,16 +100,19 @@ class RpcWorker:
         assert bins is not None
         node.set_serving(Serving.LOADING, error=None)
         cache_dir = self.machine.rpc_cache / "rpc"
-        with self._doing("this worker's layers"):
-            seeded = await race(wake, (), functools.partial(self._seed, plan, cache_dir))
-        if isinstance(seeded, Woken):
-            return
         port = free_port()
         argv = commands.rpc_server_argv(bins.rpc_server, port=port, threads=self.machine.threads)
         env = {**os.environ, "LLAMA_CACHE": str(self.machine.rpc_cache)}
+        # rpc-server starts (a GPU's context, ~0.2 s) while the cache is seeded: it reads an
+        # entry only when the host asks for it, and no host can before the offer below
         async with supervised("rpc-server", argv, self.machine.log_dir, env) as child:
             self.rpc = child
             try:
+                with self._doing("this worker's layers"):
+                    seeded = await race(wake, [child],
+                                        functools.partial(self._seed, plan, cache_dir))
+                if isinstance(seeded, Woken):
+                    return
                 up = await race(wake, [child], functools.partial(
                     wait_listening, child, port, LISTEN_TIMEOUT_S))
                 if isinstance(up, Woken):
