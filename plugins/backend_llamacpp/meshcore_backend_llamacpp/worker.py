@@ -2,9 +2,9 @@
 
 Before the rpc-server is offered (it starts meanwhile), the worker writes the cache entries of
 the layers the host will put on it (predicted from the plan and the device the host announced),
-so those weights never cross the network; the rest of the model follows while the rpc-server runs (a later plan may
-give this worker other layers), once the host's llama-server has loaded (``rpc_loaded``). See
-hashcache.py.
+so those weights never cross the network; the rest of the model follows while the rpc-server
+runs (a later plan may give this worker other layers), once the host's llama-server has loaded
+(``rpc_loaded``). See hashcache.py.
 
 Seeding ahead (:meth:`RpcWorker.seed_ahead`): the election settles 1 s after the last change
 of the mesh (``settle_s``) before it decides, but the plan it is forming is known at once
