@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 from meshcore_testing import HealthPoller
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -352,7 +353,8 @@ def split(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> No
                 f"{' '.join(argv[1:])}")
             mem_mesh = gpu_memory()
             res = raw_split(argv, bin_dir, logs, args, h.base,
-                            (gpu_of[id(h)], gpu_of[id(worker)]))
+                            (gpu_of[id(h)], gpu_of[id(worker)]),
+                            {"host": h.proc.pid, "worker": worker.proc.pid})
     res["load_s"]["mesh"] = mesh_load
     res.update(argv=argv, worker_rest_seed_s=rest_s, mesh_timeline=timeline.seen,
                node_logs=node_logs,
@@ -364,8 +366,32 @@ def split(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> No
     RESULTS["split"] = res
 
 
+def _role(proc: psutil.Process) -> str:
+    line = " ".join(proc.cmdline())
+    for marker, role in (("relayproc", "relay process"), ("llama-server", "llama-server"),
+                         ("rpc-server", "rpc-server"), ("meshcore_cli", "node")):
+        if marker in line:
+            return role
+    return "other"
+
+
+def cpu_seconds(roots: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) each process tree has used so far, by ``<root> <role>``
+    (the node, its relay process, llama-server, rpc-server, other children)."""
+    out: dict[str, float] = {}
+    for root_name, pid in roots.items():
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    times, key = proc.cpu_times(), f"{root_name} {_role(proc)}"
+                    out[key] = out.get(key, 0.0) + times.user + times.system
+    return out
+
+
 def raw_split(argv: list[str], bin_dir: Path, logs: Path, args: argparse.Namespace,
-              mesh_base: str, gpus: tuple[str, str]) -> dict[str, Any]:
+              mesh_base: str, gpus: tuple[str, str],
+              mesh_roots: dict[str, int] | None = None) -> dict[str, Any]:
     """Raw ggml-rpc-server on the worker's GPU + raw llama-server on the host's GPU with
     ``argv``, ``--rpc`` straight at it; then compare with the mesh host's API and with the
     mesh host's own llama-server (its port in ``argv``: the tunnel without the API proxy).
@@ -389,8 +415,19 @@ def raw_split(argv: list[str], bin_dir: Path, logs: Path, args: argparse.Namespa
                 f"{rpc_up:.2f} s)")
             mem = gpu_memory()
             direct = f"http://127.0.0.1:{argv[argv.index('--port') + 1]}"
+            roots = {**(mesh_roots or {}), "raw": server.proc.pid, "raw-rpc": rpc.proc.pid}
+            before = cpu_seconds(roots)
             res = compare({"raw": f"http://127.0.0.1:{port}", "mesh": mesh_base,
                            "direct": direct}, args.runs, args.tokens)
+            after = cpu_seconds(roots)
+    # CPU per generated token while the comparison ran: the mesh's processes served the API
+    # and the direct requests (twice the raw side's tokens), the warm-ups aside
+    tokens = args.runs * args.tokens
+    res["cpu_ms_per_token"] = {
+        key: round((after[key] - before.get(key, 0.0)) * 1000
+                   / (tokens if key.startswith("raw") else 2 * tokens), 3) for key in after}
+    say("CPU per token during the comparison: " + ", ".join(
+        f"{k} {v:.2f} ms" for k, v in sorted(res["cpu_ms_per_token"].items())))
     res.update(load_s={"raw": raw_load}, raw_rpc_server_s=rpc_up, gpu_memory_both=mem)
     res["ratio_tps_direct"] = res["median"]["direct"][1] / res["median"]["raw"][1]
     say(f"split tok/s raw {res['median']['raw'][1]:.1f}, mesh API {res['median']['mesh'][1]:.1f}"
