@@ -208,9 +208,9 @@ class Timeline:
     def note(self, what: str) -> None:
         self.seen.setdefault(what, round(time.monotonic() - self.start, 2))
 
-    def look(self, a: Node, b: Node) -> None:
-        for name, node in (("A", a), ("B", b)):
-            st = node.status()
+    def look(self, statuses: dict[str, dict[str, Any]]) -> None:
+        """Note what ``statuses`` (node name -> its /mesh/status) show for the first time."""
+        for name, st in statuses.items():
             plan, back = st["plan"], st["backend"]
             self.note(f"{name} plan {plan['state']}" + (
                 f", host {'A' if plan['host_id'] == self.a_id else 'B'}" if plan["host_id"]
@@ -310,19 +310,24 @@ def split(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> No
         timeline.note("B printed its banner")
         with stopping(b), probes:
             gpu_of = {id(a): "0", id(b): b_gpu}
+            nodes = {"A": a, "B": b}
 
-            def host() -> Node | None:
-                plan = a.status()["plan"]
+            def statuses() -> dict[str, dict[str, Any]]:
+                return {name: n.status() for name, n in nodes.items()}
+
+            def host(st: dict[str, dict[str, Any]]) -> str | None:
+                plan = st["A"]["plan"]
                 if plan["state"] != "SPLIT":
                     return None
-                return next(n for n in (a, b) if n.status()["id"] == plan["host_id"])
+                return next(name for name, s in st.items() if s["id"] == plan["host_id"])
 
             def serving() -> bool:
-                with contextlib.suppress(httpx.HTTPError, KeyError, TypeError):
-                    timeline.look(a, b)
-                h = host()
-                return h is not None and serves_split(h.status()) and httpx.get(
-                    f"{h.base}/health", timeout=10).status_code == 200
+                st = statuses()  # one status call per node and poll: the bench's own load
+                with contextlib.suppress(KeyError, TypeError):
+                    timeline.look(st)
+                name = host(st)
+                return name is not None and serves_split(st[name]) and httpx.get(
+                    f"{nodes[name].base}/health", timeout=10).status_code == 200
 
             try:
                 wait_for(serving, "the mesh to serve the split", 240, every=0.05)
@@ -335,8 +340,9 @@ def split(bin_dir: Path, path: Path, logs: Path, args: argparse.Namespace) -> No
             say("the split's load, seconds after B started: " + "; ".join(
                 f"{t:.2f} {what}" for what, t in timeline.seen.items()))
             say(f"A's /health while B joined and the split loaded: {probes.summary()}")
-            h = host()
-            assert h is not None
+            name = host(statuses())
+            assert name is not None
+            h = nodes[name]
             worker = b if h is a else a
             # The worker seeds the rest of the model (the host's layers) once the host has
             # loaded: gigabytes read, hashed and written. Let it end before the raw load and
