@@ -192,6 +192,8 @@ class LlamaCppBackend:
             gen = await node.state.changed(gen)
             await anyio.sleep(FORESEE_S)
             gen = node.state.generation
+            if self.worker.serving:  # seed_ahead starts nothing then: no election to run
+                continue
             try:
                 plan = node.elect(node.view())
                 if plan != node.plan and self.worker.seed_ahead(plan):
