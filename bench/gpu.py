@@ -246,14 +246,18 @@ def stopping(*procs: Proc) -> Iterator[None]:
 
 
 def compare(bases: dict[str, str], runs: int, tokens: int) -> dict[str, Any]:
-    """Alternating streamed requests; medians of (TTFT s, client tok/s, server tok/s)."""
+    """Alternating streamed requests; medians of (TTFT s, client tok/s, server tok/s). The
+    order turns by one side each round: the GPU's speed drifts within a run (down by up to
+    7 % over a comparison on an H200), so a side always measured last would be measured
+    slower."""
     results: dict[str, list[Run]] = {k: [] for k in bases}
+    names = list(bases)
     with httpx.Client(timeout=300) as client:
         for base in bases.values():  # warm-up
             one_run(client, base, 16)
-        for _ in range(runs):
-            for name, base in bases.items():
-                results[name].append(one_run(client, base, tokens))
+        for i in range(runs):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                results[name].append(one_run(client, bases[name], tokens))
     med = medians(results)
     return {"runs": runs, "tokens": tokens, "median": med,
             "samples": {k: [list(r) for r in v] for k, v in results.items()},
