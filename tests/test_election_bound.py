@@ -41,3 +41,19 @@ async def test_a_chatty_peer_cannot_starve_the_election(mesh_harness: Callable[.
             await mesh.wait_for(lambda: all(n.plan.host_id == heir.id for n in nodes),
                                 3 * bound + 2, "re-election despite the chatter")
             tg.cancel_scope.cancel()
+
+
+async def test_a_node_that_starts_a_mesh_elects_at_once(mesh_harness: Callable[..., Any]) -> None:
+    """Without ``--join`` nobody holds the node's token yet, so its first election does not
+    wait for the settle (here 30 s, longer than the test's limit): a solo node serves a
+    settle sooner. A node that joins still waits for the join's burst to settle, and every
+    later election of the first node does too."""
+    long = {"max_settle_s": 60.0}
+    async with mesh_harness(settle_s=30.0) as mesh:
+        first = await mesh.add(8, node_id="first", **long)
+        await mesh.wait_for(lambda: first.plan.host_id == first.id, 10,
+                            "the first node's plan, without waiting 30 s")
+        joiner = await mesh.add(16, node_id="joiner", **long)
+        await anyio.sleep(1.0)
+        assert joiner.plan.host_id is None, "the joining node elected before its settle"
+        assert first.plan.host_id == first.id, "a later election skipped the settle"
