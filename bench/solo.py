@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -85,6 +86,7 @@ def mesh_node(threads: int, extra: list[str]) -> Iterator[tuple[str, list[str], 
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @contextlib.contextmanager

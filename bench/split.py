@@ -49,7 +49,7 @@ class Node:
     """A ``mesh-llm`` process with its own home; ``base`` is its API root."""
 
     def __init__(self, args: list[str], threads: int) -> None:
-        home = tempfile.mkdtemp(prefix="bench-split-")
+        home = self.home = tempfile.mkdtemp(prefix="bench-split-")
         env = {**os.environ, "MESH_LLM_HOME": home, "MESH_LLM_THREADS": str(threads)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "meshcore_cli", "--model", MODEL, "--port", "0", *args],
@@ -76,8 +76,10 @@ class Node:
         return data
 
     def stop(self) -> None:
+        """Stop the node and remove its home (a worker's holds its rpc cache)."""
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(30)
+        shutil.rmtree(self.home, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -170,6 +172,7 @@ def load_bytes(argv: list[str], bin_dir: Path, model: Path, *, seeded: bool) -> 
         for proc in (server, rpc):
             proc.terminate()
             proc.wait(30)
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def write_layers(path: Path, layers: int, mib: int) -> None:
