@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from rpc_trace import mesh_trace, relay_latency, trace_split, turns_report
 from rpc_trace import report as trace_report
 from solo import (
-    Run,
+    alternate,
     free_port,
     listening,
     medians,
@@ -246,18 +246,12 @@ def stopping(*procs: Proc) -> Iterator[None]:
 
 
 def compare(bases: dict[str, str], runs: int, tokens: int) -> dict[str, Any]:
-    """Alternating streamed requests; medians of (TTFT s, client tok/s, server tok/s). The
-    order turns by one side each round: the GPU's speed drifts within a run (down by up to
-    7 % over a comparison on an H200), so a side always measured last would be measured
-    slower."""
-    results: dict[str, list[Run]] = {k: [] for k in bases}
-    names = list(bases)
+    """Alternating streamed requests (solo.alternate: the order turns each round); medians
+    of (TTFT s, client tok/s, server tok/s)."""
     with httpx.Client(timeout=300) as client:
         for base in bases.values():  # warm-up
             one_run(client, base, 16)
-        for i in range(runs):
-            for name in names[i % len(names):] + names[:i % len(names)]:
-                results[name].append(one_run(client, bases[name], tokens))
+        results = alternate(client, bases, runs, tokens)
     med = medians(results)
     return {"runs": runs, "tokens": tokens, "median": med,
             "samples": {k: [list(r) for r in v] for k, v in results.items()},

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -140,6 +141,22 @@ def _one_run(client: httpx.Client, base: str, tokens: int) -> Run:
     return first - start, (count - 1) / (last - first), server_tps
 
 
+def alternate(client: httpx.Client, bases: dict[str, str], runs: int, tokens: int,
+              before: Callable[[str], object] | None = None) -> dict[str, list[Run]]:
+    """``runs`` streamed requests to each of ``bases`` (name -> API root), the sides taking
+    turns; the order turns by one side each round, because a machine's speed drifts within
+    a comparison (an H200 split's raw side fell 7 % in one) and a side always measured last
+    would be measured slower. ``before(name)`` is called before each request."""
+    results: dict[str, list[Run]] = {name: [] for name in bases}
+    names = list(bases)
+    for i in range(runs):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            if before is not None:
+                before(name)
+            results[name].append(one_run(client, bases[name], tokens))
+    return results
+
+
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float,
              every: float = 0.1) -> None:
     """Poll ``predicate`` (HTTP errors and missing status keys count as False)."""
@@ -197,15 +214,14 @@ def main() -> None:
             httpx.Client(timeout=300) as client:
         mesh_proc = psutil.Process(pid)
         print("llama-server:", " ".join(argv[1:]))
-        results: dict[str, list[Run]] = {"mesh": [], "raw": []}
-        cpu = 0.0
         for base in (mesh, raw):  # warm-up
             one_run(client, base, 16)
-        for _ in range(args.runs):
-            results["raw"].append(one_run(client, raw, args.tokens))
-            before = sum(mesh_proc.cpu_times()[:2])
-            results["mesh"].append(one_run(client, mesh, args.tokens))
-            cpu += sum(mesh_proc.cpu_times()[:2]) - before
+        # mesh-llm's CPU in the mesh's requests: from the start of each to the next start
+        marks: list[tuple[str, float]] = []
+        results = alternate(client, {"raw": raw, "mesh": mesh}, args.runs, args.tokens,
+                            lambda name: marks.append((name, sum(mesh_proc.cpu_times()[:2]))))
+        marks.append(("end", sum(mesh_proc.cpu_times()[:2])))
+        cpu = sum(b - a for (name, a), (_, b) in itertools.pairwise(marks) if name == "mesh")
         print_medians(medians(results), args.runs)
         print(f"mesh-llm CPU per proxied token: {cpu * 1000 / (args.runs * args.tokens):.2f} ms")
         if not args.no_defaults:
@@ -224,12 +240,9 @@ def compare_with_defaults(client: httpx.Client, mesh: str, argv: list[str],
     other raw server is stopped first, so two servers share the cores, not three)."""
     plain = defaults_argv(argv, args.threads)
     print("llama.cpp defaults:", " ".join(plain[1:]))
-    results: dict[str, list[Run]] = {"defaults": [], "mesh": []}
     with raw_server(plain) as base:
         one_run(client, base, 16)
-        for _ in range(args.runs):
-            results["defaults"].append(one_run(client, base, args.tokens))
-            results["mesh"].append(one_run(client, mesh, args.tokens))
+        results = alternate(client, {"defaults": base, "mesh": mesh}, args.runs, args.tokens)
     med = medians(results)
     for name in ("defaults", "mesh"):
         ttft, tps, _ = med[name]

@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 from solo import (
-    Run,
+    alternate,
     cpu_bench_args,
     free_port,
     medians,
@@ -243,12 +243,9 @@ def main() -> None:
             print(f"load through one rpc entry, cache {'seeded' if seeded else 'empty '}: "
                   f"{sent / 1e6:6.1f} MB sent to the rpc-server")
         with raw_split(argv, bin_dir, args.threads) as raw, httpx.Client(timeout=300) as client:
-            results: dict[str, list[Run]] = {"mesh": [], "raw": []}
             for base in (a.base, raw):  # warm-up
                 one_run(client, base, 16)
-            for _ in range(args.runs):
-                results["raw"].append(one_run(client, raw, args.tokens))
-                results["mesh"].append(one_run(client, a.base, args.tokens))
+            results = alternate(client, {"raw": raw, "mesh": a.base}, args.runs, args.tokens)
     print_medians(medians(results), args.runs)
 
 
