@@ -18,8 +18,8 @@ Each at 0 ms (loaded there, then the relays' delay is changed in place) and at e
 a prose prompt and a code edit (rename a variable: the reply is mostly the code it was given,
 where speculation can pay), and each speculation mode: off (``--speculation off``), with the
 draft (``--draft SmolLM2-135M``) and llama.cpp's draft-free n-gram lookup (the mesh's default
-for split plans, ``commands.NGRAM``). Raw runs exactly the mesh host's argv of each mode.
-Prints tok/s after the
+for split plans, ``commands.NGRAM``). Raw runs exactly the mesh host's argv of each mode,
+beside the mesh: the two take turns, request by request, at every RTT. Prints tok/s after the
 first token, TTFT, split/solo, draft acceptance (llama-server's ``draft_n_accepted /
 draft_n``), for raw the delay line's chunks per generated token (both directions), and
 round trips per token, ``(1/tok/s - 1/tok/s at 0 ms) / RTT``. Nothing here is asserted by the
@@ -117,29 +117,53 @@ def measure(client: httpx.Client, base: str, args: argparse.Namespace,
     out: dict[str, list[Sample]] = {}
     for name, prompt in PROMPTS.items():
         stream(client, base, prompt, 4)  # warm-up (prompt cache, connections)
-        out[name] = []
-        for _ in range(args.runs):
-            before = relay.forwarded if relay else 0
-            sample = stream(client, base, prompt, args.tokens)
-            sample.chunks = relay.forwarded - before if relay else 0
-            out[name].append(sample)
+        out[name] = [counted(client, base, prompt, args.tokens, relay)
+                     for _ in range(args.runs)]
     return out
 
 
-def measure_mesh(client: httpx.Client, a: Node, args: argparse.Namespace
-                 ) -> dict[str, list[Sample]]:
-    """``measure`` on A once its split serves; once more if a request failed because A
-    re-applied its plan meanwhile (an RTT change moves the election's RTT band)."""
-    for attempt in (1, 2):
-        ready(a)
-        try:
-            return measure(client, a.base, args)
-        except httpx.HTTPStatusError as exc:
-            print(f"mesh answered {exc.response.status_code}: {exc.response.text[:300]}; "
-                  f"plan {a.status()['plan']}", flush=True)
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+def counted(client: httpx.Client, base: str, prompt: str, tokens: int,
+            relay: Relay | None) -> Sample:
+    """``stream``, with the relay's chunks during the request when a relay is given."""
+    before = relay.forwarded if relay else 0
+    sample = stream(client, base, prompt, tokens)
+    sample.chunks = relay.forwarded - before if relay else 0
+    return sample
+
+
+def measure_pair(client: httpx.Client, a: Node, raw: str, relay: Relay,
+                 args: argparse.Namespace) -> tuple[dict[str, list[Sample]],
+                                                    dict[str, list[Sample]]]:
+    """The mesh (A's API) and raw ``--rpc`` taking turns, the order turning each run (the
+    machine's speed drifts over minutes), so both sides see the same moments. A mesh
+    request that fails because A re-applied its plan meanwhile (an RTT change moves the
+    election's RTT band) is made again once A serves."""
+    mesh: dict[str, list[Sample]] = {}
+    plain: dict[str, list[Sample]] = {}
+
+    def on_mesh(prompt: str, tokens: int) -> Sample:
+        for attempt in (1, 2):
+            ready(a)
+            try:
+                return stream(client, a.base, prompt, tokens)
+            except httpx.HTTPStatusError as exc:
+                print(f"mesh answered {exc.response.status_code}: {exc.response.text[:300]}; "
+                      f"plan {a.status()['plan']}", flush=True)
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    for name, prompt in PROMPTS.items():
+        on_mesh(prompt, 4)  # warm-up (prompt cache, connections)
+        stream(client, raw, prompt, 4)
+        mesh[name], plain[name] = [], []
+        for i in range(args.runs):
+            for side in (("mesh", "raw") if i % 2 == 0 else ("raw", "mesh")):
+                if side == "mesh":
+                    mesh[name].append(on_mesh(prompt, args.tokens))
+                else:
+                    plain[name].append(counted(client, raw, prompt, args.tokens, relay))
+    return mesh, plain
 
 
 async def _delay_pipe(relay: Relay, reader: asyncio.StreamReader,
@@ -318,6 +342,7 @@ def main() -> None:
     rtts = [0.0] + [float(x) for x in args.rtts.split(",")]
     modes: dict[str, list[str]] = {}
     mesh_rows: dict[tuple[str, float], dict[str, list[Sample]]] = {}
+    raw_rows: dict[tuple[str, float], dict[str, list[Sample]]] = {}
     with httpx.Client(timeout=600) as client:
         for mode, extra in MESH_MODES.items():
             if mode not in args.modes:
@@ -325,18 +350,26 @@ def main() -> None:
             if args.model:  # the last --model wins (split.Node gives SmolLM2-135M first)
                 extra = [*extra, "--model", args.model]
             with mesh(extra, args.tunnel) as (a, relays):
-                modes[mode] = a.status()["backend"]["llama_server"]["argv"]
+                argv = modes[mode] = a.status()["backend"]["llama_server"]["argv"]
                 links = {t["link"] for t in a.status()["tunnels"] if t["service"] == "rpc"}
                 print(f"mesh, {mode}: rpc tunnel over {', '.join(sorted(links))}; "
                       f"speculation {a.status()['backend'].get('speculation')}", flush=True)
-                for rtt in rtts:
-                    for relay in relays:
-                        relay.impairment = Impairment(delay_ms=rtt / 2)
-                    mesh_rows[(mode, rtt)] = measure_mesh(client, a, args)
-                    print(row(f"mesh, {mode}, RTT {rtt:g}", mesh_rows[(mode, rtt)], {},
-                              args.tokens), flush=True)
+                # raw beside it, with exactly the mesh host's argv: both measured in turns
+                with rpc_server(Path(argv[0]).parent) as rpc_port, \
+                        delay_relay(rpc_port) as raw_relay:
+                    argv = list(argv)
+                    argv[argv.index("--rpc") + 1] = f"127.0.0.1:{raw_relay.port}"
+                    with llama(argv) as raw:
+                        for rtt in rtts:
+                            for relay in (*relays, raw_relay):
+                                relay.impairment = Impairment(delay_ms=rtt / 2)
+                            key = (mode, rtt)
+                            mesh_rows[key], raw_rows[key] = measure_pair(
+                                client, a, raw, raw_relay, args)
+                            for label, rows in (("mesh", mesh_rows), ("raw", raw_rows)):
+                                print(row(f"{label}, {mode}, RTT {rtt:g}", rows[key], {},
+                                          args.tokens), flush=True)
         off = modes["off"]
-        bin_dir = Path(off[0]).parent
         solo_argv = [off[0], "-m", off[off.index("-m") + 1], "--host", "127.0.0.1", "--port",
                      "0", "-t", "1", "-ngl", "99"]
         solo_extra: dict[str, list[str]] = {"off": [], "ngram": NGRAM}
@@ -345,7 +378,6 @@ def main() -> None:
             at = draft.index("-md")
             solo_extra["draft"] = draft[at:at + 6]
         solo: dict[str, dict[str, float]] = {}
-        raw_rows: dict[tuple[str, float], dict[str, list[Sample]]] = {}
         for mode, extra in solo_extra.items():
             if mode not in modes:
                 continue
@@ -353,17 +385,6 @@ def main() -> None:
                 samples = measure(client, base, args)
             solo[mode] = speeds(samples)
             print(row(f"solo, {mode}", samples, {}, args.tokens), flush=True)
-        for mode, argv in modes.items():
-            with rpc_server(bin_dir) as rpc_port, \
-                    delay_relay(rpc_port) as relay:
-                argv = list(argv)
-                argv[argv.index("--rpc") + 1] = f"127.0.0.1:{relay.port}"
-                with llama(argv) as base:
-                    for rtt in rtts:
-                        relay.impairment = Impairment(delay_ms=rtt / 2)
-                        raw_rows[(mode, rtt)] = measure(client, base, args, relay)
-                        print(row(f"raw, {mode}, RTT {rtt:g}", raw_rows[(mode, rtt)], {},
-                                  args.tokens), flush=True)
     solo_off = solo["off"]
     for rtt in rtts:
         print(f"--- RTT {rtt:g} ms (split / solo without speculation)")
