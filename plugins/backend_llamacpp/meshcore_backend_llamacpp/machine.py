@@ -28,5 +28,10 @@ class Machine:
 
     @property
     def rpc_cache(self) -> Path:
-        """``$LLAMA_CACHE`` of this node's rpc-server (its hash cache is ``<this>/rpc``)."""
+        """``$LLAMA_CACHE`` of this node's rpc-server (its hash cache is :attr:`hash_dir`)."""
         return self.state_dir / "rpc-cache"
+
+    @property
+    def hash_dir(self) -> Path:
+        """Where rpc-server ``-c`` looks entries up (``$LLAMA_CACHE/rpc``): what seeding fills."""
+        return self.rpc_cache / "rpc"

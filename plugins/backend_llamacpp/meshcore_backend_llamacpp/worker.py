@@ -99,7 +99,7 @@ class RpcWorker:
         node, bins = self.node, self.machine.bins
         assert bins is not None
         node.set_serving(Serving.LOADING, error=None)
-        cache_dir = self.machine.rpc_cache / "rpc"
+        cache_dir = self.machine.hash_dir
         port = free_port()
         argv = commands.rpc_server_argv(bins.rpc_server, port=port, threads=self.machine.threads)
         env = {**os.environ, "LLAMA_CACHE": str(self.machine.rpc_cache)}
@@ -179,7 +179,7 @@ class RpcWorker:
         return True
 
     async def _ahead_pass(self, model: Path, ahead: Ahead) -> None:
-        cache_dir = self.machine.rpc_cache / "rpc"
+        cache_dir = self.machine.hash_dir
         try:
             with self._doing("ahead of the plan"):
                 cache_dir.mkdir(parents=True, exist_ok=True)

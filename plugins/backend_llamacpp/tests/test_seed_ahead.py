@@ -65,7 +65,7 @@ async def worker_for(tmp_path: Path, tg: Any) -> tuple[RpcWorker, Path]:
     node = SimpleNamespace(id="w", state=state, task_group=tg,
                            model=ModelInfo(name="m", path=path, size=path.stat().st_size))
     machine = Machine(tmp_path / "state", threads=1, n_layer=3)
-    return RpcWorker(node, machine, lambda: None), machine.rpc_cache / "rpc"
+    return RpcWorker(node, machine, lambda: None), machine.hash_dir
 
 
 async def test_a_worker_to_be_seeds_its_layers_and_the_plan_hashes_none_again(
