@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
+import functools
 import json
 import os
 import re
@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import psutil
@@ -106,6 +106,7 @@ def raw_server(argv: list[str]) -> Iterator[str]:
 
 
 Run = tuple[float, float, float]
+T = TypeVar("T")
 
 
 def one_run(client: httpx.Client, base: str, tokens: int) -> Run:
@@ -141,20 +142,24 @@ def _one_run(client: httpx.Client, base: str, tokens: int) -> Run:
     return first - start, (count - 1) / (last - first), server_tps
 
 
-def alternate(client: httpx.Client, bases: dict[str, str], runs: int, tokens: int,
-              before: Callable[[str], object] | None = None) -> dict[str, list[Run]]:
-    """``runs`` streamed requests to each of ``bases`` (name -> API root), the sides taking
+def take_turns(sides: dict[str, Callable[[], T]], runs: int) -> dict[str, list[T]]:
+    """``runs`` calls of each of ``sides`` (name -> one measured request), the sides taking
     turns; the order turns by one side each round, because a machine's speed drifts within
     a comparison (an H200 split's raw side fell 7 % in one) and a side always measured last
-    would be measured slower. ``before(name)`` is called before each request."""
-    results: dict[str, list[Run]] = {name: [] for name in bases}
-    names = list(bases)
+    would be measured slower."""
+    results: dict[str, list[T]] = {name: [] for name in sides}
+    names = list(sides)
     for i in range(runs):
         for name in names[i % len(names):] + names[:i % len(names)]:
-            if before is not None:
-                before(name)
-            results[name].append(one_run(client, bases[name], tokens))
+            results[name].append(sides[name]())
     return results
+
+
+def alternate(client: httpx.Client, bases: dict[str, str], runs: int,
+              tokens: int) -> dict[str, list[Run]]:
+    """:func:`take_turns` of one streamed request to each of ``bases`` (name -> API root)."""
+    return take_turns({name: functools.partial(one_run, client, base, tokens)
+                       for name, base in bases.items()}, runs)
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float,
@@ -216,12 +221,17 @@ def main() -> None:
         print("llama-server:", " ".join(argv[1:]))
         for base in (mesh, raw):  # warm-up
             one_run(client, base, 16)
-        # mesh-llm's CPU in the mesh's requests: from the start of each to the next start
-        marks: list[tuple[str, float]] = []
-        results = alternate(client, {"raw": raw, "mesh": mesh}, args.runs, args.tokens,
-                            lambda name: marks.append((name, sum(mesh_proc.cpu_times()[:2]))))
-        marks.append(("end", sum(mesh_proc.cpu_times()[:2])))
-        cpu = sum(b - a for (name, a), (_, b) in itertools.pairwise(marks) if name == "mesh")
+        cpu = 0.0  # mesh-llm's CPU during the mesh's requests
+
+        def on_mesh() -> Run:
+            nonlocal cpu
+            before = sum(mesh_proc.cpu_times()[:2])
+            run = one_run(client, mesh, args.tokens)
+            cpu += sum(mesh_proc.cpu_times()[:2]) - before
+            return run
+
+        results = take_turns({"raw": functools.partial(one_run, client, raw, args.tokens),
+                              "mesh": on_mesh}, args.runs)
         print_medians(medians(results), args.runs)
         print(f"mesh-llm CPU per proxied token: {cpu * 1000 / (args.runs * args.tokens):.2f} ms")
         if not args.no_defaults:

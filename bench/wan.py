@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -45,7 +46,7 @@ from typing import Any
 import httpx
 from meshcore_backend_llamacpp import commands
 from meshcore_testing.impair import Impairment, Relay, start_relay
-from solo import free_port, serves_split, wait_for, wait_ok
+from solo import free_port, serves_split, take_turns, wait_for, wait_ok
 from split import Node
 
 PROSE = "Write a story about a lighthouse keeper who finds a message in a bottle."
@@ -156,13 +157,10 @@ def measure_pair(client: httpx.Client, a: Node, raw: str, relay: Relay,
     for name, prompt in PROMPTS.items():
         on_mesh(prompt, 4)  # warm-up (prompt cache, connections)
         stream(client, raw, prompt, 4)
-        mesh[name], plain[name] = [], []
-        for i in range(args.runs):
-            for side in (("mesh", "raw") if i % 2 == 0 else ("raw", "mesh")):
-                if side == "mesh":
-                    mesh[name].append(on_mesh(prompt, args.tokens))
-                else:
-                    plain[name].append(counted(client, raw, prompt, args.tokens, relay))
+        got = take_turns({"mesh": functools.partial(on_mesh, prompt, args.tokens),
+                          "raw": functools.partial(counted, client, raw, prompt, args.tokens,
+                                                   relay)}, args.runs)
+        mesh[name], plain[name] = got["mesh"], got["raw"]
     return mesh, plain
 
 
