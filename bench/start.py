@@ -23,27 +23,11 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any
 
 import httpx
-from solo import free_port, take_turns
+from solo import free_port, take_turns, wait_ok
 
 POLL_S = 0.02
-
-
-def until_healthy(url: str, proc: subprocess.Popen[Any], start: float,
-                  timeout: float = 300) -> float:
-    """Seconds from ``start`` until ``url`` answers 200; SystemExit if ``proc`` exits first."""
-    while time.monotonic() - start < timeout:
-        if proc.poll() is not None:
-            raise SystemExit(f"{proc.args[0]} exited with {proc.returncode} before serving")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return time.monotonic() - start
-        except httpx.HTTPError:
-            pass
-        time.sleep(POLL_S)
-    raise SystemExit(f"{url} did not answer 200 within {timeout:.0f} s")
 
 
 def start_node(args: argparse.Namespace, log: bool = True) -> tuple[float, list[str]]:
@@ -60,7 +44,8 @@ def start_node(args: argparse.Namespace, log: bool = True) -> tuple[float, list[
                                                  for line in proc.stderr or ()),
                      daemon=True).start()
     try:
-        took = until_healthy(f"http://127.0.0.1:{port}/health", proc, start)
+        wait_ok(f"http://127.0.0.1:{port}/health", proc, 300, every=POLL_S)
+        took = time.monotonic() - start
         status = httpx.get(f"http://127.0.0.1:{port}/mesh/status", timeout=5).json()
         argv = list(status["backend"]["llama_server"]["argv"])
     finally:
@@ -82,7 +67,8 @@ def start_raw(argv: list[str]) -> float:
     start = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        took = until_healthy(f"http://127.0.0.1:{port}/health", proc, start)
+        wait_ok(f"http://127.0.0.1:{port}/health", proc, 300, every=POLL_S)
+        took = time.monotonic() - start
     finally:
         proc.terminate()
         proc.wait(30)

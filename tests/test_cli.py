@@ -367,7 +367,7 @@ def test_secrets_from_file_and_env_stay_out_of_argv(
 def wait_until_serving(node: MeshProcess) -> None:
     for _ in range(400):
         try:
-            if httpx.get(f"http://127.0.0.1:{node.api_port}/health").status_code == 200:
+            if node.get("/health").status_code == 200:
                 return
         except httpx.HTTPError:
             pass

@@ -56,7 +56,7 @@ async def test_client_alone_waits_and_host_loss_is_reported(mesh_harness: Any) -
 
 
 def mesh_status(node: MeshProcess) -> dict[str, Any]:
-    r = httpx.get(f"http://127.0.0.1:{node.api_port}/mesh/status", timeout=10)
+    r = node.get("/mesh/status")
     r.raise_for_status()
     status: dict[str, Any] = r.json()
     return status

@@ -61,7 +61,7 @@ def peer_ids(status: dict[str, Any]) -> set[str]:
 
 def healthy(proc: MeshProcess) -> bool:
     with contextlib.suppress(httpx.HTTPError):
-        return httpx.get(f"http://127.0.0.1:{proc.api_port}/health", timeout=10).status_code == 200
+        return proc.get("/health").status_code == 200
     return False
 
 

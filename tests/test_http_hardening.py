@@ -36,7 +36,7 @@ def start(mesh_process: Callable[..., MeshProcess], *, nofile: int | None = None
     api = f"http://127.0.0.1:{node.api_port}"
     for _ in range(400):
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{api}/health").status_code == 200:
+            if node.get("/health").status_code == 200:
                 break
         time.sleep(0.05)
     else:

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from meshcore_testing.pytest_plugin import http_client
 
 pytestmark = pytest.mark.real
 
@@ -72,7 +73,7 @@ class MeshNode:
         return f"http://127.0.0.1:{self.port}"
 
     def status(self) -> dict[str, Any]:
-        data: dict[str, Any] = httpx.get(f"{self.url}/mesh/status", timeout=10).json()
+        data: dict[str, Any] = http_client().get(f"{self.url}/mesh/status").json()
         return data
 
     def child_pids(self) -> list[int]:
@@ -85,7 +86,7 @@ class MeshNode:
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, "mesh-llm exited:\n" + "".join(self.lines[-30:])
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                if http_client().get(f"{self.url}/health", timeout=5).status_code == 200:
                     return
             time.sleep(0.2)
         raise AssertionError("node not ready:\n" + "".join(self.lines[-30:]))

@@ -98,8 +98,7 @@ def rpc_bytes_back(host: MeshProcess) -> int:
 def wait_ready(node: MeshProcess, what: str, timeout: float = 240) -> dict[str, Any]:
     """Until the node's /health says a host is serving; returns /mesh/status."""
     def ok(status: dict[str, Any]) -> bool:
-        return httpx.get(f"http://127.0.0.1:{node.api_port}/health",
-                         timeout=10).status_code == 200
+        return node.get("/health").status_code == 200
 
     wait_status(node, ok, what, timeout)
     # the status wait_status returns was read before /health answered: read it again

@@ -107,7 +107,7 @@ def test_uv_tool_install_from_the_wheels_gives_a_working_mesh_llm(tmp_path: Path
     try:
         base = f"http://127.0.0.1:{node.api_port}"
         deadline = time.monotonic() + 60  # 503 until the fake model is "loaded"
-        while (health := httpx.get(f"{base}/health", timeout=10)).status_code != 200:
+        while (health := node.get("/health")).status_code != 200:
             assert time.monotonic() < deadline, f"/health {health.status_code}:\n{node.log()}"
             time.sleep(0.2)
         r = httpx.post(f"{base}/v1/chat/completions", timeout=30, json={

@@ -230,6 +230,7 @@ def _load_through_rpc(model: Path, cache_root: Path, logs: Path) -> None:
 
     import httpx
     from meshcore_backend_llamacpp.build import cached_bin_dir
+    from meshcore_testing.pytest_plugin import http_client
 
     bins = cached_bin_dir()
     if bins is None:
@@ -259,7 +260,8 @@ def _load_through_rpc(model: Path, cache_root: Path, logs: Path) -> None:
 
             def healthy() -> bool:
                 try:
-                    return httpx.get(f"http://127.0.0.1:{http_port}/health").status_code == 200
+                    return http_client().get(f"http://127.0.0.1:{http_port}/health"
+                                             ).status_code == 200
                 except httpx.HTTPError:
                     return False
 
@@ -477,7 +479,7 @@ def test_worker_prunes_a_poisoned_cache_before_its_rpc_server_starts(
     status: dict[str, Any] = {}
     while time.monotonic() < deadline:
         with contextlib.suppress(httpx.HTTPError):
-            status = httpx.get(f"{a.url.removesuffix('/v1')}/mesh/status", timeout=10).json()
+            status = a.get("/mesh/status").json()
             if status["plan"]["state"] == "SPLIT" and status["backend"].get("rpc"):
                 break
         time.sleep(0.2)
@@ -485,7 +487,7 @@ def test_worker_prunes_a_poisoned_cache_before_its_rpc_server_starts(
         raise AssertionError(f"no split: {status}\n{a.log()}\n{b.log()}")
     while time.monotonic() < deadline:  # the split plan is out: wait for its server to load
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{a.url.removesuffix('/v1')}/health", timeout=10).status_code == 200:
+            if a.get("/health").status_code == 200:
                 break
         time.sleep(0.2)
     reply = httpx.post(f"{a.url}/completions", json={"prompt": "The capital of France is",

@@ -154,16 +154,21 @@ class HealthPoller:
     def _run(self) -> None:
         import httpx  # not at import time: the CLI loads this module as a plugin
 
-        while not self._stop.is_set():
-            sent = time.monotonic()
-            try:
-                resp = (httpx.get(self.url, timeout=self.timeout) if self.json is None else
-                        httpx.post(self.url, json=self.json, timeout=self.timeout))
-                code = resp.status_code
-            except httpx.HTTPError:
-                code = 0
-            self.answers.append((sent, time.monotonic(), code))
-            self._stop.wait(self.every)
+        # One client, a new connection for every probe (no keep-alive): each probe is a
+        # fresh client's view, without httpx.get's SSL context per call (~10-25 ms of CPU on
+        # a 2-core machine, every 50 ms, taken from the mesh under test).
+        with httpx.Client(timeout=self.timeout,
+                          limits=httpx.Limits(max_keepalive_connections=0)) as client:
+            while not self._stop.is_set():
+                sent = time.monotonic()
+                try:
+                    resp = (client.get(self.url) if self.json is None else
+                            client.post(self.url, json=self.json))
+                    code = resp.status_code
+                except httpx.HTTPError:
+                    code = 0
+                self.answers.append((sent, time.monotonic(), code))
+                self._stop.wait(self.every)
 
     def __enter__(self) -> HealthPoller:
         self._thread.start()

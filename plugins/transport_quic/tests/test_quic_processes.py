@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from meshcore_testing.pytest_plugin import http_client
 from meshcore_transport_quic.token import decode_token
 
 API_RE = re.compile(r"API\s+http://[^:]+:(\d+)/v1")
@@ -57,13 +58,14 @@ class Proc:
 
     def peers(self) -> set[str]:
         try:
-            r = httpx.get(f"http://127.0.0.1:{self.api_port}/mesh/status", timeout=2)
+            r = http_client().get(f"http://127.0.0.1:{self.api_port}/mesh/status", timeout=2)
             return {p["id"] for p in r.json()["peers"]}
         except (httpx.HTTPError, ValueError):
             return set()
 
     def node_id(self) -> str:
-        return str(httpx.get(f"http://127.0.0.1:{self.api_port}/mesh/status").json()["id"])
+        return str(http_client().get(f"http://127.0.0.1:{self.api_port}/mesh/status"
+                                     ).json()["id"])
 
     def kill(self) -> None:
         if self.popen.poll() is None:
