@@ -5,6 +5,12 @@ anything it spawned. On Linux the child also asks the kernel for SIGKILL when it
 (``prctl(PR_SET_PDEATHSIG)``), so even ``kill -9`` of mesh-llm leaves no orphans. The parent
 is the thread that forked: asyncio forks from the event loop's thread, which lives as long as
 the node. Output goes to ``<log_dir>/<name>.log``; its tail is quoted when the child fails.
+
+llama.cpp attaches gdb to itself on abort to print a backtrace when gdb is installed. In a
+mesh the host's llama-server aborts whenever a worker goes away ("Remote RPC server crashed"),
+an expected event, and the backtrace delayed its exit by ~0.5 s on a 2-core VM (the split's
+recovery waits for it) and filled the quoted log with gdb's lines. So children get
+``GGML_NO_BACKTRACE=1`` unless ``MESH_LLM_BACKTRACE=1`` asks for the backtraces.
 """
 
 from __future__ import annotations
@@ -31,6 +37,16 @@ log = logging.getLogger("meshcore.llamacpp")
 
 PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 3.0
+BACKTRACE_ENV = "MESH_LLM_BACKTRACE"
+
+
+def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment a llama.cpp child starts with: ``env`` (default: ours) plus
+    ``GGML_NO_BACKTRACE=1``, unless ``MESH_LLM_BACKTRACE`` is set to anything but 0."""
+    out = dict(os.environ if env is None else env)
+    if os.environ.get(BACKTRACE_ENV, "0").strip() in ("", "0"):
+        out.setdefault("GGML_NO_BACKTRACE", "1")
+    return out
 
 
 class ChildFailed(RuntimeError):
@@ -63,7 +79,9 @@ def free_port() -> int:
 # gdb on abort) and the loader's noise. Not the cause, so never quoted as such.
 NOISE = re.compile(r"^\s*(#\d+\s|\[New LWP|\[New Thread|\[Inferior|\[Thread debugging|"
                    r"Using host libthread_db|0x[0-9a-f]+ in |warning: |\(gdb\)|ptrace|"
-                   r"Could not attach|No stack\.|Detaching|==== )")
+                   r"Could not attach|No stack\.|Detaching|==== |"
+                   r"\d+\t(in )?\S*[/.]\S*(: No such file or directory\.)?$|"  # gdb: a source line
+                   r"\S+ \(.*\) at \S+:\d+$)")  # gdb: the frame it stopped in
 CAUSE = re.compile(r"error|failed|GGML_ASSERT|exception|terminate called|abort|invalid|"
                    r"cannot|unable|not found|out of memory", re.I)
 
@@ -109,7 +127,7 @@ class Child:
         self.name = name
         self.argv = [str(a) for a in argv]
         self.log_path = log_dir / f"{name}.log"
-        self.env = dict(env) if env is not None else None
+        self.env = child_env(env)
         self.proc: asyncio.subprocess.Process | None = None
         self.started_at = 0.0
         self.log_start = 0  # where this run's lines begin in the (appended) log

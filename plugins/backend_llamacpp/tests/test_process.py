@@ -84,6 +84,10 @@ Using host libthread_db library "/lib/x86_64-linux-gnu/libthread_db.so.1".
 #0  0x00007f1c2b4e3c17 in wait4 () from /lib/x86_64-linux-gnu/libc.so.6
 #1  0x000055d0c1a2b3c4 in ggml_print_backtrace ()
 #2  0x000055d0c1a2b5e6 in ggml_abort ()
+syscall () at ../sysdeps/unix/sysv/linux/x86_64/syscall.S:38
+38\t../sysdeps/unix/sysv/linux/x86_64/syscall.S: No such file or directory.
+38\tin ../sysdeps/unix/sysv/linux/x86_64/syscall.S
+360\t../csu/libc-start.c: No such file or directory.
 [Inferior 1 (process 4241) detached]
 """
 
@@ -102,6 +106,29 @@ async def test_the_error_line_is_llama_cpps_not_gdbs(tmp_path: Path) -> None:
     assert first.endswith("error loading model: tensor 'blk.3.attn_q.weight' is out of the "
                           f"file bounds; last lines of {tmp_path / 'llama-server.log'}:")
     assert "failed to load model" in rest and "#0" not in rest and "[New LWP" not in rest
+    assert "sysdeps" not in rest and "libc-start" not in rest, rest
+
+
+ENV_PROBE = ["sh", "-c", "echo backtrace=${GGML_NO_BACKTRACE-unset} cache=${LLAMA_CACHE-unset}"]
+
+
+@pytest.mark.parametrize(("asked", "expected"), [(None, "1"), ("0", "1"), ("1", "unset")])
+async def test_children_skip_llama_cpps_gdb_backtrace_unless_asked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, asked: str | None,
+        expected: str) -> None:
+    """llama.cpp attaches gdb on abort (~0.5 s before it exits; the host's llama-server aborts
+    whenever a worker goes away): children get GGML_NO_BACKTRACE=1, MESH_LLM_BACKTRACE=1
+    keeps the backtrace; an env given for the child (the worker's LLAMA_CACHE) is kept."""
+    monkeypatch.delenv("GGML_NO_BACKTRACE", raising=False)
+    if asked is None:
+        monkeypatch.delenv("MESH_LLM_BACKTRACE", raising=False)
+    else:
+        monkeypatch.setenv("MESH_LLM_BACKTRACE", asked)
+    for env, cache in ((None, "unset"), ({**os.environ, "LLAMA_CACHE": "/c"}, "/c")):
+        async with supervised("probe", ENV_PROBE, tmp_path, env) as child:
+            assert await child.wait() == 0
+        last = (tmp_path / "probe.log").read_text().splitlines()[-1]
+        assert last == f"backtrace={expected} cache={cache}", last
 
 
 async def test_missing_executable_is_a_clear_error(tmp_path: Path) -> None:
