@@ -12,6 +12,7 @@ With ``MESH_LLM_RELAY_PROCESS=1`` the spliced host ends run in a child process
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import socket
@@ -50,13 +51,17 @@ class FastLinks:
         # called when a tunnel to a peer whose port was reached before is refused (membership
         # checks whether the peer's process is gone)
         self.on_refused: Callable[[PeerLink], None] | None = None
+        # called with a peer's id when an open tunnel to or from it was cut (splice.was_cut:
+        # reset, or no sealed EOF), as a dead process leaves it: membership checks the peer
+        # at once, instead of at the next tunnel's refusal or its turn in the heartbeat
+        self.on_cut: Callable[[str], None] | None = None
         # where spliced tunnels (``take``) relay: a child process, or this one (None)
         self.relay = RelayProcess() if enabled and process_wanted() else None
 
     async def start(self, tg: TaskGroup, port: int, lookup: Lookup) -> None:
         """Listen on ``port`` (or any free one); ``lookup`` finds a tunnel's local service."""
         if self.enabled:
-            self.server = FastPathServer(self.keys, lookup)
+            self.server = FastPathServer(self.keys, lookup, on_cut=self._cut)
             self.port = await tg.start(self._serve, port)
 
     async def _serve(self, port: int, *, task_status: TaskStatus[int]) -> None:
@@ -66,6 +71,10 @@ class FastLinks:
         finally:
             if self.relay is not None:
                 self.relay.stop()
+
+    def _cut(self, peer_id: str) -> None:
+        if self.on_cut is not None:
+            self.on_cut(peer_id)
 
     # ---------------------------------------------------------------- keys (handshake)
     @staticmethod
@@ -160,10 +169,11 @@ class FastLinks:
             link.fast_tried = True
             return transport
 
+        cut = functools.partial(self._cut, link.id)
         if self.relay is not None:
             try:
                 await self.relay.take(conn, host, port, key, service, tally,
-                                      hot_window(service))
+                                      hot_window(service), cut)
                 return True
             except RelayFailed as exc:
                 failure = FastPathError(str(exc))
@@ -172,4 +182,4 @@ class FastLinks:
                 return False
             except OSError as exc:
                 log.warning("fast path: %s; this tunnel relays in the node", exc)
-        return await take_raw(conn, open_raw, tally)
+        return await take_raw(conn, open_raw, tally, cut)

@@ -77,9 +77,11 @@ class FastPathServer:
     """Accepts fast-path connections; ``keys`` maps a key we issued to the peer holding it,
     ``lookup(peer, service)`` gives the local endpoint (or None to refuse)."""
 
-    def __init__(self, keys: dict[bytes, str], lookup: Lookup) -> None:
+    def __init__(self, keys: dict[bytes, str], lookup: Lookup,
+                 on_cut: Callable[[str], None] | None = None) -> None:
         self.keys = keys
         self.lookup = lookup
+        self.on_cut = on_cut  # called with the peer's id when an open tunnel of it is cut
         self.live: set[RecordTransport] = set()  # open connections (tests check for leaks)
         self._connecting: set[asyncio.Task[None]] = set()
         self.stopping = False  # connections accepted from now on are dropped at once
@@ -138,9 +140,17 @@ class FastPathServer:
         far = new_end(None, "accept")
         conn.keep_hot(hot_window(service or ""))
         conn.attach(far)
+        if self.on_cut is not None:
+            conn.closed.add_done_callback(lambda _: self._closed(conn, peer_id))
         task = asyncio.get_running_loop().create_task(self._connect(far, target))
         self._connecting.add(task)
         task.add_done_callback(self._connecting.discard)
+
+    def _closed(self, conn: RecordTransport, peer_id: str) -> None:
+        """An open tunnel ended: cut by the peer's side (reset, or no sealed EOF: its
+        process may be gone), not by this node stopping or the local service's end."""
+        if isinstance(conn.error, ConnectionError) and not self.stopping and self.on_cut:
+            self.on_cut(peer_id)
 
     async def _connect(self, far: SpliceEnd, target: tuple[str, int]) -> None:
         loop = asyncio.get_running_loop()

@@ -312,6 +312,15 @@ class Membership:
         at the first request). Confirmed before the drop (:meth:`_confirm_gone`)."""
         self._confirm(link, "refused a tunnel", tell=True)
 
+    def cut(self, peer_id: str) -> None:
+        """An open fast-path tunnel to or from ``peer_id`` was cut (reset, or its TCP end came
+        without the sealed EOF), as the tunnels of a peer whose process died are, at that
+        moment: check it now rather than when the next tunnel is refused. Confirmed before
+        the drop (:meth:`_confirm_gone`: a live peer answers the PING)."""
+        link = self.mesh.links.get(peer_id)
+        if link is not None:
+            self._confirm(link, "cut a tunnel", tell=True)
+
     def suspect(self, peer_id: str, by: str) -> None:
         """Peer ``by`` found ``peer_id``'s process gone (a GONE frame): check it here too, at
         once, instead of waiting for its turn in the heartbeat (with 50 nodes, every ~20 s).

@@ -17,8 +17,9 @@ Control messages are one JSON object per packet. Parent to child: ``{"id", "host
 connection's descriptor. Child to parent: ``{"id", "ok": true}`` once the tunnel is open, or
 ``{"id", "ok": false, "error", "refused"}`` (the parent keeps the connection and falls back
 to QUIC); then ``{"id", "sent", "received"}`` totals while bytes flow and ``{"id", "end":
-true, ...}`` last. The child exits when the socketpair closes (the node stopped or died);
-the node kills it when it stops.
+true, "cut", ...}`` last (``cut``: the peer's end vanished, :func:`.splice.was_cut`). The
+child exits when the socketpair closes (the node stopped or died); the node kills it when it
+stops.
 
 On by default where the node may use at least 8 CPUs (:func:`process_wanted`: on an H200
 split the API ran at 0.965-0.977 of raw llama.cpp with it, 0.926-0.950 without, then at
@@ -80,6 +81,7 @@ class RelayProcess:
         self._next = 0
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._counted: dict[int, tuple[Tally | None, int, int]] = {}  # id -> tally, seen
+        self._cuts: dict[int, Callable[[], None]] = {}  # id -> called if it ends cut
         self.taken = 0  # connections the child relayed (tests, status)
 
     @property
@@ -114,11 +116,13 @@ class RelayProcess:
                  self.proc.pid)
 
     async def take(self, conn: socket.socket, host: str, port: int, key: bytes,
-                   service: str, tally: Tally | None, hot: float) -> None:
+                   service: str, tally: Tally | None, hot: float,
+                   on_cut: Callable[[], None] | None = None) -> None:
         """Hand ``conn`` to the child, which dials ``host:port`` and splices (polling for
         ``hot`` seconds after each record); returns once the tunnel is open (``conn`` is then
-        closed here: the child holds it). RelayFailed when the child could not open it
-        (``conn`` untouched), OSError when the child is gone."""
+        closed here: the child holds it; ``on_cut`` is called if the tunnel ends cut).
+        RelayFailed when the child could not open it (``conn`` untouched), OSError when the
+        child is gone."""
         if not self.alive:
             self._start()
         assert self._ctl is not None and self._loop is not None
@@ -138,6 +142,8 @@ class RelayProcess:
         if not reply.get("ok"):
             raise RelayFailed(str(reply.get("error")), bool(reply.get("refused")))
         self._counted[ident] = (tally, 0, 0)
+        if on_cut is not None:
+            self._cuts[ident] = on_cut
         self.taken += 1
         conn.close()
 
@@ -178,6 +184,9 @@ class RelayProcess:
             tally.add_received(now_received - received)
         if message.get("end"):
             del self._counted[ident]
+            on_cut = self._cuts.pop(ident, None)
+            if message.get("cut") and on_cut is not None:
+                on_cut()
         else:
             self._counted[ident] = (tally, now_sent, now_received)
 
@@ -196,6 +205,7 @@ class RelayProcess:
                 waiting.set_exception(OSError("the relay process stopped"))
         self._waiting.clear()
         self._counted.clear()
+        self._cuts.clear()
 
 
 # ------------------------------------------------------------------------------ the child
@@ -255,14 +265,15 @@ class _Child:
             return remote
 
         conn.setblocking(False)
+        cut: list[bool] = []
         try:
-            if not await take_raw(conn, open_raw, tally):
+            if not await take_raw(conn, open_raw, tally, lambda: cut.append(True)):
                 conn.close()  # our copy: the node keeps its own and uses QUIC
         finally:
             del self.counts[ident]
             self.reported.pop(ident, None)
             self.send({"id": ident, "end": True, "sent": tally.sent,
-                       "received": tally.received})
+                       "received": tally.received, "cut": bool(cut)})
 
     async def report(self) -> None:
         while True:

@@ -192,8 +192,15 @@ async def join(far: SpliceEnd, connect: Callable[[Callable[[], SpliceEnd]], Awai
     return near
 
 
+def was_cut(end: SpliceEnd) -> bool:
+    """Whether ``end``'s connection (a fast-path tunnel) was lost to an error: reset, or ended
+    without the sealed EOF (:mod:`.adapter`), as a peer whose process died leaves it. A
+    tunnel this side closed or reset ends without an error (``connection_lost(None)``)."""
+    return end.lost.done() and isinstance(end.lost.result(), ConnectionError)
+
+
 async def _serve_raw(conn: socket.socket, remote: asyncio.Transport, far: SpliceEnd,
-                     tally: Tally | None) -> None:
+                     tally: Tally | None, on_cut: Callable[[], None] | None) -> None:
     loop = asyncio.get_running_loop()
 
     async def accept(factory: Callable[[], SpliceEnd]) -> object:
@@ -207,6 +214,8 @@ async def _serve_raw(conn: socket.socket, remote: asyncio.Transport, far: Splice
     try:
         await near.lost
         await far.lost
+        if on_cut is not None and was_cut(far):
+            on_cut()
     finally:
         # Cancelled (the node stops): drop the connection now.
         for transport in (near.transport, remote):
@@ -214,14 +223,16 @@ async def _serve_raw(conn: socket.socket, remote: asyncio.Transport, far: Splice
                 transport.abort()
 
 
-async def take_raw(conn: socket.socket, open_raw: RawOpener, tally: Tally | None) -> bool:
+async def take_raw(conn: socket.socket, open_raw: RawOpener, tally: Tally | None,
+                   on_cut: Callable[[], None] | None = None) -> bool:
     """Splice an accepted local connection to the tunnel ``open_raw`` gives; False (the
-    connection untouched) when it gives none right now."""
+    connection untouched) when it gives none right now. ``on_cut`` is called if the tunnel
+    ends :func:`was_cut` (the membership then checks at once whether the peer is gone)."""
     far = new_end(tally.add_received if tally else None, "dial")
     remote = await open_raw(lambda: far)
     if remote is None:
         return False
-    await _serve_raw(conn, remote, far, tally)
+    await _serve_raw(conn, remote, far, tally, on_cut)
     return True
 
 

@@ -79,6 +79,7 @@ class QuicTransport:
         self.handshake = Handshake(self.mesh, on_stream=self._on_stream)
         self.members = Membership(self.mesh, self.handshake)
         self.mesh.fast.on_refused = self.members.refused
+        self.mesh.fast.on_cut = self.members.cut
         self.members.was_hinted = lambda peer_id: peer_id in self.gossip.hinted
         self.gossip = Gossip(self.mesh, accept=self.members.accept, dial=self.members.dial,
                              suspect=self.members.suspect)
