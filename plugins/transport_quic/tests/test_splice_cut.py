@@ -19,6 +19,7 @@ from anyio.abc import SocketStream, TaskGroup
 from meshcore_transport_quic.adapter import RecordTransport
 from meshcore_transport_quic.fastpath import open_fast_raw
 from meshcore_transport_quic.fastserver import FastPathServer
+from meshcore_transport_quic.relayproc import RelayProcess
 from meshcore_transport_quic.splice import take_raw
 from quic_helpers import echo_server
 
@@ -141,3 +142,34 @@ async def test_a_server_stopping_reports_no_cut() -> None:
             scope.cancel()
         assert cuts == []
         tg.cancel_scope.cancel()
+
+
+async def test_the_relay_process_reports_a_cut_too() -> None:
+    """Where the host's tunnels run in the relay process (8 CPUs or more), the child's
+    ``end`` message says ``cut`` and the node's callback runs."""
+    cuts: list[int] = []
+    relay = RelayProcess()
+    try:
+        async with anyio.create_task_group() as tg:
+            echo = await tg.start(echo_server)
+            server = FastPathServer({KEY: "peer-a"}, lambda peer, name: ("127.0.0.1", echo))
+            port = await tg.start(server.serve, 0)
+            loop = asyncio.get_running_loop()
+            with socket.socket() as listener:
+                listener.bind(("127.0.0.1", 0))
+                listener.listen()
+                listener.setblocking(False)
+                client = await anyio.connect_tcp("127.0.0.1", listener.getsockname()[1])
+                conn, _ = await loop.sock_accept(listener)
+            await relay.take(conn, "127.0.0.1", port, KEY, "rpc", None, 0.0,
+                             lambda: cuts.append(1))
+            await client.send(b"ping")
+            assert await client.receive() == b"ping"
+            for accepted in list(server.live):
+                assert accepted.tcp is not None
+                accepted.tcp.abort()
+            await until(lambda: cuts == [1])
+            await client.aclose()
+            tg.cancel_scope.cancel()
+    finally:
+        relay.stop()
