@@ -32,6 +32,17 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+async def local_pair() -> tuple[SocketStream, socket.socket]:
+    """A client stream and the accepted socket of its connection (what a forward port takes)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        client = await anyio.connect_tcp("127.0.0.1", listener.getsockname()[1])
+        conn, _ = await asyncio.get_running_loop().sock_accept(listener)
+    return client, conn
+
+
 class Ends:
     """A fast-path server to an echo service and tunnels to it, the cuts each side reports."""
 
@@ -54,14 +65,9 @@ class Ends:
 
     async def tunnel(self) -> tuple[SocketStream, asyncio.Task[bool]]:
         """A local connection spliced to a new tunnel (as FastLinks.take does), echo checked."""
-        loop = asyncio.get_running_loop()
-        with socket.socket() as listener:
-            listener.bind(("127.0.0.1", 0))
-            listener.listen()
-            listener.setblocking(False)
-            client = await anyio.connect_tcp("127.0.0.1", listener.getsockname()[1])
-            conn, _ = await loop.sock_accept(listener)
-        task = loop.create_task(take_raw(conn, self.open_raw, None, self.cut))
+        client, conn = await local_pair()
+        task = asyncio.get_running_loop().create_task(
+            take_raw(conn, self.open_raw, None, self.cut))
         await client.send(b"ping")
         assert await client.receive() == b"ping"
         return client, task
@@ -125,14 +131,8 @@ async def test_a_server_stopping_reports_no_cut() -> None:
 
             port = await tg.start(serve)
             opener = functools.partial(open_fast_raw, "127.0.0.1", port, KEY, "rpc")
-            loop = asyncio.get_running_loop()
-            with socket.socket() as listener:
-                listener.bind(("127.0.0.1", 0))
-                listener.listen()
-                listener.setblocking(False)
-                client = await anyio.connect_tcp("127.0.0.1", listener.getsockname()[1])
-                conn, _ = await loop.sock_accept(listener)
-            task = loop.create_task(take_raw(conn, opener, None))
+            client, conn = await local_pair()
+            task = asyncio.get_running_loop().create_task(take_raw(conn, opener, None))
             await client.send(b"ping")
             assert await client.receive() == b"ping"
             serving.cancel()  # the server stops: its live tunnels fail
@@ -154,13 +154,7 @@ async def test_the_relay_process_reports_a_cut_too() -> None:
             echo = await tg.start(echo_server)
             server = FastPathServer({KEY: "peer-a"}, lambda peer, name: ("127.0.0.1", echo))
             port = await tg.start(server.serve, 0)
-            loop = asyncio.get_running_loop()
-            with socket.socket() as listener:
-                listener.bind(("127.0.0.1", 0))
-                listener.listen()
-                listener.setblocking(False)
-                client = await anyio.connect_tcp("127.0.0.1", listener.getsockname()[1])
-                conn, _ = await loop.sock_accept(listener)
+            client, conn = await local_pair()
             await relay.take(conn, "127.0.0.1", port, KEY, "rpc", None, 0.0,
                              lambda: cuts.append(1))
             await client.send(b"ping")
