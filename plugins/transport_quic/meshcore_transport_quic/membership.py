@@ -310,7 +310,7 @@ class Membership:
         """A tunnel to ``link``'s peer was refused although its port was reached before: evidence
         that its process is gone (every node's API goes to the host, so a dead host is felt
         at the first request). Confirmed before the drop (:meth:`_confirm_gone`)."""
-        self._confirm(link, "refused a tunnel", tell=True)
+        self._confirm(link, "refused a tunnel", tell=True, refusal=True)
 
     def cut(self, peer_id: str) -> None:
         """An open fast-path tunnel to or from ``peer_id`` was cut (reset, or its TCP end came
@@ -330,24 +330,28 @@ class Membership:
         if link is not None:
             self._confirm(link, f"was reported gone by {by}", tell=False)
 
-    def _confirm(self, link: PeerLink, why: str, tell: bool) -> None:
+    def _confirm(self, link: PeerLink, why: str, tell: bool, refusal: bool = False) -> None:
         if not (link.gone or link.checking):
             link.checking = True
-            self.mesh.spawn(link.proto, "checking a peer", self._confirm_gone, link, why, tell)
+            self.mesh.spawn(link.proto, "checking a peer", self._confirm_gone, link, why, tell,
+                            refusal)
 
-    async def _confirm_gone(self, link: PeerLink, why: str, tell: bool) -> None:
+    async def _confirm_gone(self, link: PeerLink, why: str, tell: bool,
+                            refusal: bool = False) -> None:
         """Drop ``link`` if a PING over QUIC goes unanswered for ``suspect_after_s`` and its
         port refuses connections (a live peer whose TCP port alone broke answers the PING
         and keeps its link, its tunnels on QUIC). A peer reported gone by another node
         (``tell`` False) whose port this node cannot test (no fast path, or one refused
         while the peer was alive) is dropped on the unanswered PING alone: the report is the
         evidence, as it is for the nodes not linked to it. Else only the 60 s silence limit
-        would drop it, and a dead host would keep such a node's requests waiting."""
+        would drop it, and a dead host would keep such a node's requests waiting. A peer that
+        answers after a ``refusal`` has a port that refuses while it lives (never evidence
+        again); one that answers after a cut (its rpc-server died, say) keeps its port."""
         try:
             sent = await self._ping(link)
             await anyio.sleep(self.mesh.suspect_after_s)
-            if link.proto.last_rx >= sent:  # alive, so its port refuses for another reason
-                link.refuses_alive = link.refuses_alive or tell
+            if link.proto.last_rx >= sent:  # alive: a refusal means its port refuses anyway
+                link.refuses_alive = link.refuses_alive or refusal
             elif self.mesh.links.get(link.id) is not link or link.gone:
                 pass
             elif await process_gone(link):

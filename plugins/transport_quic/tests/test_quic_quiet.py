@@ -275,3 +275,34 @@ async def test_a_false_gone_report_costs_a_check_not_the_peer(quic_mesh: QuicMes
     await anyio.sleep(a.transport.mesh.suspect_after_s + 0.5)
     assert a.transport.links.get(c.id) is link and not link.gone and not link.checking
     assert c.id in {p.id for p in a.view().others}
+
+
+@pytest.mark.anyio
+async def test_a_live_peer_answers_a_cut_and_keeps_its_port_as_evidence(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cut tunnel (Membership.cut) starts the same check as a refused one, but a peer that
+    answers it (alive: its rpc-server died and its node reset the tunnel, say) keeps its
+    port as evidence for a later death; only a refusal answered by a live peer marks the
+    port as one that refuses while the peer lives."""
+    async def answered(*args: Any) -> None:
+        link.proto.last_rx = time.monotonic() + 1
+
+    monkeypatch.setattr("meshcore_transport_quic.membership.send", answered)
+    closed: list[str] = []
+    spawned: list[Any] = []  # the checks the membership started (coroutines)
+    for how, refuses_after in (("cut", False), ("refused", True)):
+        proto = SimpleNamespace(last_rx=time.monotonic() - 1, peer_addr=("127.0.0.1", 1),
+                                terminated=None, close=lambda code, why: closed.append(why))
+        link = PeerLink("p", b"f" * 32, "boot", cast(Any, proto), True, [("127.0.0.1", 1)])
+        link.fast_port = closed_port()
+        mesh = SimpleNamespace(suspect_after_s=0.05, links={"p": link},
+                               spawn=lambda proto, what, fn, *args: spawned.append(fn(*args)))
+        members = Membership(cast(Any, mesh), cast(Any, None))
+        if how == "cut":
+            members.cut("p")
+        else:
+            members.refused(link)
+        assert link.checking and len(spawned) == 1
+        await spawned.pop()
+        assert not link.gone and not link.checking and closed == []
+        assert link.refuses_alive is refuses_after, how
